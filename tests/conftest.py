@@ -84,3 +84,16 @@ def root(backend, tmp_path, request):
 def s3_root(s3_bucket):
     """A fresh prefix on moto's S3, for tests that are about S3 only."""
     return f"s3://{s3_bucket}/{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture(scope="session")
+def ray_session(s3_server):
+    """One local Ray for the whole session (bound to 127.0.0.1; sees moto's endpoint via env)."""
+    import ray
+
+    from vidgen.runtime import init_ray
+
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    init_ray(num_cpus=2, object_store_memory=1024**3)
+    yield
+    ray.shutdown()

@@ -27,7 +27,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from vidgen.storage import StorageError
 
     errors: list[type[BaseException]] = [UserError, StorageError]
-    for module, name in [("vidgen.media", "MediaError")]:
+    for module, name in [("vidgen.media", "MediaError"), ("vidgen.data.format", "DatasetError")]:
         if module in sys.modules:
             errors.append(getattr(sys.modules[module], name))
     return tuple(errors)
@@ -52,6 +52,61 @@ def cmd_probe(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_synth(args: argparse.Namespace) -> int:
+    from vidgen.data import synth
+    from vidgen.data.inspect import format_summary, summarize
+
+    _check(lambda: synth.validate_args(args.kind, args.clips, args.frames, args.size, args.val_fraction))
+    synth.synthesize(
+        args.kind, args.clips, args.frames, args.size, args.out, seed=args.seed, val_fraction=args.val_fraction
+    )
+    print(format_summary(summarize(args.out)))
+    return 0
+
+
+def cmd_data_ingest(args: argparse.Namespace) -> int:
+    from vidgen.data import ingest
+    from vidgen.data.inspect import format_summary, summarize
+
+    _check(
+        lambda: ingest.ingest(
+            args.sources,
+            args.out,
+            frames=args.frames,
+            size=args.size,
+            fps=args.fps,
+            stride=args.stride,
+            val_fraction=args.val_fraction,
+        )
+    )
+    summary = summarize(args.out)
+    print(format_summary(summary))
+    return 1 if summary["failed_sources"] else 0
+
+
+def cmd_data_inspect(args: argparse.Namespace) -> int:
+    from vidgen.data.inspect import format_summary, summarize, write_preview
+
+    summary = summarize(args.uri)
+    if args.preview:
+        summary["preview"] = _check(lambda: write_preview(args.uri, args.preview, clips=args.preview_clips))
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(format_summary(summary))
+        if args.preview:
+            print(f"preview   {summary['preview']}")
+    return 0
+
+
+def _check(fn):
+    """Run fn; a ValueError about the user's input becomes a UserError (one line, exit 2)."""
+    try:
+        return fn()
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
 # --------------------------------------------------------------------------------------------
 # Parser
 
@@ -69,6 +124,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("uri", help="a video: /path/clip.mp4, file:///..., or s3://bucket/key")
     p.add_argument("--json", action="store_true", help="print JSON: width, height, fps, frames, seconds, ...")
     p.set_defaults(func=cmd_probe)
+
+    data = sub.add_parser("data", help="datasets of Parquet clips: synth, ingest, inspect")
+    dsub = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND")
+    dsub.required = True
+    p = dsub.add_parser("synth", help="write a procedural dataset (shapes, digits, life)")
+    p.add_argument("--kind", required=True, help="shapes | digits | life")
+    p.add_argument("--clips", type=int, required=True, help="number of clips")
+    p.add_argument("--frames", type=int, default=16, help="frames per clip (T)")
+    p.add_argument("--size", type=int, default=64, help="square frame size S (S x S)")
+    p.add_argument("--out", required=True, help="dataset URI: a folder or s3://bucket/prefix")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.set_defaults(func=cmd_data_synth)
+
+    p = dsub.add_parser("ingest", help="cut real videos into a dataset of clips")
+    p.add_argument("sources", nargs="+", help="video files, folders or s3:// prefixes (mp4/webm/mov/mkv)")
+    p.add_argument("--out", required=True, help="dataset URI")
+    p.add_argument("--frames", type=int, required=True, help="frames per clip (T)")
+    p.add_argument("--size", type=int, required=True, help="square frame size S: scaled, then centre-cropped")
+    p.add_argument("--fps", type=float, default=None, help="resample to this frame rate (default: the source's)")
+    p.add_argument("--stride", type=int, default=None, help="frames between clip starts (default: --frames)")
+    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.set_defaults(func=cmd_data_ingest)
+
+    p = dsub.add_parser("inspect", help="counts, shape, labels, pixel statistics, failed sources")
+    p.add_argument("uri", help="dataset URI")
+    p.add_argument("--json", action="store_true", help="print JSON: clips, shards, bytes, shape, fps, splits, ...")
+    p.add_argument("--preview", metavar="FILE", help="write a grid of clips as .mp4, .webm or .gif (path or URI)")
+    p.add_argument("--preview-clips", type=int, default=16)
+    p.set_defaults(func=cmd_data_inspect)
     return parser
 
 

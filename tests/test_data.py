@@ -1,0 +1,167 @@
+"""Datasets: synth, ingest, inspect, validation and the training loader (local folders and moto S3)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from vidgen import storage
+from vidgen.data import format as fmt
+from vidgen.data import synth
+from vidgen.data.format import DatasetError, open_dataset
+from vidgen.data.inspect import summarize
+
+VIDGEN = [sys.executable, "-m", "vidgen.cli"]
+
+
+def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([*VIDGEN, *args], capture_output=True, text=True, timeout=300, env=os.environ.copy())
+    if check and proc.returncode != 0:
+        raise AssertionError(f"vidgen {' '.join(args)} -> {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def test_synth_then_inspect_json(root):
+    out = storage.join(root, "shapes")
+    run_cli("data", "synth", "--kind", "shapes", "--clips", "24", "--frames", "8", "--size", "32", "--out", out)
+    facts = json.loads(run_cli("data", "inspect", out, "--json").stdout)
+    for key in ("clips", "shards", "bytes", "shape", "fps", "splits", "labels", "failed_sources"):
+        assert key in facts, key
+    assert facts["clips"] == 24 and facts["shape"] == [8, 32, 32, 3]
+    assert sum(facts["splits"].values()) == 24 and facts["failed_sources"] == []
+    assert set(facts["labels"]) <= {"circle", "square", "triangle"} and sum(facts["labels"].values()) == 24
+    rows = list(open_dataset(out).iter_clips())
+    assert len(rows) == 24 and rows[0]["frames"].shape == (8, 32, 32, 3)
+    assert storage.exists(open_dataset(out).shard_uris[0])
+
+
+@pytest.mark.parametrize("kind", ["shapes", "digits", "life"])
+def test_synth_is_deterministic_for_a_seed(tmp_path, kind):
+    a = synth.synthesize(kind, 6, 6, 32, str(tmp_path / "a"), seed=3, progress=False)
+    b = synth.synthesize(kind, 6, 6, 32, str(tmp_path / "b"), seed=3, progress=False)
+    c = synth.synthesize(kind, 6, 6, 32, str(tmp_path / "c"), seed=4, progress=False)
+    clips = [[r["frames"] for r in open_dataset(str(tmp_path / x)).iter_clips()] for x in "abc"]
+    assert all(np.array_equal(x, y) for x, y in zip(clips[0], clips[1], strict=True))
+    assert not all(np.array_equal(x, y) for x, y in zip(clips[0], clips[2], strict=True))
+    assert a["splits"] == b["splits"] and a["pixel_mean"] == b["pixel_mean"] != c["pixel_mean"]
+
+
+def test_life_frames_obey_the_rule(tmp_path):
+    synth.synthesize("life", 3, 5, 32, str(tmp_path / "life"), progress=False)
+    for row in open_dataset(str(tmp_path / "life")).iter_clips():
+        grid = row["frames"][..., 0] > 127  # cell = 1 px at size 32
+        for t in range(len(grid) - 1):
+            assert np.array_equal(synth.life_step(grid[t]), grid[t + 1])
+
+
+def test_synth_in_parallel_on_ray_equals_in_process(tmp_path, ray_session):
+    serial = synth.synthesize("shapes", 10, 4, 16, str(tmp_path / "s"), seed=1, shard_bytes=4 * 16 * 16 * 3 * 3, parallel=False, progress=False)
+    par = synth.synthesize("shapes", 10, 4, 16, str(tmp_path / "p"), seed=1, shard_bytes=4 * 16 * 16 * 3 * 3, parallel=True, progress=False)
+    assert par["shard_count"] == serial["shard_count"] == 4
+    ids = [[r["clip_id"] for r in open_dataset(str(tmp_path / x)).iter_clips()] for x in "sp"]
+    assert ids[0] == ids[1]
+
+
+def test_rewrite_killed_before_manifest_leaves_old_dataset(root, monkeypatch):
+    out = storage.join(root, "ds")
+    first = synth.synthesize("shapes", 8, 4, 16, out, seed=1, progress=False)
+    before = [r["frames"].tobytes() for r in open_dataset(out).iter_clips()]
+
+    def die(*a, **k):
+        raise SystemExit("killed before the manifest")
+
+    monkeypatch.setattr(fmt.storage, "write_json", die)
+    with pytest.raises(SystemExit):
+        synth.synthesize("shapes", 12, 4, 16, out, seed=2, progress=False)
+    monkeypatch.undo()
+    ds = open_dataset(out)
+    assert ds.manifest == first
+    assert [r["frames"].tobytes() for r in ds.iter_clips()] == before
+    # A completed rewrite replaces it atomically and cleans the old version up.
+    second = synth.synthesize("shapes", 12, 4, 16, out, seed=2, progress=False)
+    assert open_dataset(out).manifest["rows"] == 12
+    versions = {u.replace(os.sep, "/").split("/ds/")[1].split("/")[0] for u in storage.list_prefix(out)}
+    assert versions == {second["version"], fmt.MANIFEST}
+
+
+def test_missing_manifest_is_a_clear_error(root):
+    with pytest.raises(DatasetError, match="no dataset here"):
+        open_dataset(storage.join(root, "nothing"))
+    proc = run_cli("data", "inspect", storage.join(root, "nothing"), check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().startswith("vidgen: error:")
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def _rewrite_shard(ds_uri: str, table: pa.Table) -> None:
+    ds = open_dataset(ds_uri, validate_shards=False)
+    import io
+
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    storage.write_bytes(ds.shard_uris[0], buf.getvalue())
+
+
+def test_schema_mismatch_is_a_clear_error(tmp_path):
+    out = str(tmp_path / "ds")
+    synth.synthesize("shapes", 4, 4, 16, out, progress=False)
+    table = pq.read_table(open_dataset(out).shard_uris[0])
+    _rewrite_shard(out, table.drop_columns(["fps"]))
+    with pytest.raises(DatasetError, match="missing column 'fps'"):
+        open_dataset(out)
+    _rewrite_shard(out, table.set_column(table.schema.get_field_index("label"), "label", table["label"].cast(pa.string())))
+    with pytest.raises(DatasetError, match="column 'label' has type string, expected int32"):
+        open_dataset(out)
+    frames = pa.array([b"\x00" * 10] * len(table), pa.binary())
+    _rewrite_shard(out, table.set_column(table.schema.get_field_index("frames"), "frames", frames))
+    with pytest.raises(DatasetError, match=r"10 frame bytes disagree with shape \[4, 16, 16, 3\]"):
+        list(open_dataset(out).iter_clips())
+
+
+def test_loader_yields_tensors_in_range_with_labels(tmp_path, ray_session):
+    from vidgen.data.loader import collate_clips, iter_epoch, read_split
+
+    out = str(tmp_path / "ds")
+    synth.synthesize("shapes", 20, 4, 16, out, seed=0, val_fraction=0.25, progress=False)
+    counts = open_dataset(out).manifest["splits"]
+    ds = read_split(out, "train")
+    batches = list(iter_epoch(ds.iterator(), batch_size=4, seed=0, epoch=0, drop_last=False))
+    assert sum(b["video"].shape[0] for b in batches) == counts["train"]
+    video, label = batches[0]["video"], batches[0]["label"]
+    assert video.shape == (4, 3, 4, 16, 16) and video.dtype.is_floating_point
+    assert video.min() >= -1 and video.max() <= 1 and video.min() < -0.5 and video.max() > 0.5
+    assert set(label.tolist()) <= {0, 1, 2}
+    # The same (seed, epoch) gives the same order; another epoch another order.
+    again = [b["label"].tolist() for b in iter_epoch(ds.iterator(), 4, seed=0, epoch=0, drop_last=False)]
+    assert again == [b["label"].tolist() for b in batches]
+    skipped = list(iter_epoch(ds.iterator(), 4, seed=0, epoch=0, skip_batches=2, drop_last=False))
+    assert [b["label"].tolist() for b in skipped] == again[2:]
+    # Labels come back as -1 for unlabelled sets.
+    row = {"frames": np.array([b"\x00" * 12], object), "num_frames": np.array([1]), "height": np.array([2]),
+           "width": np.array([2]), "channels": np.array([3]), "label": np.array([None], object)}
+    assert collate_clips(row)["label"].tolist() == [-1]
+
+
+def test_loader_workers_see_disjoint_shards(tmp_path, ray_session):
+    import ray
+
+    from vidgen.data.loader import iter_epoch, read_split
+
+    out = str(tmp_path / "ds")
+    synth.synthesize("shapes", 24, 4, 16, out, seed=0, val_fraction=0.0, shard_bytes=6 * 4 * 16 * 16 * 3, progress=False)
+    ds = read_split(out, "train", columns=["clip_id", "frames", "num_frames", "height", "width", "channels", "label"])
+    splits = ds.streaming_split(2, equal=True)
+
+    @ray.remote(num_cpus=0)
+    def consume(it):
+        return [cid for batch in it.iter_batches(batch_size=4) for cid in batch["clip_id"].tolist()]
+
+    a, b = ray.get([consume.remote(splits[0]), consume.remote(splits[1])])
+    assert a and b and not set(a) & set(b)
+    assert len(a) + len(b) == 24
