@@ -1,0 +1,105 @@
+"""Metrics against values computed by hand (or by a direct, loop-free formula in numpy)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from vidgen.metrics import life_rule_accuracy, life_step, psnr, ssim
+
+
+def test_psnr_of_a_known_mse():
+    a = torch.zeros(2, 3, 4, 8, 8)
+    b = a.clone()
+    b[0] += 0.1                                                   # MSE 0.01 -> 10 log10(4 / 0.01)
+    b[1] -= 0.2                                                   # MSE 0.04 -> 20 dB
+    per_video = psnr(a, b, reduction="none")
+    assert per_video.tolist() == pytest.approx([10 * math.log10(400), 20.0], abs=1e-4)
+    assert psnr(a, b).item() == pytest.approx((10 * math.log10(400) + 20.0) / 2, abs=1e-4)
+    assert psnr(a, b, data_range=1.0)[()].item() == pytest.approx(psnr(a, b).item() - 20 * math.log10(2), abs=1e-4)
+    assert math.isinf(psnr(a, a).item())
+    with pytest.raises(ValueError, match="same shape"):
+        psnr(a, b[:, :, :2])
+
+
+def test_ssim_of_identical_videos_is_one():
+    video = torch.rand(2, 3, 4, 16, 16) * 2 - 1
+    assert ssim(video, video).item() == pytest.approx(1.0, abs=1e-6)
+    noise = torch.rand(2, 3, 4, 16, 16) * 2 - 1
+    assert abs(ssim(video, noise).item()) < 0.1                  # independent noise: no structure shared
+
+
+def test_ssim_of_constant_frames_by_hand():
+    # sigma = 0 everywhere: SSIM = (2 m1 m2 + C1) / (m1^2 + m2^2 + C1), C1 = (0.01 * 2)^2 = 0.0004
+    a = torch.full((1, 1, 1, 11, 11), 0.5)
+    b = torch.full((1, 1, 1, 11, 11), -0.5)
+    assert ssim(a, b).item() == pytest.approx((-0.5 + 0.0004) / (0.5 + 0.0004), abs=1e-6)
+    c = torch.full((1, 1, 1, 11, 11), 0.25)
+    assert ssim(a, c).item() == pytest.approx((0.25 + 0.0004) / (0.3125 + 0.0004), abs=1e-6)
+
+
+def _ssim_one_window(x: np.ndarray, y: np.ndarray, data_range: float = 2.0) -> float:
+    """SSIM of two 11x11 patches, straight from Wang et al.'s definition, in float64."""
+    taps = np.arange(11) - 5.0
+    g = np.exp(-(taps**2) / (2 * 1.5**2))
+    w = np.outer(g, g) / np.outer(g, g).sum()
+    mx, my = (w * x).sum(), (w * y).sum()
+    vx, vy = (w * (x - mx) ** 2).sum(), (w * (y - my) ** 2).sum()
+    cov = (w * (x - mx) * (y - my)).sum()
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    return (2 * mx * my + c1) * (2 * cov + c2) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
+
+
+def test_ssim_matches_the_definition_window_by_window():
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-1, 1, (12, 13))
+    y = np.clip(x + rng.normal(0, 0.3, x.shape), -1, 1)
+    # a 12x13 frame has 2 x 3 valid window positions; SSIM is their mean
+    expected = np.mean([_ssim_one_window(x[i:i + 11, j:j + 11], y[i:i + 11, j:j + 11])
+                        for i in range(2) for j in range(3)])
+    got = ssim(torch.tensor(x).view(1, 1, 1, 12, 13), torch.tensor(y).view(1, 1, 1, 12, 13))
+    assert got.item() == pytest.approx(expected, abs=1e-5)
+    # channels and frames are averaged: a second, identical frame pair pulls the mean to (s + 1) / 2
+    two = torch.stack([torch.tensor(x), torch.tensor(x)]).view(1, 1, 2, 12, 13)
+    other = torch.stack([torch.tensor(y), torch.tensor(x)]).view(1, 1, 2, 12, 13)
+    assert ssim(two, other).item() == pytest.approx((expected + 1) / 2, abs=1e-5)
+
+
+def test_ssim_rejects_frames_smaller_than_the_window():
+    with pytest.raises(ValueError, match="11x11"):
+        ssim(torch.zeros(1, 1, 1, 8, 8), torch.zeros(1, 1, 1, 8, 8))
+
+
+def grid(rows: list[str]) -> np.ndarray:
+    return np.array([[c == "#" for c in row] for row in rows])
+
+
+def test_life_step_by_hand():
+    blinker = grid([".....", "..#..", "..#..", "..#..", "....."])
+    assert (life_step(blinker) == grid([".....", ".....", ".###.", ".....", "....."])).all()
+    block = grid(["....", ".##.", ".##.", "...."])
+    assert (life_step(block) == block).all()
+    # dead boundary: a blinker on the top edge loses the half that would lie outside the grid
+    edge = grid([".###.", ".....", ".....", "....."])
+    assert (life_step(edge) == grid(["..#..", "..#..", ".....", "....."])).all()
+
+
+def test_life_rule_accuracy_by_hand():
+    t0 = grid([".....", "..#..", "..#..", "..#..", "....."])
+    t1 = grid([".....", ".....", ".###.", ".....", "....."])
+    frames = np.stack([t0, t1])                                  # (T, H, W): a blinker, two periods
+    assert life_rule_accuracy(frames, np.stack([t1, t0])) == 1.0
+    wrong = t1.copy()
+    wrong[0, 0] = True                                           # one cell of 25 breaks the rule
+    wrong[2, 2] = False                                          # and a second
+    assert life_rule_accuracy(t0, wrong) == pytest.approx(23 / 25)
+    assert life_rule_accuracy(frames.astype(np.uint8), np.stack([wrong, t0]).astype(np.uint8)) == \
+        pytest.approx(48 / 50)
+    assert life_rule_accuracy(torch.tensor(t0), torch.tensor(t1)) == 1.0
+    with pytest.raises(ValueError, match="binary"):
+        life_rule_accuracy(t0 * 2, t1)
+    with pytest.raises(ValueError, match="same shape"):
+        life_rule_accuracy(t0, t1[:4])

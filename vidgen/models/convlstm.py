@@ -1,0 +1,181 @@
+"""A ConvLSTM encoder-forecaster for next-frame prediction (Shi et al. 2015).
+
+Each step encodes one frame with stride-2 convs, advances a stack of ConvLSTM cells on the
+encoded grid, and decodes the top hidden state (with skip connections from the encoder, so static
+detail need not pass through the recurrent state) into the next frame. Given k context frames the
+net predicts frame k+1, then feeds its own prediction back in: `predict` rolls out to any length.
+
+Training: a clip (B, C, T, H, W) is split into `context_frames` context frames and T - k targets;
+the net rolls out T - k frames from the context alone (no teacher forcing), and the loss is the
+mean squared (or absolute) error of the rollout, so training sees its own errors as inference does.
+
+    model = ConvLSTM(ConvLSTM.Config.preset("tiny"))
+    future = model.predict(context, num_frames=12)  # (B, C, k, H, W) -> (B, C, 12, H, W)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .contract import Batch, TrainStep, config_from_preset, require
+
+
+@dataclass
+class ConvLSTMConfig:
+    channels: int = 3
+    context_frames: int = 4     # k: frames given before predicting; training clips need T > k
+    width: int = 32             # encoder channels at full resolution; doubles per downsampling
+    hidden: int = 64            # ConvLSTM hidden channels
+    num_layers: int = 2         # stacked ConvLSTM cells
+    down: int = 2               # 2x downsamplings before the recurrent grid (H and W multiples of 2**down)
+    kernel_size: int = 3        # ConvLSTM gate kernel
+    loss: str = "mse"           # "mse" or "l1"
+    lr: float = 1e-3
+    beta1: float = 0.9
+    beta2: float = 0.999
+    weight_decay: float = 0.0
+
+    def __post_init__(self):
+        require(self.context_frames >= 1, f"ConvLSTMConfig.context_frames must be >= 1, got {self.context_frames}")
+        require(self.loss in ("mse", "l1"), f"ConvLSTMConfig.loss must be 'mse' or 'l1', got {self.loss!r}")
+        require(self.kernel_size % 2 == 1, f"ConvLSTMConfig.kernel_size must be odd, got {self.kernel_size}")
+        require(self.num_layers >= 1, f"ConvLSTMConfig.num_layers must be >= 1, got {self.num_layers}")
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> ConvLSTMConfig:
+        return config_from_preset(cls, PRESETS, name, overrides)
+
+
+PRESETS = {
+    "tiny": dict(width=8, hidden=16, num_layers=1),
+    "small": dict(width=32, hidden=96, num_layers=2),
+    "base": dict(width=64, hidden=256, num_layers=3, down=3),
+}
+
+
+class ConvLSTMCell(nn.Module):
+    """(x (B, Ci, h, w), (h, c) each (B, Ch, h, w)) -> (h, c): all four gates from one conv."""
+
+    def __init__(self, c_in: int, hidden: int, kernel_size: int):
+        super().__init__()
+        self.hidden = hidden
+        self.gates = nn.Conv2d(c_in + hidden, 4 * hidden, kernel_size, padding=kernel_size // 2)
+
+    def forward(self, x: Tensor, state: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        h, c = state
+        i, f, o, g = self.gates(torch.cat([x, h], 1)).chunk(4, 1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h = torch.sigmoid(o) * torch.tanh(c)
+        return h, c
+
+
+class ConvLSTMNet(nn.Module):
+    """(context (B, C, k, H, W), num_frames) -> predicted frames (B, C, num_frames, H, W). The "model" part."""
+
+    def __init__(self, cfg: ConvLSTMConfig):
+        super().__init__()
+        self.cfg = cfg
+        widths = [cfg.width * 2**i for i in range(cfg.down + 1)]
+        self.stem = nn.Sequential(nn.Conv2d(cfg.channels, widths[0], 3, padding=1), nn.LeakyReLU(0.2))
+        self.downs = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(widths[i], widths[i + 1], 4, stride=2, padding=1), nn.LeakyReLU(0.2))
+            for i in range(cfg.down))
+        self.cells = nn.ModuleList(
+            ConvLSTMCell(widths[-1] if i == 0 else cfg.hidden, cfg.hidden, cfg.kernel_size)
+            for i in range(cfg.num_layers))
+        ups, c_in = [], cfg.hidden
+        for i in reversed(range(cfg.down)):  # upsample, then fuse with the encoder's skip at that scale
+            ups.append(nn.Sequential(nn.Conv2d(c_in + widths[i + 1], widths[i], 3, padding=1), nn.LeakyReLU(0.2)))
+            c_in = widths[i]
+        self.ups = nn.ModuleList(ups)
+        self.head = nn.Conv2d(c_in + widths[0], cfg.channels, 3, padding=1)
+
+    def step(self, frame: Tensor, state: list[tuple[Tensor, Tensor]] | None):
+        """frame (B, C, H, W), state -> (next frame (B, C, H, W), state)."""
+        skips = [self.stem(frame)]                               # (B, w, H, W)
+        for down in self.downs:
+            skips.append(down(skips[-1]))                        # (B, w * 2**i, H / 2**i, W / 2**i)
+        x = skips[-1]
+        if state is None:
+            zeros = x.new_zeros(x.shape[0], self.cfg.hidden, *x.shape[2:])
+            state = [(zeros, zeros)] * len(self.cells)
+        new_state = []
+        for cell, s in zip(self.cells, state):
+            h, c = cell(x, s)
+            new_state.append((h, c))
+            x = h                                                # (B, hidden, H / 2**down, W / 2**down)
+        for up, skip in zip(self.ups, reversed(skips)):
+            x = up(torch.cat([x, skip], 1))
+            x = F.interpolate(x, scale_factor=2, mode="nearest")
+        return torch.tanh(self.head(torch.cat([x, skips[0]], 1))), new_state
+
+    def forward(self, context: Tensor, num_frames: int) -> Tensor:
+        factor = 2**self.cfg.down
+        if context.shape[-1] % factor or context.shape[-2] % factor:
+            raise ValueError(f"ConvLSTM frames must be multiples of {factor} in H and W, "
+                             f"got {tuple(context.shape[-2:])}")
+        state = None
+        for t in range(context.shape[2]):                        # read the context
+            prediction, state = self.step(context[:, :, t], state)
+        predictions = [prediction]
+        for _ in range(num_frames - 1):                          # then roll out on own predictions
+            prediction, state = self.step(prediction, state)
+            predictions.append(prediction)
+        return torch.stack(predictions, 2)                       # (B, C, num_frames, H, W)
+
+
+class ConvLSTM(nn.Module):
+    """The family: one part, `net`."""
+
+    Config = ConvLSTMConfig
+
+    def __init__(self, config: ConvLSTMConfig):
+        super().__init__()
+        self.config = config
+        self.label_names: list[str] | None = None
+        self.preset: str | None = None
+        self.net = ConvLSTMNet(config)
+
+    # --- training contract -------------------------------------------------------------------
+
+    def parts(self) -> dict[str, nn.Module]:
+        return {"model": self.net}
+
+    def optimizer_settings(self, part: str) -> dict:
+        if part != "model":
+            raise ValueError(f"unknown ConvLSTM part {part!r}; expected 'model'")
+        cfg = self.config
+        return {"lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2), "weight_decay": cfg.weight_decay}
+
+    def train_steps(self) -> list[TrainStep]:
+        return [TrainStep("model", self._loss)]
+
+    def after_step(self, part: str) -> None:
+        pass
+
+    def _loss(self, batch: Batch, modules) -> tuple[Tensor, dict[str, float]]:
+        video = batch["video"]                                   # (B, C, T, H, W)
+        k = self.config.context_frames
+        if video.shape[2] <= k:
+            raise ValueError(f"ConvLSTM training clips need more than context_frames={k} frames, got {video.shape[2]}")
+        target = video[:, :, k:].float()                         # (B, C, T - k, H, W)
+        prediction = modules["model"](video[:, :, :k], target.shape[2]).float()
+        loss = F.mse_loss(prediction, target) if self.config.loss == "mse" else F.l1_loss(prediction, target)
+        return loss, {"loss": loss.item(), "mse": F.mse_loss(prediction.detach(), target).item()}
+
+    # --- inference ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def predict(self, context: Tensor, num_frames: int) -> Tensor:
+        """context (B, C, k, H, W) in [-1, 1] -> the next num_frames frames (B, C, num_frames, H, W).
+
+        Any k >= 1 works (the net was trained with k = context_frames); any num_frames >= 1.
+        """
+        if num_frames < 1 or context.shape[2] < 1:
+            raise ValueError(f"predict needs >= 1 context frame and num_frames >= 1, got "
+                             f"{context.shape[2]} and {num_frames}")
+        return self.net(context, num_frames).clamp(-1, 1)

@@ -1,0 +1,373 @@
+"""A MoCoGAN-style video GAN (Tulyakov et al. 2018): content and motion are separate codes.
+
+Generator. Each video draws one content code z_c ~ N(0, I); a GRU cell, driven by fresh noise at
+every frame, turns it into a sequence of motion codes z_m(t); a 2D conv frame generator maps
+[z_c, z_m(t), embed(label)] to frame t. Frames are generated independently given their codes, so
+any number of frames can be rolled out: the clip length is just the length of the noise sequence.
+
+Discriminators. An image discriminator (2D convs) judges K random frames of each video; a video
+discriminator (3D convs) judges the whole clip. With `num_classes > 0` both are projection
+discriminators (Miyato & Koyama 2018) and the generator gets a label embedding. Loss: hinge
+(default) or non-saturating. No normalisation in D and GroupNorm in G, so nothing depends on
+batch statistics: samples are the same whatever else is in the batch.
+
+The generator used for sampling is an exponential moving average of the trained one
+(`generator_ema`), updated by `after_step("generator")` through the plain function `ema_update`.
+
+    model = GAN(GAN.Config.preset("tiny"))
+    video = model.sample(2, num_frames=16, seed=0)   # (2, 3, 16, 32, 32) in [-1, 1]
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .contract import Batch, TrainStep, config_from_preset, require
+
+
+@dataclass
+class GANConfig:
+    frame_size: int = 64        # H = W of generated frames, a power of two >= 8
+    channels: int = 3
+    num_frames: int = 16        # clip length that `sample` rolls out by default
+    content_dim: int = 64       # z_c, one per video
+    motion_dim: int = 32        # z_m(t), the GRU's hidden state
+    noise_dim: int = 16         # GRU input noise per frame
+    num_classes: int = 0        # > 0: class-conditional
+    class_dim: int = 32         # label embedding size in the generator
+    g_width: int = 32           # channels of the generator's last stage; doubles towards 4x4
+    g_max_width: int = 512
+    d_width: int = 32           # channels of the discriminators' first stage; doubles per stage
+    d_max_width: int = 512
+    image_frames: int = 4       # K random frames per video shown to the image discriminator
+    loss: str = "hinge"         # "hinge" or "nonsaturating"
+    lr_g: float = 2e-4
+    lr_d: float = 2e-4
+    beta1: float = 0.5
+    beta2: float = 0.999
+    ema_decay: float = 0.999
+
+    def __post_init__(self):
+        require(self.frame_size >= 8 and self.frame_size & (self.frame_size - 1) == 0,
+                f"GANConfig.frame_size must be a power of two >= 8, got {self.frame_size}")
+        require(self.loss in ("hinge", "nonsaturating"),
+                f"GANConfig.loss must be 'hinge' or 'nonsaturating', got {self.loss!r}")
+        require(self.num_classes >= 0, f"GANConfig.num_classes must be >= 0, got {self.num_classes}")
+        require(0.0 <= self.ema_decay < 1.0, f"GANConfig.ema_decay must be in [0, 1), got {self.ema_decay}")
+        require(self.image_frames >= 1, f"GANConfig.image_frames must be >= 1, got {self.image_frames}")
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> GANConfig:
+        return config_from_preset(cls, PRESETS, name, overrides)
+
+
+PRESETS = {
+    # CPU tests: 32x32, G 0.16M and D 0.31M parameters.
+    "tiny": dict(frame_size=32, num_frames=8, content_dim=32, motion_dim=16, noise_dim=8, class_dim=16,
+                 g_width=16, g_max_width=64, d_width=16, d_max_width=64, image_frames=2, ema_decay=0.99),
+    # CPU demo: 64x64, G 2.2M and D 5.1M parameters.
+    "small": dict(frame_size=64, num_frames=16, g_width=32, g_max_width=256, d_width=32, d_max_width=256,
+                  ema_decay=0.995),
+    # One GPU: 128x128, G 13M and D 37M parameters.
+    "base": dict(frame_size=128, num_frames=16, content_dim=128, motion_dim=64, noise_dim=32, class_dim=64,
+                 g_width=64, g_max_width=512, d_width=64, d_max_width=512),
+}
+
+
+def _groups(channels: int) -> int:
+    return math.gcd(channels, 32)
+
+
+def _widths(width: int, max_width: int, stages: int) -> list[int]:
+    """Channels per stage, doubling from `width` and capped: [w, 2w, 4w, ...] (stages + 1 entries)."""
+    return [min(width * 2**i, max_width) for i in range(stages + 1)]
+
+
+class FrameGenerator(nn.Module):
+    """Codes (N, D) -> frames (N, C, H, W): a 4x4 stem, then 2x upsampling stages."""
+
+    def __init__(self, cfg: GANConfig, code_dim: int):
+        super().__init__()
+        stages = int(math.log2(cfg.frame_size)) - 2
+        widths = _widths(cfg.g_width, cfg.g_max_width, stages)[::-1]  # widest at 4x4
+        self.stem_width = widths[0]
+        self.stem = nn.Linear(code_dim, widths[0] * 16)
+        blocks = []
+        for c_in, c_out in zip(widths[:-1], widths[1:]):
+            blocks += [
+                nn.Upsample(scale_factor=2, mode="nearest"),
+                nn.Conv2d(c_in, c_out, 3, padding=1), nn.GroupNorm(_groups(c_out), c_out), nn.ReLU(),
+                nn.Conv2d(c_out, c_out, 3, padding=1), nn.GroupNorm(_groups(c_out), c_out), nn.ReLU(),
+            ]
+        self.blocks = nn.Sequential(*blocks)
+        self.to_rgb = nn.Conv2d(widths[-1], cfg.channels, 3, padding=1)
+
+    def forward(self, codes: Tensor) -> Tensor:
+        x = self.stem(codes).view(-1, self.stem_width, 4, 4)  # (N, W0, 4, 4)
+        x = F.relu(x)
+        return torch.tanh(self.to_rgb(self.blocks(x)))         # (N, C, H, W)
+
+
+class Generator(nn.Module):
+    """(content, motion noise, labels) -> video. The trainer's "generator" part."""
+
+    def __init__(self, cfg: GANConfig):
+        super().__init__()
+        self.h0 = nn.Linear(cfg.content_dim, cfg.motion_dim)  # the GRU's start state, from content
+        self.gru = nn.GRUCell(cfg.noise_dim, cfg.motion_dim)
+        self.embed = nn.Embedding(cfg.num_classes, cfg.class_dim) if cfg.num_classes else None
+        code_dim = cfg.content_dim + cfg.motion_dim + (cfg.class_dim if cfg.num_classes else 0)
+        self.frames = FrameGenerator(cfg, code_dim)
+
+    def forward(self, content: Tensor, motion_noise: Tensor, labels: Tensor | None = None) -> Tensor:
+        """content (B, Dc), motion_noise (B, T, Dn), labels (B,) long -> video (B, C, T, H, W)."""
+        B, T, _ = motion_noise.shape
+        h = torch.tanh(self.h0(content))                        # (B, Dm)
+        motion = []
+        for t in range(T):
+            h = self.gru(motion_noise[:, t], h)
+            motion.append(h)
+        codes = [content.unsqueeze(1).expand(B, T, -1), torch.stack(motion, 1)]  # (B, T, Dc), (B, T, Dm)
+        if self.embed is not None:
+            if labels is None:
+                raise ValueError("this GAN is class-conditional: pass labels (B,)")
+            codes.append(self.embed(labels).unsqueeze(1).expand(B, T, -1))
+        frames = self.frames(torch.cat(codes, -1).flatten(0, 1))  # (B*T, C, H, W)
+        return frames.unflatten(0, (B, T)).transpose(1, 2)        # (B, C, T, H, W)
+
+
+def _projection(num_classes: int, width: int) -> nn.Embedding | None:
+    """Class embeddings for the projection term; zero at first, so D starts unconditional."""
+    if num_classes == 0:
+        return None
+    embed = nn.Embedding(num_classes, width)
+    nn.init.zeros_(embed.weight)
+    return embed
+
+
+class ImageDiscriminator(nn.Module):
+    """Frames (N, C, H, W) -> logits (N,); stride-2 convs down to 4x4, projection on labels."""
+
+    def __init__(self, cfg: GANConfig):
+        super().__init__()
+        stages = int(math.log2(cfg.frame_size)) - 2
+        widths = _widths(cfg.d_width, cfg.d_max_width, stages)
+        layers, c_in = [], cfg.channels
+        for c_out in widths[:-1]:
+            layers += [nn.Conv2d(c_in, c_out, 4, stride=2, padding=1), nn.LeakyReLU(0.2)]
+            c_in = c_out
+        layers += [nn.Conv2d(c_in, widths[-1], 3, padding=1), nn.LeakyReLU(0.2)]
+        self.features = nn.Sequential(*layers)
+        self.logit = nn.Linear(widths[-1], 1)
+        self.embed = _projection(cfg.num_classes, widths[-1])
+
+    def forward(self, frames: Tensor, labels: Tensor | None) -> Tensor:
+        h = self.features(frames).mean((2, 3))                  # (N, W)
+        out = self.logit(h).squeeze(1)                          # (N,)
+        if self.embed is not None:
+            out = out + (self.embed(labels) * h).sum(1)         # projection term
+        return out
+
+
+class VideoDiscriminator(nn.Module):
+    """Video (B, C, T, H, W) -> logits (B,); 3D convs halve H, W (and T from the second stage)."""
+
+    def __init__(self, cfg: GANConfig):
+        super().__init__()
+        stages = int(math.log2(cfg.frame_size)) - 2
+        widths = _widths(cfg.d_width, cfg.d_max_width, stages)
+        layers, c_in = [], cfg.channels
+        for i, c_out in enumerate(widths[:-1]):
+            t_stride = 1 if i == 0 else 2  # T -> ceil(T / 2), so any clip length works
+            layers += [nn.Conv3d(c_in, c_out, (3, 4, 4), stride=(t_stride, 2, 2), padding=1), nn.LeakyReLU(0.2)]
+            c_in = c_out
+        layers += [nn.Conv3d(c_in, widths[-1], 3, padding=1), nn.LeakyReLU(0.2)]
+        self.features = nn.Sequential(*layers)
+        self.logit = nn.Linear(widths[-1], 1)
+        self.embed = _projection(cfg.num_classes, widths[-1])
+
+    def forward(self, video: Tensor, labels: Tensor | None) -> Tensor:
+        h = self.features(video).mean((2, 3, 4))                # (B, W)
+        out = self.logit(h).squeeze(1)                          # (B,)
+        if self.embed is not None:
+            out = out + (self.embed(labels) * h).sum(1)
+        return out
+
+
+class Discriminator(nn.Module):
+    """video (B, C, T, H, W), labels -> (image logits (B, K), video logits (B,)). The "discriminator" part.
+
+    The K frames per video are drawn with `torch.randint` on the global RNG, inside forward.
+    """
+
+    def __init__(self, cfg: GANConfig):
+        super().__init__()
+        self.num_frames = cfg.image_frames
+        self.conditional = cfg.num_classes > 0
+        self.image = ImageDiscriminator(cfg)
+        self.video = VideoDiscriminator(cfg)
+
+    def forward(self, video: Tensor, labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        if self.conditional and labels is None:
+            raise ValueError("this GAN is class-conditional: pass labels (B,)")
+        B, C, T, H, W = video.shape
+        K = self.num_frames
+        index = torch.randint(T, (B, K), device=video.device)
+        frames = video.transpose(1, 2)[torch.arange(B, device=video.device)[:, None], index]  # (B, K, C, H, W)
+        frame_labels = labels.repeat_interleave(K) if labels is not None else None
+        image_logits = self.image(frames.flatten(0, 1), frame_labels).view(B, K)
+        return image_logits, self.video(video, labels)
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model, parameter by parameter; buffers are copied.
+
+    A plain function of two modules with the same structure, so a trainer can call it inside a
+    parameter-gathering context (DeepSpeed ZeRO-3's `GatheredParameters(model.parameters())`).
+    """
+    for e, p in zip(ema.parameters(), model.parameters(), strict=True):
+        e.lerp_(p.detach().to(e.dtype), 1.0 - decay)
+    for e, b in zip(ema.buffers(), model.buffers(), strict=True):
+        e.copy_(b)
+
+
+def _d_loss(kind: str, real: Tensor, fake: Tensor) -> Tensor:
+    if kind == "hinge":
+        return F.relu(1 - real).mean() + F.relu(1 + fake).mean()
+    return F.softplus(-real).mean() + F.softplus(fake).mean()
+
+
+def _g_loss(kind: str, fake: Tensor) -> Tensor:
+    return -fake.mean() if kind == "hinge" else F.softplus(-fake).mean()
+
+
+class GAN(nn.Module):
+    """The family: generator, discriminator and the EMA generator used by `sample`."""
+
+    Config = GANConfig
+
+    def __init__(self, config: GANConfig):
+        super().__init__()
+        self.config = config
+        self.label_names: list[str] | None = None
+        self.preset: str | None = None
+        self.generator = Generator(config)
+        self.discriminator = Discriminator(config)
+        self.generator_ema = copy.deepcopy(self.generator).requires_grad_(False)
+        self.register_buffer("ema_updates", torch.zeros((), dtype=torch.long))
+
+    # --- training contract -------------------------------------------------------------------
+
+    def parts(self) -> dict[str, nn.Module]:
+        return {"generator": self.generator, "discriminator": self.discriminator}
+
+    def optimizer_settings(self, part: str) -> dict:
+        cfg = self.config
+        lr = {"generator": cfg.lr_g, "discriminator": cfg.lr_d}.get(part)
+        if lr is None:
+            raise ValueError(f"unknown GAN part {part!r}; expected 'generator' or 'discriminator'")
+        return {"lr": lr, "betas": (cfg.beta1, cfg.beta2), "weight_decay": 0.0}
+
+    def train_steps(self) -> list[TrainStep]:
+        """D step (one D forward on cat([real, fake.detach()])), then G step through D."""
+        return [TrainStep("discriminator", self._discriminator_loss), TrainStep("generator", self._generator_loss)]
+
+    def after_step(self, part: str) -> None:
+        if part == "generator":
+            # Warm-up: early on the average follows the generator closely (as TF's EMA with num_updates).
+            n = int(self.ema_updates)
+            ema_update(self.generator_ema, self.generator, min(self.config.ema_decay, (1 + n) / (10 + n)))
+            self.ema_updates += 1
+
+    def _discriminator_loss(self, batch: Batch, modules) -> tuple[Tensor, dict[str, float]]:
+        real = batch["video"]                                   # (B, C, T, H, W)
+        labels = self._batch_labels(batch)
+        B, T = real.shape[0], real.shape[2]
+        with torch.no_grad():
+            fake = modules["generator"](*self._noise(B, T, real), labels)
+        both = torch.cat([labels, labels]) if labels is not None else None
+        image_logits, video_logits = modules["discriminator"](torch.cat([real, fake.detach()]), both)
+        image_logits, video_logits = image_logits.float(), video_logits.float()
+        image_loss = _d_loss(self.config.loss, image_logits[:B], image_logits[B:])
+        video_loss = _d_loss(self.config.loss, video_logits[:B], video_logits[B:])
+        loss = image_loss + video_loss
+        return loss, {"d_loss": loss.item(), "d_image": image_loss.item(), "d_video": video_loss.item(),
+                      "d_real": video_logits[:B].mean().item(), "d_fake": video_logits[B:].mean().item()}
+
+    def _generator_loss(self, batch: Batch, modules) -> tuple[Tensor, dict[str, float]]:
+        real = batch["video"]
+        labels = self._batch_labels(batch)
+        fake = modules["generator"](*self._noise(real.shape[0], real.shape[2], real), labels)
+        image_logits, video_logits = modules["discriminator"](fake, labels)
+        image_loss = _g_loss(self.config.loss, image_logits.float())
+        video_loss = _g_loss(self.config.loss, video_logits.float())
+        loss = image_loss + video_loss
+        return loss, {"g_loss": loss.item(), "g_image": image_loss.item(), "g_video": video_loss.item()}
+
+    def _batch_labels(self, batch: Batch) -> Tensor | None:
+        if self.config.num_classes == 0:
+            return None
+        if "label" not in batch:
+            raise ValueError(f"this GAN has num_classes={self.config.num_classes}: the batch needs 'label'")
+        return batch["label"].long()
+
+    def _noise(self, n: int, num_frames: int, like: Tensor, generator: torch.Generator | None = None):
+        """(content (n, Dc), motion noise (n, T, Dn)) on like's device and dtype, from `generator`
+        (drawn on the CPU, so a seed gives the same noise everywhere) or the global RNG."""
+        cfg = self.config
+        if generator is None:
+            content = torch.randn(n, cfg.content_dim, device=like.device, dtype=like.dtype)
+            motion = torch.randn(n, num_frames, cfg.noise_dim, device=like.device, dtype=like.dtype)
+            return content, motion
+        content = torch.randn(n, cfg.content_dim, generator=generator)
+        motion = torch.randn(n, num_frames, cfg.noise_dim, generator=generator)
+        return content.to(like), motion.to(like)
+
+    # --- inference ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def sample(self, n: int, num_frames: int | None = None, labels=None, seed: int | None = None) -> Tensor:
+        """n videos (n, C, num_frames, H, W) in [-1, 1] from the EMA generator.
+
+        `labels`: for a class-conditional model, n class indices or names (from `label_names`);
+        None draws them at random. Same seed -> same samples (noise is drawn on the CPU).
+        """
+        num_frames = self.config.num_frames if num_frames is None else num_frames
+        if n < 1 or num_frames < 1:
+            raise ValueError(f"sample needs n >= 1 and num_frames >= 1, got n={n}, num_frames={num_frames}")
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        like = next(self.generator_ema.parameters())
+        content, motion = self._noise(n, num_frames, like, generator)
+        labels = self._sample_labels(n, labels, generator)
+        video = self.generator_ema(content, motion, None if labels is None else labels.to(like.device))
+        return video.float().clamp(-1, 1)
+
+    def _sample_labels(self, n: int, labels, generator) -> Tensor | None:
+        classes = self.config.num_classes
+        if classes == 0:
+            if labels is not None:
+                raise ValueError("this GAN is unconditional (num_classes=0): labels must be None")
+            return None
+        if labels is None:
+            return torch.randint(classes, (n,), generator=generator)
+        if isinstance(labels, Tensor):
+            labels = labels.tolist()
+        if len(labels) != n:
+            raise ValueError(f"got {len(labels)} labels for {n} samples")
+        out = []
+        for label in labels:
+            if isinstance(label, str):
+                if not self.label_names or label not in self.label_names:
+                    raise ValueError(f"unknown label {label!r}; known labels: {self.label_names}")
+                label = self.label_names.index(label)
+            if not 0 <= int(label) < classes:
+                raise ValueError(f"label {label} out of range [0, {classes})")
+            out.append(int(label))
+        return torch.tensor(out, dtype=torch.long)

@@ -1,0 +1,232 @@
+"""Video restoration: denoise, deblur, deblock and optionally 2x upscale, from a window of frames.
+
+Each output frame t is computed from the degraded frames t-r..t+r (r = window // 2, the clip's
+ends repeated): the window is stacked on channels, passed through an EDSR-like residual CNN (no
+batch norm), and added to the (bilinearly upscaled) degraded frame t. The last conv starts at zero,
+so an untrained model returns its input: training only has to learn the correction.
+
+Training data are clean clips degraded on the fly by `degrade`, defined here so that training
+and evaluation use the same degradations. Degradations, always applied in this order:
+
+    blur       gaussian blur, sigma ~ U(0.3, blur_sigma) px per clip
+    downscale  2x bicubic (antialiased) downscaling; exactly when config.scale == 2
+    noise      additive gaussian noise, std ~ U(0, noise_sigma) per clip (pixels in [-1, 1])
+    h264       H.264 round trip through vidgen.media at crf ~ U{crf_min..crf_max} (needs ffmpeg)
+
+then 8-bit quantisation. Everything random comes from `torch.Generator().manual_seed(seed)` on
+the CPU, so a seed gives the same degraded clip on any device (x264 itself is deterministic).
+
+    model = Restorer(Restorer.Config.preset("tiny"))
+    degraded = model.degrade(clean, seed=0)         # (B, C, T, H / s, W / s)
+    restored = model.restore(degraded)              # (B, C, T, H, W)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .contract import Batch, TrainStep, config_from_preset, require
+
+DEGRADATIONS = ("blur", "downscale", "noise", "h264")  # the order they are applied in
+
+
+@dataclass
+class RestoreConfig:
+    channels: int = 3
+    scale: int = 1                   # 1: same size; 2: 2x upscaling
+    window: int = 5                  # frames seen per output frame (odd)
+    width: int = 64
+    num_blocks: int = 8
+    degradations: tuple[str, ...] = ("blur", "noise", "h264")  # used in training; see DEGRADATIONS
+    noise_sigma: float = 0.1         # max noise std on [-1, 1] pixels (0.1 = 12.75 / 255)
+    blur_sigma: float = 1.5          # max blur sigma in pixels
+    crf_min: int = 30                # H.264 quality range: higher crf = lower bitrate, more blocking
+    crf_max: int = 40
+    lr: float = 2e-4
+    beta1: float = 0.9
+    beta2: float = 0.99
+    weight_decay: float = 0.0
+
+    def __post_init__(self):
+        require(self.scale in (1, 2), f"RestoreConfig.scale must be 1 or 2, got {self.scale}")
+        require(self.window >= 1 and self.window % 2 == 1, f"RestoreConfig.window must be odd, got {self.window}")
+        unknown = [k for k in self.degradations if k not in DEGRADATIONS]
+        require(not unknown, f"RestoreConfig.degradations: unknown {unknown}; expected some of {list(DEGRADATIONS)}")
+        require(("downscale" in self.degradations) == (self.scale == 2),
+                f"RestoreConfig.degradations must include 'downscale' exactly when scale == 2 "
+                f"(scale={self.scale}, degradations={list(self.degradations)})")
+        require(0 <= self.crf_min <= self.crf_max <= 51,
+                f"RestoreConfig needs 0 <= crf_min <= crf_max <= 51, got {self.crf_min}, {self.crf_max}")
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> RestoreConfig:
+        return config_from_preset(cls, PRESETS, name, overrides)
+
+
+PRESETS = {
+    "tiny": dict(window=3, width=16, num_blocks=2, degradations=("blur", "noise")),
+    "small": dict(scale=2, window=5, width=64, num_blocks=16, degradations=("blur", "downscale", "noise", "h264")),
+    "base": dict(scale=2, window=5, width=192, num_blocks=24, degradations=("blur", "downscale", "noise", "h264")),
+}
+
+
+# --- degradations --------------------------------------------------------------------------------
+
+def degrade(clean: Tensor, kinds: Sequence[str], seed: int, *, noise_sigma: float = 0.1, blur_sigma: float = 1.5,
+            crf: tuple[int, int] = (30, 40), fps: float = 25.0) -> Tensor:
+    """clean (B, C, T, H, W) in [-1, 1] -> degraded (B, C, T, H', W') in [-1, 1], the same for a seed.
+
+    H' = H / 2 with "downscale", else H. `crf` is the (min, max) H.264 crf range.
+    """
+    unknown = [k for k in kinds if k not in DEGRADATIONS]
+    if unknown:
+        raise ValueError(f"unknown degradation(s) {unknown}; expected some of {list(DEGRADATIONS)}")
+    if clean.dim() != 5:
+        raise ValueError(f"degrade takes videos (B, C, T, H, W), got shape {tuple(clean.shape)}")
+    g = torch.Generator().manual_seed(seed)
+    B, C, T, H, W = clean.shape
+    x = clean.float()
+    if "blur" in kinds:
+        sigmas = 0.3 + torch.rand(B, generator=g) * max(blur_sigma - 0.3, 0.0)
+        x = torch.stack([_gaussian_blur(x[b], float(s)) for b, s in enumerate(sigmas)])
+    if "downscale" in kinds:
+        if H % 2 or W % 2:
+            raise ValueError(f"downscale needs even H and W, got {H}x{W}")
+        frames = x.transpose(1, 2).flatten(0, 1)                  # (B*T, C, H, W)
+        frames = F.interpolate(frames, scale_factor=0.5, mode="bicubic", antialias=True, align_corners=False)
+        x = frames.unflatten(0, (B, T)).transpose(1, 2)          # (B, C, T, H/2, W/2)
+    if "noise" in kinds:
+        sigmas = torch.rand(B, generator=g) * noise_sigma
+        noise = torch.randn(x.shape, generator=g) * sigmas.view(B, 1, 1, 1, 1)
+        x = x + noise.to(x.device)
+    x = x.clamp(-1, 1)
+    if "h264" in kinds:
+        crfs = torch.randint(crf[0], crf[1] + 1, (B,), generator=g)
+        x = torch.stack([_h264_round_trip(x[b], int(q), fps) for b, q in enumerate(crfs)])
+    return (((x + 1) * 127.5).round() / 127.5 - 1).to(clean.dtype)  # 8-bit levels, as in a real video
+
+
+def _gaussian_blur(video: Tensor, sigma: float) -> Tensor:
+    """video (C, T, H, W) -> blurred, separable gaussian with reflect padding."""
+    radius = max(1, math.ceil(3 * sigma))
+    taps = torch.arange(-radius, radius + 1, dtype=torch.float32, device=video.device)
+    kernel = torch.exp(-0.5 * (taps / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    C, T, H, W = video.shape
+    x = video.reshape(C * T, 1, H, W)
+    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="reflect"), kernel.view(1, 1, 1, -1))
+    x = F.conv2d(F.pad(x, (0, 0, radius, radius), mode="reflect"), kernel.view(1, 1, -1, 1))
+    return x.view(C, T, H, W)
+
+
+def _h264_round_trip(video: Tensor, crf: int, fps: float) -> Tensor:
+    """video (C, T, H, W) in [-1, 1] -> the same after H.264 encode + decode (yuv420p needs even H, W)."""
+    from vidgen import media  # imported here: only this degradation needs ffmpeg
+
+    C, T, H, W = video.shape
+    if C not in (1, 3) or H % 2 or W % 2:
+        raise ValueError(f"h264 degradation needs 1 or 3 channels and even H, W; got C={C}, {H}x{W}")
+    rgb = video.expand(3, -1, -1, -1) if C == 1 else video
+    frames = ((rgb.permute(1, 2, 3, 0) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).cpu().numpy()
+    decoded = media.decode(media.encode(frames, fps, codec="h264", crf=crf, preset="veryfast"))  # (T, H, W, 3)
+    out = torch.from_numpy(decoded).to(video.device).permute(3, 0, 1, 2).float() / 127.5 - 1
+    return out.mean(0, keepdim=True) if C == 1 else out
+
+
+# --- the network ---------------------------------------------------------------------------------
+
+class ResBlock(nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.ReLU(),
+                                  nn.Conv2d(width, width, 3, padding=1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + 0.1 * self.body(x)  # residual scaling keeps deep stacks stable without norm layers
+
+
+class RestoreNet(nn.Module):
+    """degraded video (B, C, T, h, w) -> restored (B, C, T, h * scale, w * scale). The "model" part."""
+
+    def __init__(self, cfg: RestoreConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.head = nn.Conv2d(cfg.channels * cfg.window, cfg.width, 3, padding=1)
+        self.body = nn.Sequential(*[ResBlock(cfg.width) for _ in range(cfg.num_blocks)])
+        self.tail = nn.Sequential(nn.Conv2d(cfg.width, cfg.channels * cfg.scale**2, 3, padding=1),
+                                  nn.PixelShuffle(cfg.scale))
+        nn.init.zeros_(self.tail[0].weight)
+        nn.init.zeros_(self.tail[0].bias)
+
+    def forward(self, video: Tensor) -> Tensor:
+        B, C, T, h, w = video.shape
+        r = self.cfg.window // 2
+        padded = torch.cat([video[:, :, :1]] * r + [video] + [video[:, :, -1:]] * r, 2)  # (B, C, T + 2r, h, w)
+        windows = padded.unfold(2, self.cfg.window, 1)           # (B, C, T, h, w, window)
+        windows = windows.permute(0, 2, 1, 5, 3, 4).reshape(B * T, C * self.cfg.window, h, w)
+        center = video.transpose(1, 2).reshape(B * T, C, h, w)   # (B*T, C, h, w)
+        if self.cfg.scale > 1:
+            center = F.interpolate(center, scale_factor=self.cfg.scale, mode="bilinear", align_corners=False)
+        features = self.head(windows)
+        out = center + self.tail(features + self.body(features))  # (B*T, C, h*s, w*s)
+        return out.unflatten(0, (B, T)).transpose(1, 2)          # (B, C, T, h*s, w*s)
+
+
+class Restorer(nn.Module):
+    """The family: one part, `net`."""
+
+    Config = RestoreConfig
+
+    def __init__(self, config: RestoreConfig):
+        super().__init__()
+        self.config = config
+        self.label_names: list[str] | None = None
+        self.preset: str | None = None
+        self.net = RestoreNet(config)
+
+    # --- training contract -------------------------------------------------------------------
+
+    def parts(self) -> dict[str, nn.Module]:
+        return {"model": self.net}
+
+    def optimizer_settings(self, part: str) -> dict:
+        if part != "model":
+            raise ValueError(f"unknown Restorer part {part!r}; expected 'model'")
+        cfg = self.config
+        return {"lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2), "weight_decay": cfg.weight_decay}
+
+    def train_steps(self) -> list[TrainStep]:
+        return [TrainStep("model", self._loss)]
+
+    def after_step(self, part: str) -> None:
+        pass
+
+    def _loss(self, batch: Batch, modules) -> tuple[Tensor, dict[str, float]]:
+        clean = batch["video"]                                   # (B, C, T, H, W)
+        seed = int(torch.randint(2**31 - 1, ()).item())          # from the global RNG
+        degraded = self.degrade(clean, seed)                     # (B, C, T, H / s, W / s)
+        restored = modules["model"](degraded).float()
+        loss = F.l1_loss(restored, clean.float())
+        mse = F.mse_loss(restored.detach().clamp(-1, 1), clean.float())
+        return loss, {"loss": loss.item(), "psnr": (10 * torch.log10(4.0 / mse.clamp_min(1e-10))).item()}
+
+    # --- inference ---------------------------------------------------------------------------
+
+    def degrade(self, clean: Tensor, seed: int) -> Tensor:
+        """clean (B, C, T, H, W) -> degraded (B, C, T, H / scale, W / scale) with this config's settings."""
+        cfg = self.config
+        return degrade(clean, cfg.degradations, seed, noise_sigma=cfg.noise_sigma, blur_sigma=cfg.blur_sigma,
+                       crf=(cfg.crf_min, cfg.crf_max))
+
+    @torch.no_grad()
+    def restore(self, video: Tensor) -> Tensor:
+        """degraded video (B, C, T, H, W) in [-1, 1] -> restored (B, C, T, H * scale, W * scale) in [-1, 1]."""
+        if video.dim() != 5 or video.shape[1] != self.config.channels:
+            raise ValueError(f"restore takes (B, {self.config.channels}, T, H, W), got {tuple(video.shape)}")
+        return self.net(video).clamp(-1, 1)
