@@ -165,3 +165,82 @@ def test_loader_workers_see_disjoint_shards(tmp_path, ray_session):
     a, b = ray.get([consume.remote(splits[0]), consume.remote(splits[1])])
     assert a and b and not set(a) & set(b)
     assert len(a) + len(b) == 24
+
+
+def _lavfi(path, source: str, seconds: float = 2.0, size: str = "96x72", rate: int = 8) -> None:
+    from vidgen import media
+
+    subprocess.run(
+        [media.ffmpeg_binary(), "-v", "error", "-y", "-f", "lavfi", "-i", f"{source}=size={size}:rate={rate}",
+         "-t", str(seconds), "-pix_fmt", "yuv420p", str(path)],
+        check=True, timeout=60,
+    )
+
+
+@pytest.fixture(scope="module")
+def video_folder(tmp_path_factory):
+    """Three real videos from ffmpeg's own sources, one truncated mp4 and one non-video."""
+    d = tmp_path_factory.mktemp("videos")
+    _lavfi(d / "testsrc2.mp4", "testsrc2")
+    _lavfi(d / "life.mkv", "life")
+    _lavfi(d / "mandelbrot.webm", "mandelbrot")
+    whole = (d / "testsrc2.mp4").read_bytes()
+    (d / "truncated.mp4").write_bytes(whole[: len(whole) // 2])
+    (d / "notes.mov").write_text("this is not a video\n")
+    return d
+
+
+def test_ingest_real_videos_records_failed_sources(video_folder, tmp_path, ray_session):
+    from vidgen.data.ingest import ingest
+
+    out = str(tmp_path / "ds")
+    manifest = ingest([str(video_folder)], out, frames=4, size=32, stride=4, progress=False)
+    failed = {os.path.basename(f["source"]): f["reason"] for f in manifest["failed_sources"]}
+    assert set(failed) == {"truncated.mp4", "notes.mov"}
+    assert all("truncated.mp4" in r or "notes.mov" in r for r in failed.values())
+    assert {os.path.basename(s) for s in manifest["sources"]} == {"testsrc2.mp4", "life.mkv", "mandelbrot.webm"}
+    # 2 s at 8 fps = 16 frames per source -> 4 clips of 4 frames each
+    assert manifest["rows"] == 12 and manifest["clip_shape"] == [4, 32, 32, 3]
+    rows = list(open_dataset(out).iter_clips())
+    by_source = {}
+    for r in rows:
+        by_source.setdefault(r["source"], set()).add(r["split"])
+        assert r["frames"].std() > 5  # real picture content, not blank frames
+    assert all(len(splits) == 1 for splits in by_source.values())  # a video never straddles splits
+    assert sorted(r["start_frame"] for r in rows if r["source"].endswith("life.mkv")) == [0, 4, 8, 12]
+
+
+def test_ingest_cli_two_good_one_corrupt_from_s3(video_folder, s3_root):
+    for name in ("testsrc2.mp4", "mandelbrot.webm", "truncated.mp4"):
+        storage.upload_file(video_folder / name, storage.join(s3_root, "raw", name))
+    out = storage.join(s3_root, "ds")
+    proc = run_cli("data", "ingest", storage.join(s3_root, "raw"), "--out", out, "--frames", "8", "--size", "32",
+                   "--fps", "4", check=False)
+    assert proc.returncode == 1, proc.stderr  # a failed source is reported, and the good clips are kept
+    assert "failed" in proc.stdout and "truncated.mp4" in proc.stdout
+    facts = json.loads(run_cli("data", "inspect", out, "--json").stdout)
+    assert facts["clips"] == 2 and facts["shape"] == [8, 32, 32, 3] and facts["fps"] == 4.0
+    assert [os.path.basename(f["source"]) for f in facts["failed_sources"]] == ["truncated.mp4"]
+
+
+def test_ingest_with_no_usable_clip_fails_clearly(video_folder, tmp_path):
+    from vidgen.data.ingest import ingest
+
+    with pytest.raises(DatasetError, match="no usable clip"):
+        ingest([str(video_folder / "notes.mov"), str(video_folder / "truncated.mp4")], str(tmp_path / "x"),
+               frames=4, size=32, parallel=False, progress=False)
+    with pytest.raises(DatasetError, match="no such video"):
+        ingest([str(tmp_path / "missing.mp4")], str(tmp_path / "x"), frames=4, size=32, progress=False)
+    assert not os.path.exists(tmp_path / "x" / fmt.MANIFEST)
+
+
+def test_inspect_preview_writes_a_playable_grid(tmp_path):
+    from vidgen import media
+
+    out = str(tmp_path / "ds")
+    synth.synthesize("digits", 9, 6, 32, out, progress=False)
+    facts = json.loads(run_cli("data", "inspect", out, "--json", "--preview", str(tmp_path / "p.mp4")).stdout)
+    info = media.probe(str(tmp_path / "p.mp4"))
+    assert info.frames == 6 and info.width >= 96 and facts["preview"] == str(tmp_path / "p.mp4")
+    run_cli("data", "inspect", out, "--preview", str(tmp_path / "p.gif"))
+    assert (tmp_path / "p.gif").read_bytes()[:3] == b"GIF"

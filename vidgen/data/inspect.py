@@ -13,6 +13,7 @@ import numpy as np
 
 from vidgen import storage
 from vidgen.data.format import open_dataset
+from vidgen.data.tensors import tile
 
 
 def summarize(uri: str) -> dict:
@@ -69,14 +70,7 @@ def preview_grid(uri: str, clips: int = 16, split: str | None = None) -> np.ndar
         chosen.append(row["frames"][..., :3] if row["frames"].shape[-1] >= 3 else np.repeat(row["frames"], 3, -1))
         if len(chosen) == clips:
             break
-    t, h, w, _ = chosen[0].shape
-    cols = int(np.ceil(np.sqrt(len(chosen))))
-    rows = int(np.ceil(len(chosen) / cols))
-    grid = np.full((t, rows * (h + 2) + 2, cols * (w + 2) + 2, 3), 32, np.uint8)
-    for i, clip in enumerate(chosen):
-        r, c = divmod(i, cols)
-        grid[:, 2 + r * (h + 2) : 2 + r * (h + 2) + h, 2 + c * (w + 2) : 2 + c * (w + 2) + w] = clip
-    return grid
+    return tile(chosen)
 
 
 def write_preview(uri: str, out: str, clips: int = 16, fps: float | None = None) -> str:

@@ -55,13 +55,14 @@ def read_split(uri: str, split: str = "train", columns: list[str] | None = None)
     return data if "split" in (columns or TRAIN_COLUMNS) else data.drop_columns(["split"])
 
 
-def loader_data_config():
-    """Ray Train's DataConfig for clip datasets: ordered execution, so epochs are reproducible."""
+def loader_data_config(split: tuple[str, ...] = ("train",)):
+    """Ray Train's DataConfig: ordered execution (reproducible epochs); only `split` datasets are
+    sharded across workers, the others (validation) reach every worker whole."""
     from ray.data import ExecutionOptions
     from ray.train import DataConfig
 
     options = ExecutionOptions(preserve_order=True)
-    return DataConfig(datasets_to_split="all", execution_options=options)
+    return DataConfig(datasets_to_split=list(split), execution_options=options)
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
