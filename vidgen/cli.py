@@ -99,6 +99,69 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from vidgen.train.config import ConfigError, TrainConfig, load_config
+    from vidgen.train.trainer import format_result, train
+
+    flags = {name: getattr(args, name) for name in TrainConfig.model_fields if name != "model" and hasattr(args, name)}
+    try:
+        cfg = load_config(args.config, flags, args.set or [])
+        result = train(cfg, address=args.address)  # validates data, model and resume before Ray starts
+    except ConfigError as e:
+        raise UserError(str(e)) from None
+    print(format_result(result))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from vidgen.train.export import ExportError, export
+
+    try:
+        manifest = export(args.run, args.model)
+    except ExportError as e:
+        raise UserError(str(e)) from None
+    prov = manifest["provenance"]
+    print(f"exported {manifest['family']}/{manifest['preset']} ({manifest['parameters']:,} parameters) "
+          f"from step {prov['steps']} of {prov['run']} to {args.model}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from vidgen.train.export import evaluate_model
+
+    values = _check(lambda: evaluate_model(args.model, args.data, split=args.split, batches=args.batches))
+    if args.json:
+        print(json.dumps(values, indent=2))
+    else:
+        for k, v in values.items():
+            print(f"{k:>22}  {v}")
+    return 0
+
+
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    """Every TrainConfig field is also a flag (`--zero-stage 3` for zero_stage)."""
+    import typing
+
+    from vidgen.train.config import TrainConfig
+
+    for name, field in TrainConfig.model_fields.items():
+        if name == "model":
+            continue
+        flag = "--" + name.replace("_", "-")
+        help_text = field.description or ""
+        if field.annotation is bool:
+            p.add_argument(flag, dest=name, action="store_true", default=None, help=help_text)
+            continue
+        args = [a for a in typing.get_args(field.annotation) if a is not type(None)]
+        literal = typing.get_args(args[0]) if args and typing.get_origin(args[0]) is typing.Literal else ()
+        if typing.get_origin(field.annotation) is typing.Literal:
+            literal = typing.get_args(field.annotation)
+        kind = type(literal[0]) if literal else (args[0] if args and args[0] in (int, float, str) else field.annotation)
+        if kind not in (int, float, str):
+            kind = str
+        p.add_argument(flag, dest=name, type=kind, default=None, choices=literal or None, help=help_text)
+
+
 def _check(fn):
     """Run fn; a ValueError about the user's input becomes a UserError (one line, exit 2)."""
     try:
@@ -154,6 +217,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preview", metavar="FILE", help="write a grid of clips as .mp4, .webm or .gif (path or URI)")
     p.add_argument("--preview-clips", type=int, default=16)
     p.set_defaults(func=cmd_data_inspect)
+
+    p = sub.add_parser("train", help="train a model family with Ray Train + DeepSpeed (resumes an existing run)")
+    p.add_argument("config", nargs="?", help="a YAML training config (every key is also a flag)")
+    _add_config_flags(p)
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any config key, e.g. model.g_width=64")
+    p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else a new local Ray)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("export", help="consolidate a run's newest checkpoint into MODEL/model.safetensors")
+    p.add_argument("run", help="run URI")
+    p.add_argument("model", help="model URI to write")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("eval", help="validation metrics of an exported model on a dataset split")
+    p.add_argument("model", help="model URI")
+    p.add_argument("data", help="dataset URI")
+    p.add_argument("--split", default="val")
+    p.add_argument("--batches", type=int, default=8, help="batches of 4 clips to evaluate")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_eval)
     return parser
 
 

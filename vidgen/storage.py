@@ -25,6 +25,7 @@ import io
 import json
 import os
 import posixpath
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
@@ -166,14 +167,29 @@ class S3Settings:
             raise StorageError(f"VIDGEN_S3_SSE={sse!r}: expected AES256 or aws:kms")
         return cls(endpoint, region, sse, os.environ.get("VIDGEN_S3_SSE_KMS_KEY_ID") or None)
 
-    def put_args(self, content_type: str) -> dict[str, str]:
-        """Extra arguments for every upload: content type and server-side encryption."""
-        args = {"ContentType": content_type}
+    def put_args(self, content_type: str, metadata: Mapping[str, str] | None = None) -> dict[str, Any]:
+        """Extra arguments for every upload: content type, user metadata, server-side encryption."""
+        args: dict[str, Any] = {"ContentType": content_type}
+        if metadata:
+            args["Metadata"] = _check_metadata(metadata)
         if self.sse:
             args["ServerSideEncryption"] = self.sse
             if self.sse == "aws:kms" and self.sse_kms_key_id:
                 args["SSEKMSKeyId"] = self.sse_kms_key_id
         return args
+
+
+def _check_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
+    """S3 user metadata (`x-amz-meta-*`): lower-case ASCII keys and printable ASCII values."""
+    out = {}
+    for key, value in metadata.items():
+        if not re.fullmatch(r"[a-z0-9][a-z0-9-]*", str(key)):
+            raise StorageError(f"metadata key {key!r}: expected lower-case letters, digits and '-'")
+        value = str(value)
+        if not all(32 <= ord(c) < 127 for c in value):
+            raise StorageError(f"metadata {key}={value!r}: expected printable ASCII")
+        out[str(key)] = value
+    return out
 
 
 def _redact(url: str | None) -> str:
@@ -311,16 +327,19 @@ def read_json(uri: str) -> Any:
         raise StorageError(f"{uri}: not valid JSON ({e})") from None
 
 
-def write_bytes(uri: str, data: bytes, content_type: str | None = None) -> None:
-    """Write one object. Local writes go through a temp file + rename: never half-written."""
+def write_bytes(uri: str, data: bytes, content_type: str | None = None, metadata: Mapping[str, str] | None = None) -> None:
+    """Write one object. Local writes go through a temp file + rename: never half-written.
+
+    metadata: S3 user metadata (`x-amz-meta-*`, read back by `stat`); local files keep none.
+    """
     if len(data) >= MULTIPART_THRESHOLD:
-        with open_write(uri, content_type) as f:
+        with open_write(uri, content_type, metadata) as f:
             f.write(data)
         return
     with _translated(uri):
         if is_s3(uri):
             bucket, key = split_s3(uri)
-            args = S3Settings.from_env().put_args(content_type or content_type_for(uri))
+            args = S3Settings.from_env().put_args(content_type or content_type_for(uri), metadata)
             s3_client().put_object(Bucket=bucket, Key=key, Body=data, **args)
         else:
             _atomic_local_write(local_path(uri), data)
@@ -353,11 +372,13 @@ def _silent_unlink(path: str) -> None:
         pass
 
 
-def upload_file(path: str | os.PathLike, uri: str, content_type: str | None = None) -> None:
+def upload_file(
+    path: str | os.PathLike, uri: str, content_type: str | None = None, metadata: Mapping[str, str] | None = None
+) -> None:
     """Copy a local file to a URI, streaming (multipart for large files on S3)."""
     with _translated(os.fspath(path)):
         src = open(path, "rb")  # noqa: SIM115 - closed by the with below
-    with src, open_write(uri, content_type) as dst:
+    with src, open_write(uri, content_type, metadata) as dst:
         shutil.copyfileobj(src, dst, PART_SIZE)
 
 
@@ -395,7 +416,7 @@ class _ReadStream(io.RawIOBase):
         super().close()
 
 
-def open_write(uri: str, content_type: str | None = None) -> IO[bytes]:
+def open_write(uri: str, content_type: str | None = None, metadata: Mapping[str, str] | None = None) -> IO[bytes]:
     """A binary writer for one object; the object appears only when the writer closes cleanly.
 
     On S3, data goes up as a multipart upload once it passes MULTIPART_THRESHOLD (bounded memory
@@ -404,7 +425,7 @@ def open_write(uri: str, content_type: str | None = None) -> IO[bytes]:
     """
     normalize(uri)
     if is_s3(uri):
-        return _S3Writer(uri, content_type or content_type_for(uri))
+        return _S3Writer(uri, content_type or content_type_for(uri), metadata)
     return _LocalWriter(local_path(uri))
 
 
@@ -440,10 +461,10 @@ class _LocalWriter(io.RawIOBase):
 
 
 class _S3Writer(io.RawIOBase):
-    def __init__(self, uri: str, content_type: str):
+    def __init__(self, uri: str, content_type: str, metadata: Mapping[str, str] | None = None):
         self.uri = uri
         self.bucket, self.key = split_s3(uri)
-        self.args = S3Settings.from_env().put_args(content_type)
+        self.args = S3Settings.from_env().put_args(content_type, metadata)
         self.buffer = bytearray()
         self.upload_id: str | None = None
         self.parts: list[dict] = []
@@ -540,7 +561,8 @@ def list_prefix(uri: str, recursive: bool = True) -> list[str]:
             paginator = s3_client().get_paginator("list_objects_v2")
             kwargs = {} if recursive else {"Delimiter": "/"}
             for page in paginator.paginate(Bucket=bucket, Prefix=prefix, **kwargs):
-                out += [f"s3://{bucket}/{o['Key']}" for o in page.get("Contents", [])]
+                # Keys ending in "/" are folder placeholders (pyarrow and Ray write them), not objects.
+                out += [f"s3://{bucket}/{o['Key']}" for o in page.get("Contents", []) if not o["Key"].endswith("/")]
         return sorted(out)
     root = local_path(uri)
     if not os.path.isdir(root):
@@ -548,6 +570,41 @@ def list_prefix(uri: str, recursive: bool = True) -> list[str]:
     if not recursive:
         return sorted(os.path.join(root, n) for n in os.listdir(root) if os.path.isfile(os.path.join(root, n)))
     return sorted(os.path.join(d, n) for d, _, names in os.walk(root) for n in names)
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """What `stat` knows of one object. Local files: etag None, metadata empty."""
+
+    uri: str
+    bytes: int
+    etag: str | None
+    last_modified: float  # seconds since the epoch
+    metadata: dict[str, str]
+
+
+def stat(uri: str) -> ObjectInfo | None:
+    """Size, ETag, modification time and user metadata of one object; None when it is absent."""
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        try:
+            head = s3_client().head_object(Bucket=bucket, Key=key)
+        except Exception as e:  # noqa: BLE001 - translated below
+            err = _translate(uri, e)
+            if isinstance(err, NotFoundError) and "no such bucket" not in str(err):
+                return None
+            raise err from e
+        return ObjectInfo(uri, int(head["ContentLength"]), head.get("ETag"), head["LastModified"].timestamp(),
+                          dict(head.get("Metadata") or {}))
+    path = local_path(uri)
+    with _translated(uri):
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return None
+    if not os.path.isfile(path):
+        return None
+    return ObjectInfo(path, st.st_size, None, st.st_mtime, {})
 
 
 def size(uri: str) -> int:

@@ -1,0 +1,136 @@
+"""Export a run's newest committed checkpoint as a model, and evaluate exported models.
+
+    vidgen export runs/gan models/gan
+    vidgen export s3://b/runs/g s3://b/models/g
+    vidgen eval s3://b/models/restore s3://b/shapes --split val
+
+`export` consolidates any ZeRO stage (stage-3 partitions too) into MODEL/model.safetensors +
+MODEL/model.json (config, label names, data, steps, final metrics), loadable by
+`vidgen.models.load`. Only checkpoints Ray Train committed count: the newest one it recorded in
+the run's checkpoint-manager snapshot.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from vidgen import models, storage
+from vidgen.train import checkpoint
+
+
+class ExportError(ValueError):
+    """The run has nothing to export, or its checkpoint does not fit its config."""
+
+
+def newest_checkpoint(run: str) -> str:
+    """The URI of RUN's newest committed checkpoint (per Ray Train's own records)."""
+    from ray.train import Result
+
+    fs, path = storage.pyarrow_filesystem(run)
+    try:
+        result = Result.from_path(path, storage_filesystem=fs)
+    except RuntimeError as e:
+        raise ExportError(f"{run}: not a training run with checkpoints ({e})") from None
+    if result.checkpoint is None:
+        raise ExportError(f"{run}: the run has no committed checkpoint yet")
+    name = os.path.basename(result.checkpoint.path.rstrip("/"))
+    return storage.join(run, name)
+
+
+def _download(uri: str, local: str) -> None:
+    prefix = uri.rstrip("/")
+    for obj in storage.list_prefix(uri):
+        rel = obj[len(prefix) + 1 :].replace("\\", "/")
+        storage.download_file(obj, os.path.join(local, *rel.split("/")))
+
+
+def export(run: str, out: str) -> dict:
+    """Consolidate RUN's newest checkpoint into the model at OUT; returns model.json's content."""
+    import tempfile
+
+    run, out = storage.normalize(run), storage.normalize(out)
+    ckpt = newest_checkpoint(run)
+    with tempfile.TemporaryDirectory(prefix="vidgen-export-") as d:
+        if storage.is_s3(ckpt):
+            _download(ckpt, d)
+            local = d
+        else:
+            local = ckpt
+        with open(os.path.join(local, checkpoint.STATE)) as f:
+            state = json.load(f)
+        cfg = state["config"]
+        model = build_from_state(state)
+        full = checkpoint.consolidated_state_dict(local, model, state["zero_stage"])
+    model.load_state_dict(full)
+    from vidgen.train.trainer import read_metrics
+
+    rows = read_metrics(run)
+    final = {k: v for r in rows if r["step"] <= state["step"] for k, v in r.items()}
+    provenance = {
+        "run": run,
+        "checkpoint": ckpt,
+        "data": cfg["data"],
+        "steps": state["step"],
+        "zero_stage": state["zero_stage"],
+        "world_size": state["world_size"],
+        "seed": cfg["seed"],
+    }
+    return models.save(model, out, provenance=provenance, metrics=final)
+
+
+def build_from_state(state: dict):
+    """The family module a checkpoint was trained with (config from its vidgen_state.json)."""
+    from vidgen.train.config import TrainConfig
+    from vidgen.train.trainer import prepare
+
+    cfg = TrainConfig(**state["config"])
+    payload = state.get("payload") or prepare(cfg)
+    return models.build(cfg.family, cfg.preset, label_names=payload["label_names"], **payload["model_overrides"])
+
+
+@torch.no_grad()
+def probe_output(model, family: str) -> torch.Tensor:
+    """The model's output on a fixed input: compares a live model with its export."""
+    cfg = model.config
+    g = torch.Generator().manual_seed(0)
+    size, frames = getattr(cfg, "frame_size", 32), max(getattr(cfg, "num_frames", 8), 6)
+    x = torch.rand(1, cfg.channels, frames, size, size, generator=g) * 2 - 1
+    x = x.to(next(model.parameters()).device)
+    if family in ("gan", "vae"):
+        return model.sample(2, num_frames=4, seed=0).cpu()
+    if family == "convlstm":
+        return model.predict(x[:, :, : cfg.context_frames], 2).cpu()
+    if family == "restore":
+        return model.restore(x).cpu()
+    if family == "style":
+        return model.stylize(x).cpu()
+    raise ValueError(f"unknown family {family!r}")
+
+
+def evaluate_model(model_uri: str, data: str, split: str = "val", batches: int = 8, batch_size: int = 4) -> dict:
+    """Validation metrics of an exported model on a dataset split (read in-process, no Ray)."""
+    import itertools
+
+    import numpy as np
+
+    from vidgen.data.format import open_dataset
+    from vidgen.data.tensors import frames_to_video
+    from vidgen.train.evaluate import evaluate
+
+    model = models.load(model_uri)
+    family = models.family_of(model)
+    ds = open_dataset(data)
+    if not ds.manifest["splits"].get(split):
+        raise ExportError(f"{data}: split {split!r} has no clips (splits: {ds.manifest['splits']})")
+    clips = (row["frames"] for row in ds.iter_clips(split))
+
+    def batched():
+        while chunk := list(itertools.islice(clips, batch_size)):
+            yield {"video": frames_to_video(np.stack(chunk))}
+
+    life = ds.manifest.get("life")
+    values = evaluate(model, family, itertools.islice(batched(), batches), life_cell=life["cell"] if life else None)
+    return {"model": model_uri, "family": family, "data": data, "split": split, **values}

@@ -1,0 +1,407 @@
+"""The per-worker training function: plain PyTorch with marked Ray and DeepSpeed touchpoints.
+
+Ray Train runs `train_loop_per_worker(config)` on every worker (rank). The loop is the family's
+training contract (vidgen/models/__init__.py) driven through one DeepSpeed engine per trainable
+part; set-up lives in the named functions below it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import tempfile
+import time
+
+import torch
+
+from vidgen import models, storage
+from vidgen.data.loader import iter_epoch
+from vidgen.train import checkpoint
+from vidgen.train.config import TrainConfig
+
+
+def train_loop_per_worker(payload: dict) -> None:
+    import ray.train
+
+    cfg = TrainConfig(**payload["config"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(cfg.threads_per_worker)
+    device = torch.device(f"cuda:{ctx.get_local_rank()}" if cfg.gpu else "cpu")
+
+    # [1] prepare data: this worker's disjoint shard of the training split
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val") if payload["has_val"] else None
+
+    # [2] prepare model: the family module, one DeepSpeed engine per trainable part
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    model = build_model(cfg, payload)
+    model.to(device)
+    engines = build_engines(cfg, model)
+    torch.manual_seed(cfg.seed * 1000 + 1 + rank)  # distinct noise per rank
+
+    # [3] resume: newest committed checkpoint (after a restart, a failure, or a second `vidgen train`)
+    state = {"step": 0, "epoch": 0, "position": 0}
+    resumed = ray.train.get_checkpoint()
+    if resumed:
+        with resumed.as_directory() as d:
+            state = checkpoint.restore(d, engines, model, rank)
+    log = MetricsLog(cfg.run, rank, resume_step=state["step"])
+
+    step, epoch, position = state["step"], state["epoch"], state["position"]
+    if step >= cfg.max_steps:
+        log.say(f"run already at step {step} >= max_steps {cfg.max_steps}: nothing to train")
+    clips_per_step = cfg.micro_batch * cfg.grad_accum * world
+    t0, scalars_acc = time.perf_counter(), {}
+    while step < cfg.max_steps:
+        seen = 0
+        for batch in iter_epoch(train_shard, cfg.micro_batch, cfg.seed, epoch, skip_batches=position):
+            seen += 1
+            batch = {k: v.to(device) for k, v in batch.items()}
+            for name, value in train_micro_batch(cfg, model, engines, batch).items():
+                scalars_acc[name] = scalars_acc.get(name, 0.0) + value / cfg.grad_accum
+            position += 1
+            if position % cfg.grad_accum:
+                continue
+            step += 1
+            step_time = time.perf_counter() - t0
+            _test_kill_hook(step, rank, world)
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                log.step(step, epoch, scalars_acc, step_time, clips_per_step / step_time, lr_of(engines))
+            scalars_acc = {}
+            at_checkpoint = step % cfg.checkpoint_every == 0 or step == cfg.max_steps
+            if at_checkpoint or (cfg.sample_every and step % cfg.sample_every == 0):
+                log.extra(step, sample_and_evaluate(cfg, model, engines, val_shard, step, rank, payload))
+            if at_checkpoint:
+                position_state = {"step": step, "epoch": epoch, "position": position}
+                save_and_report(cfg, engines, model, position_state, rank, world, log, payload)
+            t0 = time.perf_counter()
+            if step >= cfg.max_steps:
+                break
+        else:  # the epoch ran out: the next one starts from its first batch
+            if seen == 0 and position == 0:
+                raise RuntimeError(
+                    f"split {cfg.split!r} of {cfg.data} gives worker {rank} no batch of {cfg.micro_batch} clips: "
+                    f"use a smaller --micro-batch or fewer --workers"
+                )
+            epoch, position = epoch + 1, 0
+    _test_probe_hook(cfg, model, engines, rank)
+    log.close()
+
+
+# --------------------------------------------------------------------------------------------
+# One micro-batch: the family's steps in order, through the DeepSpeed engines
+
+
+# Parts whose `after_step` hook reads their weights (the GAN's EMA update): under ZeRO-3 their
+# parameters are gathered for it. Other families' hooks are no-ops and gather nothing.
+AFTER_STEP_PARTS = {"gan": {"generator"}}
+
+
+def train_micro_batch(cfg: TrainConfig, model, engines: dict, batch: dict) -> dict[str, float]:
+    """Run every TrainStep once. The part being stepped is called through its engine; the others
+    are called as plain modules with their parameters frozen (the GAN step shape ZeRO-2/3 accept).
+    """
+    scalars: dict[str, float] = {}
+    for train_step in model.train_steps():
+        stepped = engines[train_step.part]
+        others = {p: e.module for p, e in engines.items() if p != train_step.part}
+        for m in others.values():
+            m.requires_grad_(False)
+        loss, values = train_step.loss(batch, {train_step.part: stepped, **others})
+        boundary = stepped.is_gradient_accumulation_boundary()  # this step() applies the optimizer
+        stepped.backward(loss)
+        stepped.step()
+        for m in others.values():
+            m.requires_grad_(True)
+        if boundary and train_step.part in AFTER_STEP_PARTS.get(cfg.family, ()):
+            with gathered(engines, [train_step.part]):
+                model.after_step(train_step.part)
+        elif boundary:
+            model.after_step(train_step.part)
+        scalars.update(values)
+    return scalars
+
+
+@contextlib.contextmanager
+def gathered(engines: dict, parts: list[str] | None = None):
+    """Whole parameters of the given parts while inside (ZeRO-3 gathers them; others: no-op).
+
+    A collective under ZeRO-3: every rank must enter it.
+    """
+    params = [p for name, e in engines.items() if parts is None or name in parts for p in e.module.parameters()]
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            yield
+    else:
+        yield
+
+
+def lr_of(engines: dict) -> float:
+    engine = next(iter(engines.values()))
+    return float(engine.optimizer.param_groups[0]["lr"]) if engine.optimizer else 0.0
+
+
+# --------------------------------------------------------------------------------------------
+# Set-up
+
+
+def build_model(cfg: TrainConfig, payload: dict):
+    model = models.build(cfg.family, cfg.preset, label_names=payload["label_names"], **payload["model_overrides"])
+    if cfg.family == "style":
+        model.set_style_image(load_style_image(cfg.style_image))
+    return model
+
+
+def load_style_image(uri: str) -> torch.Tensor:
+    """A PNG/JPEG at `uri` -> (3, H, W) float in [-1, 1]."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    try:
+        image = Image.open(io.BytesIO(storage.read_bytes(uri))).convert("RGB")
+    except OSError as e:
+        raise ValueError(f"style_image {uri}: not an image ({e})") from None
+    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float() / 127.5 - 1
+
+
+def deepspeed_config(cfg: TrainConfig) -> dict:
+    config = {
+        "train_micro_batch_size_per_gpu": cfg.micro_batch,
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "gradient_clipping": 1.0,
+        "zero_optimization": {"stage": cfg.zero_stage},
+        # A torch AdamW is passed in: DeepSpeed's FusedAdam would JIT-compile on CPU (NOTES-stack).
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if cfg.zero_stage == 3:
+        config["zero_optimization"]["stage3_param_persistence_threshold"] = cfg.stage3_param_persistence_threshold
+    if cfg.precision == "bf16":
+        config["bf16"] = {"enabled": True}
+    elif cfg.precision == "fp16":
+        config["fp16"] = {"enabled": True, "initial_scale_power": 12}
+    return config
+
+
+def lr_lambda(cfg: TrainConfig):
+    import math
+
+    def factor(step: int) -> float:
+        if cfg.warmup_steps and step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        done = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+        if cfg.lr_schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(done, 1.0)))
+        if cfg.lr_schedule == "linear":
+            return max(0.0, 1.0 - done)
+        return 1.0
+
+    return factor
+
+
+def build_engines(cfg: TrainConfig, model) -> dict:
+    """One DeepSpeed engine per trainable part, each with a torch AdamW and an LR schedule."""
+    skip_deepspeed_jit_ops()
+    import deepspeed
+
+    engines = {}
+    for part, module in model.parts().items():
+        settings = dict(model.optimizer_settings(part))
+        if cfg.lr is not None:
+            settings["lr"] = cfg.lr
+        optimizer = torch.optim.AdamW(module.parameters(), **settings)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+        engine, _, _, _ = deepspeed.initialize(
+            model=module, optimizer=optimizer, lr_scheduler=schedule, config=deepspeed_config(cfg)
+        )
+        engines[part] = engine
+    return engines
+
+
+def skip_deepspeed_jit_ops() -> None:
+    """Keep `deepspeed.initialize` from JIT-compiling its shared-memory all-reduce op on CPU.
+
+    That op (deepspeed_shm_comm) only speeds up inference all-reduce on CPU, and building it costs
+    35-50 s per machine. DeepSpeed keeps its compatible-ops table in one module dict on purpose so
+    that edits persist (see deepspeed/ops/__init__.py); marking the op incompatible makes
+    `build_shm_op` return None and comm falls back to torch.distributed (gloo), as on any platform
+    without the op.
+    """
+    if torch.cuda.is_available():
+        return
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints, samples, metrics
+
+
+def save_and_report(cfg: TrainConfig, engines: dict, model, state: dict, rank: int, world: int, log, payload: dict) -> None:
+    """All ranks save their DeepSpeed files; Ray merges them into RUN/checkpoint-step-NNNNNN."""
+    import ray.train
+
+    state = {
+        **state,
+        "world_size": world,
+        "zero_stage": cfg.zero_stage,
+        "family": cfg.family,
+        "config": cfg.model_dump(),
+        "payload": {k: payload[k] for k in ("model_overrides", "label_names")},
+    }
+    log.flush()  # metrics up to this step land before the checkpoint that vouches for them
+    with tempfile.TemporaryDirectory(prefix="vidgen-ckpt-") as d:
+        checkpoint.save(d, engines, model, state, rank)
+        metrics = {"step": state["step"], **log.last}
+        ray.train.report(
+            metrics,
+            checkpoint=ray.train.Checkpoint.from_directory(d),
+            checkpoint_dir_name=f"checkpoint-step-{state['step']:06d}",
+        )
+    log.say(f"checkpoint at step {state['step']}")
+
+
+def sample_and_evaluate(cfg: TrainConfig, model, engines: dict, val_shard, step: int, rank: int, payload: dict) -> dict:
+    """Rank 0 writes RUN/samples/step-NNNNNN.mp4 and computes validation metrics.
+
+    Every rank enters `gathered` (a collective under ZeRO-3); only rank 0 computes.
+    """
+    from vidgen.train.evaluate import evaluate, sample_grid
+
+    val_batches = []
+    if val_shard is not None and rank == 0 and cfg.eval_batches:
+        import itertools
+
+        val_batches = list(itertools.islice(iter_epoch(val_shard, cfg.micro_batch, 0, 0, shuffle=False, drop_last=False), cfg.eval_batches))
+    out: dict = {}
+    with gathered(engines):
+        if rank == 0:
+            model.eval()
+            try:
+                video = val_batches[0]["video"] if val_batches else None
+                if video is not None or cfg.family == "gan":
+                    grid = sample_grid(model, cfg.family, video, seed=cfg.seed)
+                    write_sample(cfg.run, step, grid, payload["fps"])
+                if val_batches:
+                    out = evaluate(model, cfg.family, val_batches, life_cell=payload.get("life_cell"))
+            finally:
+                model.train()
+    return out
+
+
+def write_sample(run: str, step: int, grid, fps: float) -> None:
+    from vidgen import media
+
+    scale = max(1, 512 // max(grid.shape[1:3]))  # small frames are upscaled so a person can see them
+    big = grid.repeat(scale, 1).repeat(scale, 2)
+    data = media.encode(big, fps=fps, crf=20, preset="veryfast", metadata={"title": f"vidgen sample step {step}"})
+    storage.write_bytes(storage.join(run, "samples", f"step-{step:06d}.mp4"), data)
+
+
+class MetricsLog:
+    """RUN/metrics.jsonl, each step once: rank 0 keeps the lines and rewrites the file on flush.
+
+    On resume, lines after the checkpoint's step (written before a crash) are dropped, so the
+    steps that are trained again appear once.
+    """
+
+    def __init__(self, run: str, rank: int, resume_step: int):
+        self.uri = storage.join(run, "metrics.jsonl")
+        self.rank = rank
+        self.lines: list[dict] = []
+        self.last: dict = {}
+        self.dirty = 0
+        if rank == 0 and storage.exists(self.uri):
+            for line in storage.read_text(self.uri).splitlines():
+                if line.strip():
+                    row = json.loads(line)
+                    if row.get("step", 0) <= resume_step:
+                        self.lines.append(row)
+
+    def step(self, step: int, epoch: int, scalars: dict, step_time: float, clips_per_s: float, lr: float) -> None:
+        if self.rank != 0:
+            return
+        row = {"step": step, "epoch": epoch, **{k: round(v, 6) for k, v in scalars.items()}}
+        row.update(step_time_s=round(step_time, 4), clips_per_s=round(clips_per_s, 2), lr=lr, rss_peak_mb=_rss_peak_mb())
+        if torch.cuda.is_available():
+            row["gpu_max_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        self.lines.append(row)
+        self.last = {k: v for k, v in row.items() if isinstance(v, int | float)}
+        losses = " ".join(f"{k}={v:.4f}" for k, v in scalars.items())
+        print(f"[vidgen train] step {step} {losses} {clips_per_s:.1f} clips/s {step_time:.2f} s/step", flush=True)
+        self.dirty += 1
+        if self.dirty >= 10:
+            self.flush()
+
+    def extra(self, step: int, values: dict) -> None:
+        """Merge values (validation metrics) into the line of `step`."""
+        if self.rank != 0 or not values:
+            return
+        for row in reversed(self.lines):
+            if row["step"] == step:
+                row.update(values)
+                break
+        else:
+            self.lines.append({"step": step, **values})
+        self.last.update(values)
+        print(f"[vidgen train] step {step} " + " ".join(f"{k}={v}" for k, v in values.items()), flush=True)
+        self.dirty += 1
+
+    def say(self, text: str) -> None:
+        if self.rank == 0:
+            print(f"[vidgen train] {text}", flush=True)
+
+    def flush(self) -> None:
+        if self.rank == 0 and self.lines:
+            body = "".join(json.dumps(r) + "\n" for r in sorted(self.lines, key=lambda r: r["step"]))
+            storage.write_text(self.uri, body, "application/x-ndjson")
+            self.dirty = 0
+
+    def close(self) -> None:
+        self.flush()
+
+
+def _rss_peak_mb() -> float:
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+# --------------------------------------------------------------------------------------------
+# Test hooks (environment variables; inert unless set)
+
+
+def _test_kill_hook(step: int, rank: int, world: int) -> None:
+    """VIDGEN_TEST_KILL_AT_STEP=k: rank 1 (or 0 alone) SIGKILLs itself at step k, once per sentinel."""
+    at = os.environ.get("VIDGEN_TEST_KILL_AT_STEP")
+    sentinel = os.environ.get("VIDGEN_TEST_KILL_SENTINEL")
+    if not at or not sentinel or step != int(at) or os.path.exists(sentinel):
+        return
+    if rank == min(1, world - 1):
+        with open(sentinel, "w") as f:
+            f.write(f"killed rank {rank} at step {step}\n")
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _test_probe_hook(cfg: TrainConfig, model, engines: dict, rank: int) -> None:
+    """VIDGEN_TEST_PROBE=path: rank 0 saves the live model's output on a fixed input (whole params)."""
+    path = os.environ.get("VIDGEN_TEST_PROBE")
+    if not path:
+        return
+    from safetensors.torch import save_file
+
+    from vidgen.train.export import probe_output
+
+    with gathered(engines):
+        if rank == 0:
+            model.eval()
+            save_file({"output": probe_output(model, cfg.family).contiguous()}, path)
