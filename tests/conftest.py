@@ -97,3 +97,4 @@ def ray_session(s3_server):
     init_ray(num_cpus=2, object_store_memory=1024**3)
     yield
     ray.shutdown()
+

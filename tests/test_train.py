@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import os
 import subprocess
 import sys
@@ -153,3 +154,10 @@ def test_config_file_flags_and_set_layer(datasets, tmp_path):
     path.write_text("family: gan\nbogus: 1\n")
     with pytest.raises(ConfigError, match="bogus"):
         load_config(str(path), {}, [])
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parent.parent / "jobs" / "train").glob("*.yaml")), ids=lambda p: p.name)
+def test_example_train_configs_validate(path):
+    sets = ["style_image=style.png"] if "style" in path.name else []
+    cfg = load_config(str(path), {}, sets)
+    assert cfg.max_steps >= cfg.checkpoint_every

@@ -10,6 +10,20 @@ from __future__ import annotations
 import os
 
 
+def _loopback_only() -> None:
+    """Make a local Ray use 127.0.0.1 as its node address, for itself and its worker processes.
+
+    Ray turns `_node_ip_address="127.0.0.1"` into the machine's outward address unless it runs as
+    a single-node Ray (its `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0` mode). A local vidgen Ray is one
+    node, and its traffic should never leave loopback. The variable is read when ray is imported,
+    so the already-imported constant is set too.
+    """
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    import ray._private.ray_constants as ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None, object_store_memory: int | None = None) -> None:
     """Connect to the Ray at `address`/`RAY_ADDRESS`, or start a local one; no-op if connected."""
     import ray
@@ -22,6 +36,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, object_sto
     if address and address != "local":
         ray.init(address=address, log_to_driver=True)
         return
+    _loopback_only()
     ray.init(
         "local",
         num_cpus=num_cpus,

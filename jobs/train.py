@@ -1,0 +1,14 @@
+"""Entry point for `ray job submit`: train from a YAML config on the cluster the job runs in.
+
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
+        python jobs/train.py jobs/train/gan-gpu.yaml --set max_steps=1000
+
+Thin on purpose: the arguments are those of `vidgen train` (a config file, flags, --set).
+"""
+
+import sys
+
+from vidgen.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["train", *sys.argv[1:]]))
