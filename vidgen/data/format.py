@@ -27,6 +27,7 @@ MANIFEST = "_vidgen_dataset.json"
 FORMAT_VERSION = 1
 FRAME_ENCODING = "raw-uint8-THWC"
 DEFAULT_SHARD_BYTES = 64 * 1024 * 1024  # of raw frame bytes per shard, before compression
+ROW_GROUP_BYTES = 16 * 1024 * 1024
 
 CLIP_SCHEMA = pa.schema(
     [
@@ -155,8 +156,16 @@ def clips_to_table(clips: list[Clip]) -> pa.Table:
 def write_shard(uri: str, clips: list[Clip]) -> int:
     """Write one Parquet shard (zstd); returns its size in bytes."""
     buf = io.BytesIO()
-    # Frames are already dense pixels: dictionary encoding only costs time on them.
-    pq.write_table(clips_to_table(clips), buf, compression="zstd", compression_level=3, use_dictionary=["source", "split", "caption"], row_group_size=max(1, len(clips)))
+    # Row groups of ~16 MB of frames let readers stream a shard instead of inflating it whole.
+    rows_per_group = max(1, ROW_GROUP_BYTES // max(1, clips[0].frames.nbytes))
+    pq.write_table(
+        clips_to_table(clips),
+        buf,
+        compression="zstd",
+        compression_level=3,
+        use_dictionary=["source", "split", "caption"],  # frames are dense pixels: no dictionary
+        row_group_size=rows_per_group,
+    )
     data = buf.getvalue()
     storage.write_bytes(uri, data, "application/vnd.apache.parquet")
     return len(data)

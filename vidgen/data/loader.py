@@ -30,6 +30,7 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 
 from vidgen import storage
 from vidgen.data.format import DatasetError, open_dataset
+from vidgen.data.tensors import frames_to_video
 
 TRAIN_COLUMNS = ["frames", "num_frames", "height", "width", "channels", "label"]
 SHUFFLE_BUFFER = 256  # rows kept for the local shuffle: bounds memory at ~256 clips per worker
@@ -50,7 +51,17 @@ def read_split(uri: str, split: str = "train", columns: list[str] | None = None)
     fs, _ = storage.pyarrow_filesystem(ds.root)
     paths = [storage.pyarrow_filesystem(u)[1] for u in ds.shard_uris]
     wanted = list(dict.fromkeys([*(columns or TRAIN_COLUMNS), "split"]))
-    data = ray.data.read_parquet(paths, filesystem=fs, override_num_blocks=len(paths)).select_columns(wanted)
+    # Ray 2.60's default Parquet reader (DataSourceV2) starts 32 footer-reading actors, i.e. 32
+    # new worker processes, on every execution (every epoch): 2-10 s per epoch on 2 cores, and it
+    # packs all shards into one read task. The V1 reader reads the footers once, here, and then
+    # one read task per shard (bench/loader.py measures the difference).
+    context = ray.data.DataContext.get_current()
+    use_v2, context.use_datasource_v2 = context.use_datasource_v2, False
+    try:
+        data = ray.data.read_parquet(paths, filesystem=fs, override_num_blocks=len(paths))
+    finally:
+        context.use_datasource_v2 = use_v2
+    data = data.select_columns(wanted)
     data = data.filter(expr=col("split") == split)
     return data if "split" in (columns or TRAIN_COLUMNS) else data.drop_columns(["split"])
 
@@ -81,11 +92,10 @@ def collate_clips(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         if len(data) != need:
             raise DatasetError(f"frame bytes ({len(data)}) disagree with shape {list(shape)} ({need} bytes)")
         arrays.append(np.frombuffer(data, np.uint8))
-    frames = torch.from_numpy(np.stack(arrays).reshape(-1, *shape))  # (B, T, H, W, C) uint8
-    video = frames.permute(0, 4, 1, 2, 3).float().div_(127.5).sub_(1.0)  # (B, C, T, H, W)
+    video = frames_to_video(np.stack(arrays).reshape(-1, *shape))  # (B, C, T, H, W)
     label = batch.get("label")
     labels = [-1] * len(arrays) if label is None else [_label_or_none(v) for v in label]
-    return {"video": video.contiguous(), "label": torch.as_tensor(labels, dtype=torch.int64)}
+    return {"video": video, "label": torch.as_tensor(labels, dtype=torch.int64)}
 
 
 class ClipCollate(NumpyBatchCollateFn):

@@ -15,7 +15,9 @@ def frames_to_video(frames: np.ndarray) -> torch.Tensor:
     x = torch.from_numpy(np.ascontiguousarray(frames))
     if x.ndim == 4:
         x = x.unsqueeze(0)
-    return x.permute(0, 4, 1, 2, 3).float().div(127.5).sub(1.0).contiguous()
+    # Transpose the uint8 frames, then convert: `.float()` of the permuted view would keep its
+    # strides and need a second, 4x larger copy in float to become contiguous.
+    return x.permute(0, 4, 1, 2, 3).contiguous().float().div_(127.5).sub_(1.0)
 
 
 def video_to_frames(video: torch.Tensor) -> np.ndarray:
