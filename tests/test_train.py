@@ -161,3 +161,11 @@ def test_example_train_configs_validate(path):
     sets = ["style_image=style.png"] if "style" in path.name else []
     cfg = load_config(str(path), {}, sets)
     assert cfg.max_steps >= cfg.checkpoint_every
+
+
+def test_time_budget_stops_every_rank_with_a_checkpoint(datasets, tmp_path, ray_session):
+    run = str(tmp_path / "run")
+    result = train(config(datasets, run, workers=2, zero_stage=2, max_steps=10_000, checkpoint_every=10_000,
+                          max_minutes=0.05, val_split=""))
+    assert 1 <= result.steps < 10_000
+    assert storage.exists(os.path.join(run, f"checkpoint-step-{result.steps:06d}", "vidgen_state.json"))

@@ -44,6 +44,7 @@ class TrainConfig(BaseModel):
     lr_schedule: Literal["constant", "cosine", "linear"] = Field("constant", description="decay after warmup")
     warmup_steps: int = Field(0, ge=0)
     max_steps: int = Field(100, ge=1, description="optimizer steps to train in total")
+    max_minutes: float | None = Field(None, gt=0, description="stop (with a checkpoint) when this much time has passed")
     checkpoint_every: int = Field(50, ge=1, description="steps between checkpoints")
     keep_checkpoints: int = Field(2, ge=1, description="newest checkpoints kept")
     sample_every: int = Field(0, ge=0, description="steps between sample videos (0 = at checkpoints)")

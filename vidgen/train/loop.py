@@ -54,8 +54,9 @@ def train_loop_per_worker(payload: dict) -> None:
     if step >= cfg.max_steps:
         log.say(f"run already at step {step} >= max_steps {cfg.max_steps}: nothing to train")
     clips_per_step = cfg.micro_batch * cfg.grad_accum * world
-    t0, scalars_acc = time.perf_counter(), {}
-    while step < cfg.max_steps:
+    started = t0 = time.perf_counter()
+    scalars_acc, last = {}, False
+    while step < cfg.max_steps and not last:
         seen = 0
         for batch in iter_epoch(train_shard, cfg.micro_batch, cfg.seed, epoch, skip_batches=position):
             seen += 1
@@ -68,17 +69,18 @@ def train_loop_per_worker(payload: dict) -> None:
             step += 1
             step_time = time.perf_counter() - t0
             _test_kill_hook(step, rank, world)
-            if step % cfg.log_every == 0 or step == cfg.max_steps:
+            last = step == cfg.max_steps or out_of_time(cfg, started)
+            if step % cfg.log_every == 0 or last:
                 log.step(step, epoch, scalars_acc, step_time, clips_per_step / step_time, lr_of(engines))
             scalars_acc = {}
-            at_checkpoint = step % cfg.checkpoint_every == 0 or step == cfg.max_steps
+            at_checkpoint = step % cfg.checkpoint_every == 0 or last
             if at_checkpoint or (cfg.sample_every and step % cfg.sample_every == 0):
                 log.extra(step, sample_and_evaluate(cfg, model, engines, val_shard, step, rank, payload))
             if at_checkpoint:
                 position_state = {"step": step, "epoch": epoch, "position": position}
                 save_and_report(cfg, engines, model, position_state, rank, world, log, payload)
             t0 = time.perf_counter()
-            if step >= cfg.max_steps:
+            if last:
                 break
         else:  # the epoch ran out: the next one starts from its first batch
             if seen == 0 and position == 0:
@@ -139,6 +141,19 @@ def gathered(engines: dict, parts: list[str] | None = None):
             yield
     else:
         yield
+
+
+def out_of_time(cfg: TrainConfig, started: float) -> bool:
+    """Whether the `max_minutes` budget is spent: rank 0 decides and every rank follows, so all
+    ranks stop at the same step (a collective under a time budget only)."""
+    if cfg.max_minutes is None:
+        return False
+    import torch.distributed as dist
+
+    flag = torch.tensor([float(time.perf_counter() - started > cfg.max_minutes * 60)])
+    if dist.is_initialized():
+        dist.broadcast(flag, src=0)
+    return bool(flag.item())
 
 
 def lr_of(engines: dict) -> float:
