@@ -138,6 +138,40 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_render(args: argparse.Namespace) -> int:
+    from vidgen.render.spec import SpecError, load_batch
+
+    try:
+        batch = load_batch(args.batch, out=args.out, model=args.model)
+        if args.dry_run:
+            from vidgen.render.batch import format_plan, plan_batch
+
+            print(format_plan(plan_batch(batch)))
+            return 0
+        from vidgen.render.batch import render_batch
+
+        if args.workers is not None and args.workers < 0:
+            raise UserError(f"--workers {args.workers}: expected 0 (in this process) or more")
+        result = render_batch(batch, workers=args.workers, address=args.address)
+    except SpecError as e:
+        raise UserError(str(e)) from None
+    print(result.summary())
+    if result.failed:
+        print(f"vidgen: {len(result.failed)} item(s) failed: {', '.join(result.failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from vidgen.demo import run_demo
+
+    if args.minutes <= 0:
+        raise UserError(f"--minutes {args.minutes}: must be positive")
+    summary = run_demo(args.out, args.minutes)
+    failed = summary.get("ads", {}).get("failed", []) + summary.get("education", {}).get("failed", [])
+    return 1 if failed else 0
+
+
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
     """Every TrainConfig field is also a flag (`--zero-stage 3` for zero_stage)."""
     import typing
@@ -182,6 +216,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"vidgen {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
+
+    p = sub.add_parser("demo", help="end to end on the embedded default (local Ray, a local folder)")
+    p.add_argument("--out", default="demo-out", help="where everything goes: a folder or s3://bucket/prefix")
+    p.add_argument("--minutes", type=float, default=10.0, help="time budget; training steps scale to it")
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("probe", help="facts of one video (local path or s3:// URI)")
     p.add_argument("uri", help="a video: /path/clip.mp4, file:///..., or s3://bucket/key")
@@ -237,6 +276,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batches", type=int, default=8, help="batches of 4 clips to evaluate")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("render", help="render a batch spec (YAML/JSON) of videos into object storage, on Ray")
+    p.add_argument("batch", help="render spec: a YAML or JSON file (path or s3:// URI)")
+    p.add_argument("--out", default=None, help="output URI (default: the spec's output)")
+    p.add_argument("--model", default=None, help="default model URI (default: the spec's model)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="concurrent encode/upload tasks (default: the cluster's CPUs, at most 8; 0: no Ray)")
+    p.add_argument("--dry-run", action="store_true", help="validate the spec and print the plan; render nothing")
+    p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else a new local Ray)")
+    p.set_defaults(func=cmd_render)
     return parser
 
 
