@@ -14,6 +14,7 @@ baseline interleaved.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import subprocess
@@ -91,7 +92,9 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--crf", type=int, default=23)
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--out-json", help="also write the figures to this JSON file")
     args = parser.parse_args()
+    results: dict = {"settings": {"frames": args.frames, "size": args.size, "crf": args.crf, "repeat": args.repeat}, "cases": {}}
 
     frames = procedural_frames(args.frames, args.size)
     n = len(frames)
@@ -117,6 +120,12 @@ def main() -> None:
             dec_ours, dec_raw = paired_seconds(lambda: media.decode(data), lambda: raw_decode(ours_path, frames.shape), args.repeat)
             print(f"{name:<16} {n / enc_ours:>12.0f} {n / enc_raw:>8.0f} {enc_raw / enc_ours:>9.2f}   "
                   f"{n / dec_ours:>12.0f} {n / dec_raw:>8.0f} {dec_raw / dec_ours:>9.2f}   {len(data):>8}")
+            results["cases"][name] = {"encode_fps": n / enc_ours, "encode_raw_fps": n / enc_raw,
+                                      "encode_ratio": enc_raw / enc_ours, "decode_fps": n / dec_ours,
+                                      "decode_raw_fps": n / dec_raw, "decode_ratio": dec_raw / dec_ours, "bytes": len(data)}
+    if args.out_json:
+        with open(args.out_json, "w") as f:
+            json.dump(results, f, indent=2)
 
 
 if __name__ == "__main__":

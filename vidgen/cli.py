@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -162,6 +163,26 @@ def cmd_render(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from vidgen import serving
+
+    settings_args, http = _check(lambda: serving.read_config(args.config))
+    for pair in args.model or []:
+        name, sep, uri = pair.partition("=")
+        if not sep or not name or not uri:
+            raise UserError(f"--model {pair!r}: expected NAME=URI, e.g. --model g=s3://bucket/models/g")
+        settings_args.setdefault("models", {})[name] = uri
+    if args.output_root is not None:
+        settings_args["output_root"] = args.output_root
+    if args.input_root:
+        settings_args["input_roots"] = args.input_root
+    settings = _check(lambda: serving.load_settings(settings_args))
+    host = args.host or http.get("host") or "127.0.0.1"
+    port = args.port if args.port is not None else int(http.get("port") or 8000)
+    _check(lambda: serving.serve_forever(settings, host, port, address=args.address))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from vidgen.demo import run_demo
 
@@ -170,6 +191,47 @@ def cmd_demo(args: argparse.Namespace) -> int:
     summary = run_demo(args.out, args.minutes)
     failed = summary.get("ads", {}).get("failed", []) + summary.get("education", {}).get("failed", [])
     return 1 if failed else 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from vidgen import jobs
+
+    try:
+        working_dir = None if args.no_working_dir else (args.working_dir or "auto")
+        sub = jobs.build_submission(args.kind, args.spec, out=args.out, model=args.model, workers=args.workers,
+                                    sets=args.set or [], working_dir=working_dir, submission_id=args.submission_id)
+        if args.dry_run:
+            print(json.dumps({"address": args.address or os.environ.get("RAY_ADDRESS"), **sub.describe()}, indent=2))
+            return 0
+        return jobs.run_submit(sub, args.address, wait=args.wait, follow=args.follow)
+    except jobs.JobsError as e:
+        raise UserError(str(e)) from None
+
+
+def cmd_schedule(args: argparse.Namespace) -> int:
+    import datetime as dt
+
+    from vidgen import jobs
+
+    try:
+        now = None
+        if args.now is not None:
+            try:
+                now = dt.datetime.fromisoformat(args.now)
+            except ValueError:
+                raise UserError(f"--now {args.now!r}: expected an ISO time, e.g. 2026-11-21T06:30:00+01:00") from None
+            now = now if now.tzinfo else now.replace(tzinfo=dt.UTC)  # a time without offset is UTC
+        if args.emit_kuberay:
+            for uri in jobs.emit_kuberay(args.schedules, args.emit_kuberay):
+                print(f"wrote {uri}")
+            return 0
+        if args.status:
+            print(jobs.schedule_status(args.schedules, args.address, args.state, now=now))
+            return 0
+        return jobs.run_schedule(args.schedules, args.address, once=args.once, now=now, state_uri=args.state,
+                                 dry_run=args.dry_run)
+    except jobs.JobsError as e:
+        raise UserError(str(e)) from None
 
 
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
@@ -286,6 +348,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="validate the spec and print the plan; render nothing")
     p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else a new local Ray)")
     p.set_defaults(func=cmd_render)
+
+    p = sub.add_parser("serve", help="the HTTP render API on Ray Serve (until Ctrl-C)")
+    p.add_argument("config", nargs="?", help="a Serve config file, e.g. serve/config.yaml (default: built-in settings)")
+    p.add_argument("--host", default=None, help="listen address (default: the config's, else 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="port (default: the config's, else 8000)")
+    p.add_argument("--model", action="append", metavar="NAME=URI", help="serve the model at URI as NAME (repeatable)")
+    p.add_argument("--output-root", default=None, help="where renders go: s3://bucket/prefix or a folder")
+    p.add_argument("--input-root", action="append", metavar="URI",
+                   help="a prefix input videos may be read from (repeatable; default: none)")
+    p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else a new local Ray)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("submit", help="run a training config or a render batch as a Ray job on a cluster (Jobs API)")
+    p.add_argument("kind", choices=["train", "render"], help="what the job runs: vidgen train or vidgen render")
+    p.add_argument("spec", help="the training config or render spec (path or s3:// URI); its content goes with the job")
+    p.add_argument("--address", default=None, help="the cluster's job server, http://HEAD:8265 (default: RAY_ADDRESS)")
+    p.add_argument("--out", default=None, help="render: output URI (default: the spec's)")
+    p.add_argument("--model", default=None, help="render: default model URI (default: the spec's)")
+    p.add_argument("--workers", type=int, default=None, help="render: concurrent encode/upload tasks")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="train: any config key (repeatable)")
+    p.add_argument("--wait", action="store_true", help="wait for the job; exit with its result (0: succeeded)")
+    p.add_argument("--follow", action="store_true", help="print the job's logs as they come, then exit like --wait")
+    p.add_argument("--dry-run", action="store_true", help="print what would be submitted; submit nothing")
+    p.add_argument("--submission-id", default=None,
+                   help="the job's id (default: spec name + content hash, so a retried submit attaches to its job)")
+    p.add_argument("--working-dir", default=None, help="the code to ship (default: this vidgen checkout)")
+    p.add_argument("--no-working-dir", action="store_true", help="ship no code: the cluster image has vidgen installed")
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("schedule", help="submit due scheduled batches (cron + time zone), or emit KubeRay RayCronJobs")
+    p.add_argument("schedules", help="a schedule file, e.g. jobs/schedules.yaml")
+    p.add_argument("--address", default=None, help="the cluster's job server, http://HEAD:8265 (default: RAY_ADDRESS)")
+    p.add_argument("--once", action="store_true", help="one pass over the due slots, then exit (cron-style use)")
+    p.add_argument("--now", default=None, help="pretend it is this ISO time (one pass; without an offset: UTC)")
+    p.add_argument("--state", default=None, help="state URI (s3:// or a file): last slot and recent runs per entry")
+    p.add_argument("--status", action="store_true", help="each entry's next slot and recent runs with their job states")
+    p.add_argument("--dry-run", action="store_true", help="print the due slots; submit nothing, change no state")
+    p.add_argument("--emit-kuberay", metavar="DIR", default=None,
+                   help="write the equivalent KubeRay RayCronJob manifests into DIR instead")
+    p.set_defaults(func=cmd_schedule)
     return parser
 
 

@@ -764,16 +764,20 @@ def encode(
     preset: str = "medium",
     metadata: dict[str, str] | None = None,
     overlays: Overlays | None = None,
+    size: tuple[int, int] | None = None,
+    fit: str = "crop",
 ) -> bytes:
     """Encode uint8 frames (T, H, W, 3), or an iterable of such chunks, to mp4 or webm bytes.
 
     h264 -> mp4 (libx264, yuv420p, +faststart); vp9 -> webm (libvpx-vp9, constant quality).
     Odd widths/heights are padded to even (yuv420p needs it) by repeating the last column/row.
     metadata: container tags, e.g. {"title": ..., "comment": ...}.
+    size: (width, height), even, to scale the frames to in ffmpeg before the overlays are drawn;
+        fit: "crop" (fill, centre-crop the excess), "pad" (fit inside, black bars) or "stretch".
     """
     with tempfile.TemporaryDirectory(prefix="vidgen-encode-") as tmp:
         path = os.path.join(tmp, "out." + _codec(codec).container)
-        _encode_file(frames, fps, path, codec, crf, preset, metadata, overlays, "<frames>")
+        _encode_file(frames, fps, path, codec, crf, preset, metadata, overlays, "<frames>", size, fit)
         with open(path, "rb") as f:
             return f.read()
 
@@ -799,11 +803,15 @@ def encode_to(
     preset: str = "medium",
     metadata: dict[str, str] | None = None,
     overlays: Overlays | None = None,
+    size: tuple[int, int] | None = None,
+    fit: str = "crop",
+    object_metadata: dict[str, str] | None = None,
 ) -> EncodedVideo:
     """`encode` straight to a storage URI (local or s3), with the video's content type.
 
     codec defaults from the extension (.webm -> vp9, else h264). Memory stays bounded for chunked
     input: frames stream into ffmpeg, the result lands in a temporary file and is uploaded from it.
+    size, fit: as for `encode`. object_metadata: S3 user metadata of the uploaded object.
     """
     ext = os.path.splitext(str(uri))[1].lower()
     codec = codec or ("vp9" if ext == ".webm" else "h264")
@@ -813,13 +821,13 @@ def encode_to(
     content_type = f"video/{container}"
     with tempfile.TemporaryDirectory(prefix="vidgen-encode-") as tmp:
         path = os.path.join(tmp, "out." + container)
-        count = _encode_file(frames, fps, path, codec, crf, preset, metadata, overlays, str(uri))
+        count = _encode_file(frames, fps, path, codec, crf, preset, metadata, overlays, str(uri), size, fit)
         digest = hashlib.sha256()
         with open(path, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)
         try:
-            storage.upload_file(path, uri, content_type=content_type)
+            storage.upload_file(path, uri, content_type=content_type, metadata=object_metadata)
         except storage.StorageError as e:
             raise MediaError(str(e)) from None
         return EncodedVideo(str(uri), os.path.getsize(path), count, count / fps, digest.hexdigest(), content_type)
@@ -839,8 +847,17 @@ def _frame_chunks(frames: Frames) -> Iterator[np.ndarray]:
             yield from (chunk[j : j + 64] for j in range(0, len(chunk), 64))
 
 
-def _check_encode_args(fps, codec: str, crf, preset: str, metadata) -> _Codec:
+FITS = ("crop", "pad", "stretch")
+
+
+def _check_encode_args(fps, codec: str, crf, preset: str, metadata, size=None, fit: str = "crop") -> _Codec:
     spec = _codec(codec)
+    if size is not None:
+        pair = isinstance(size, (tuple, list)) and len(size) == 2
+        if not pair or any(not _is_int(v) or v < 2 or v % 2 for v in size):
+            raise ValueError(f"size={size!r}: expected (width, height), even ints >= 2")
+    if fit not in FITS:
+        raise ValueError(f"fit={fit!r}: expected one of {', '.join(FITS)}")
     if not (_is_number(fps) and fps > 0):
         raise ValueError(f"fps={fps!r}: expected a positive number")
     if not _is_int(crf) or not 0 <= crf <= spec.max_crf:
@@ -853,9 +870,9 @@ def _check_encode_args(fps, codec: str, crf, preset: str, metadata) -> _Codec:
     return spec
 
 
-def _encode_file(frames, fps, path, codec, crf, preset, metadata, overlays, label) -> int:
+def _encode_file(frames, fps, path, codec, crf, preset, metadata, overlays, label, size=None, fit="crop") -> int:
     """Encode into the file `path`; returns the number of frames."""
-    spec = _check_encode_args(fps, codec, crf, preset, metadata)
+    spec = _check_encode_args(fps, codec, crf, preset, metadata, size, fit)
     overlays = overlays or Overlays()
     chunks = _frame_chunks(frames)
     first = next(chunks, None)
@@ -870,6 +887,9 @@ def _encode_file(frames, fps, path, codec, crf, preset, metadata, overlays, labe
     with contextlib.ExitStack() as stack:
         tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="vidgen-overlay-"))
         video = ffmpeg.input("pipe:", format="rawvideo", pix_fmt="rgb24", s=f"{width}x{height}", framerate=_rate(fps))
+        if size is not None and tuple(size) != (width, height):
+            video = _fit(video, (width, height), (int(size[0]), int(size[1])), fit)
+            width, height = int(size[0]), int(size[1])
         video = _overlay_graph(video, overlays, width, height, tmp)
         # Convert to yuv420p with the BT.709 matrix and tag the stream as such, so players
         # (browsers assume 709 for untagged video) and our decode convert back with that matrix.
@@ -905,6 +925,27 @@ def _encode_file(frames, fps, path, codec, crf, preset, metadata, overlays, labe
         if two_pass:
             _mux_tracks(video_path, path, count / fps, spec, audio, muxed_subtitles, metadata, label)
     return count
+
+
+def _fit(video, source: tuple[int, int], size: tuple[int, int], fit: str):
+    """Scale (w, h) frames to `size`: crop = fill and centre-crop, pad = fit inside with black
+    bars, stretch = exactly `size`. Lanczos when enlarging, area averaging when shrinking."""
+    w, h = size
+    if fit == "stretch":
+        scaled = (w, h)
+    else:
+        grow = max if fit == "crop" else min
+        factor = grow(w / source[0], h / source[1])
+        # even sides, never beyond the target on the fitted axis
+        scaled = tuple(max(2, 2 * round(v * factor / 2)) for v in source)
+        scaled = (max(scaled[0], w), max(scaled[1], h)) if fit == "crop" else (min(scaled[0], w), min(scaled[1], h))
+    flags = "area" if scaled[0] * scaled[1] < source[0] * source[1] else "lanczos"
+    video = video.filter("scale", w=scaled[0], h=scaled[1], flags=flags).filter("setsar", 1)
+    if fit == "crop" and scaled != (w, h):
+        video = video.crop((scaled[0] - w) // 2, (scaled[1] - h) // 2, w, h)
+    elif fit == "pad" and scaled != (w, h):
+        video = video.filter("pad", w, h, (w - scaled[0]) // 2, (h - scaled[1]) // 2, color="black")
+    return video
 
 
 def _overlay_graph(video, overlays: Overlays, width: int, height: int, tmp: str):
@@ -988,14 +1029,35 @@ def poster_jpeg(video: np.ndarray | Source, index: int | None = None, quality: i
         frame = video[_poster_index(index, count)]
     else:
         with _local_file(video) as path:
-            count = _probe_file(path, _label(video)).frames
-            frames = decode(path, start_frame=_poster_index(index, count), max_frames=1)
-        if not len(frames):
-            raise MediaError(f"{_label(video)}: frame {_poster_index(index, count)} could not be decoded")
-        frame = frames[0]
+            info = _probe_file(path, _label(video))
+            frame = _frame_at(path, _label(video), _poster_index(index, info.frames), info)
     out = io.BytesIO()
     Image.fromarray(frame).save(out, format="JPEG", quality=quality)
     return out.getvalue()
+
+
+def _frame_at(path: str, label: str, index: int, info: VideoInfo) -> np.ndarray:
+    """Frame `index` (counted at the stream's frame rate) of a video file, decoded in this process
+    with PyAV: seek to the keyframe before it, then decode forward. No ffmpeg process to start,
+    and a poster of a long video reads one GOP, not the first half of the file."""
+    try:
+        with av.open(path) as container:
+            stream = container.streams.video[0]
+            start = stream.start_time or 0
+            target = start + int(round(index / info.fps / stream.time_base))
+            if index:
+                container.seek(target, stream=stream, backward=True, any_frame=False)
+            half = 0.5 / info.fps / stream.time_base  # pts rounding: the frame nearest the target
+            last = None
+            for frame in container.decode(stream):
+                last = frame
+                if frame.pts is None or frame.pts >= target - half:
+                    break
+            if last is None:
+                raise MediaError(f"{label}: frame {index} could not be decoded")
+            return last.to_ndarray(format="rgb24")
+    except av.FFmpegError as e:
+        raise MediaError(f"{label}: frame {index} could not be decoded ({_av_cause(e)})") from None
 
 
 def _poster_index(index: int | None, count: int) -> int:

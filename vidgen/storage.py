@@ -327,7 +327,9 @@ def read_json(uri: str) -> Any:
         raise StorageError(f"{uri}: not valid JSON ({e})") from None
 
 
-def write_bytes(uri: str, data: bytes, content_type: str | None = None, metadata: Mapping[str, str] | None = None) -> None:
+def write_bytes(
+    uri: str, data: bytes, content_type: str | None = None, metadata: Mapping[str, str] | None = None
+) -> None:
     """Write one object. Local writes go through a temp file + rename: never half-written.
 
     metadata: S3 user metadata (`x-amz-meta-*`, read back by `stat`); local files keep none.

@@ -15,6 +15,7 @@ mean squared (or absolute) error of the rollout, so training sees its own errors
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -179,3 +180,27 @@ class ConvLSTM(nn.Module):
             raise ValueError(f"predict needs >= 1 context frame and num_frames >= 1, got "
                              f"{context.shape[2]} and {num_frames}")
         return self.net(context, num_frames).clamp(-1, 1)
+
+    @torch.no_grad()
+    def predict_chunks(self, context: Tensor, num_frames: int, chunk_frames: int = 64) -> Iterator[Tensor]:
+        """`predict(context, num_frames)` as chunks (B, C, <= chunk_frames, H, W): the same frames,
+        with the recurrent state carried between chunks, so memory stays bounded for any length."""
+        if num_frames < 1 or context.shape[2] < 1 or chunk_frames < 1:
+            raise ValueError(f"predict_chunks needs >= 1 context frame, num_frames >= 1 and chunk_frames >= 1, "
+                             f"got {context.shape[2]}, {num_frames} and {chunk_frames}")
+        net = self.net
+        factor = 2**self.config.down
+        if context.shape[-1] % factor or context.shape[-2] % factor:
+            raise ValueError(f"ConvLSTM frames must be multiples of {factor} in H and W, "
+                             f"got {tuple(context.shape[-2:])}")
+        state = None
+        for t in range(context.shape[2]):
+            prediction, state = net.step(context[:, :, t], state)
+        chunk = [prediction]
+        for _ in range(num_frames - 1):
+            if len(chunk) == chunk_frames:
+                yield torch.stack(chunk, 2).clamp(-1, 1)
+                chunk = []
+            prediction, state = net.step(prediction, state)
+            chunk.append(prediction)
+        yield torch.stack(chunk, 2).clamp(-1, 1)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -348,6 +349,48 @@ class GAN(nn.Module):
         labels = self._sample_labels(n, labels, generator)
         video = self.generator_ema(content, motion, None if labels is None else labels.to(like.device))
         return video.float().clamp(-1, 1)
+
+    @torch.no_grad()
+    def sample_chunks(self, seeds: list[int], num_frames: int | None = None, labels=None,
+                      chunk_frames: int = 64) -> Iterator[Tensor]:
+        """len(seeds) videos, one per seed, as chunks (n, C, <= chunk_frames, H, W) in [-1, 1].
+
+        Video i equals `sample(1, num_frames, labels[i], seed=seeds[i])` (its noise comes from its own
+        seed), so a video does not depend on what it was batched with. Only the small per-frame codes
+        (n, T, D) exist whole; frames are generated chunk by chunk, so memory stays bounded for any length.
+        """
+        num_frames = self.config.num_frames if num_frames is None else num_frames
+        n = len(seeds)
+        if n < 1 or num_frames < 1 or chunk_frames < 1:
+            raise ValueError(f"sample_chunks needs >= 1 seed, num_frames >= 1 and chunk_frames >= 1, got "
+                             f"{n}, {num_frames}, {chunk_frames}")
+        if labels is not None and len(labels) != n:
+            raise ValueError(f"got {len(labels)} labels for {n} seeds")
+        g = self.generator_ema
+        like = next(g.parameters())
+        content, motion, label_ids = [], [], []
+        for i, seed in enumerate(seeds):
+            generator = torch.Generator().manual_seed(int(seed))
+            c, m = self._noise(1, num_frames, like, generator)
+            content.append(c)
+            motion.append(m)
+            label = None if labels is None or labels[i] is None else [labels[i]]  # None: drawn from the seed
+            label_ids.append(self._sample_labels(1, label, generator))
+        content, noise = torch.cat(content), torch.cat(motion)  # (n, Dc), (n, T, Dn)
+        # the generator's forward, with the frame generator applied chunk by chunk
+        h = torch.tanh(g.h0(content))
+        states = []
+        for t in range(num_frames):
+            h = g.gru(noise[:, t], h)
+            states.append(h)
+        codes = [content.unsqueeze(1).expand(n, num_frames, -1), torch.stack(states, 1)]
+        if g.embed is not None:
+            codes.append(g.embed(torch.cat(label_ids).to(like.device)).unsqueeze(1).expand(n, num_frames, -1))
+        codes = torch.cat(codes, -1)                              # (n, T, D)
+        for start in range(0, num_frames, chunk_frames):
+            part = codes[:, start:start + chunk_frames]
+            frames = g.frames(part.flatten(0, 1))                 # (n*t, C, H, W)
+            yield frames.unflatten(0, part.shape[:2]).transpose(1, 2).float().clamp(-1, 1)
 
     def _sample_labels(self, n: int, labels, generator) -> Tensor | None:
         classes = self.config.num_classes

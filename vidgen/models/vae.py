@@ -16,6 +16,7 @@ kl_weight means sharper reconstructions and a latent that matches the prior less
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -60,6 +61,9 @@ PRESETS = {
     "base": dict(frame_size=128, num_frames=16, width=64, max_width=256, spatial_down=3, temporal_down=2,
                  latent_channels=16, blocks_per_stage=2),
 }
+
+
+WINDOW_MARGIN = 8  # latent steps of context on each side of a window in `VAE.sample_chunks`
 
 
 def _norm(channels: int) -> nn.GroupNorm:
@@ -181,3 +185,39 @@ class VAE(nn.Module):
         z = torch.randn(n, cfg.latent_channels, steps, side, side, generator=generator)
         device = next(self.net.parameters()).device
         return self.net.decode(z.to(device), num_frames).clamp(-1, 1)
+
+    @torch.no_grad()
+    def sample_chunks(self, seeds: list[int], num_frames: int | None = None, labels=None,
+                      chunk_frames: int = 64) -> Iterator[Tensor]:
+        """len(seeds) videos, one per seed, as chunks (n, C, <= chunk_frames, H, W) in [-1, 1].
+
+        Video i's latent is `sample(1, num_frames, seed=seeds[i])`'s. A video of at most chunk_frames
+        frames equals that sample exactly; a longer one is decoded in windows of the latent with
+        WINDOW_MARGIN latent steps of overlap on each side (dropped), so memory stays bounded for any
+        length; the decoder's group norms then see windows, not the whole clip (no visible seams).
+        """
+        if labels is not None and any(label is not None for label in labels):
+            raise ValueError("the VAE is unconditional: labels must be None")
+        cfg = self.config
+        num_frames = cfg.num_frames if num_frames is None else num_frames
+        if not seeds or num_frames < 1 or chunk_frames < 1:
+            raise ValueError(f"sample_chunks needs >= 1 seed, num_frames >= 1 and chunk_frames >= 1, got "
+                             f"{len(seeds)}, {num_frames}, {chunk_frames}")
+        stride = 2**cfg.temporal_down
+        steps = -(-num_frames // stride)
+        side = cfg.frame_size // 2**cfg.spatial_down
+        z = torch.cat([torch.randn(1, cfg.latent_channels, steps, side, side,
+                                   generator=torch.Generator().manual_seed(int(seed))) for seed in seeds])
+        device = next(self.net.parameters()).device
+        window = max(1, chunk_frames // stride)
+        if steps <= window:
+            yield self.net.decode(z.to(device), num_frames).clamp(-1, 1)
+            return
+        for a in range(0, steps, window):
+            b = min(steps, a + window)
+            lo, hi = max(0, a - WINDOW_MARGIN), min(steps, b + WINDOW_MARGIN)
+            video = self.net.decoder(z[:, :, lo:hi].to(device))  # (n, C, (hi - lo) * stride, H, W)
+            start = (a - lo) * stride
+            count = min(b * stride, num_frames) - a * stride
+            yield video[:, :, start:start + count].clamp(-1, 1)
+

@@ -1,0 +1,161 @@
+"""Run every benchmark and write the README's benchmark table from their output.
+
+    python bench/run_all.py                 # all of them, about 15 minutes on 2 cores
+    python bench/run_all.py --only loader media
+
+Each benchmark prints its own report (kept in bench/results/<name>.txt) and writes its figures as
+JSON (bench/results/<name>.json); this script turns those into one markdown table and replaces
+the README between `<!-- bench:begin -->` and `<!-- bench:end -->`, so the README's figures are
+always a run's output, never typed by hand. bench/results/table.md and table.json hold the same.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "bench", "results")
+BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+
+
+def _loader(r: dict) -> list[tuple[str, str]]:
+    return [("loader: Ray Data Parquet vs DataLoader decoding one mp4 per clip (target >= 10x)",
+             f"{r['ratio_vs_baseline']:.1f}x ({r['ours']['clips_per_s']:.0f} vs {r['baseline']['clips_per_s']:.0f} clips/s); "
+             f"{100 * r['fraction_of_decode_only']:.0f}% of the decode-only limit")]
+
+
+def _media(r: dict) -> list[tuple[str, str]]:
+    return [(f"media: {name} at {r['settings']['size']}x{r['settings']['size']}, ours vs the ffmpeg CLI",
+             f"encode {c['encode_fps']:.0f} fps ({c['encode_ratio']:.2f}x), decode {c['decode_fps']:.0f} fps ({c['decode_ratio']:.2f}x)")
+            for name, c in r["cases"].items()]
+
+
+def _train(r: dict) -> list[tuple[str, str]]:
+    rows = []
+    for family in ("gan", "restore"):
+        if f"overhead_{family}" in r:
+            o = r[f"overhead_{family}"]
+            rows.append((f"train overhead: vidgen 1 worker ZeRO-0 vs plain PyTorch, {family} small (target >= 0.9)",
+                         f"{o['ratio']:.2f} ({o['vidgen_1w_clips_s']:.1f} vs {o['plain_clips_s']:.1f} clips/s)"))
+        if f"scaling_{family}" in r:
+            s = r[f"scaling_{family}"]
+            rows.append((f"train scaling: 2 workers vs 1, {family} small (target >= 1.6x)",
+                         f"{s['ratio']:.2f}x ({s['2w_clips_s']:.1f} vs {s['1w_clips_s']:.1f} clips/s)"))
+    if "sharding_gan_small" in r:
+        h = r["sharding_gan_small"]
+        rows.append(("train sharding: model-state bytes per rank vs ZeRO-0, gan small, 2 ranks (target stage 3 <= 0.55x)",
+                     ", ".join(f"stage {s}: {v['ratio']:.2f}x" for s, v in h.items())
+                     + f" (stage 0: {h['0']['total'] / 2**20:.0f} MiB)"))
+    return rows
+
+
+def _summary_rows(r: dict) -> list[tuple[str, str]]:
+    """Benchmarks that format their own rows: {"summary_rows": [[benchmark, figure], ...]}."""
+    return [tuple(row) for row in r.get("summary_rows", [])]
+
+
+BENCHES: dict[str, tuple[list[str], Callable[[dict], list[tuple[str, str]]]]] = {
+    "loader": ([], _loader),
+    "media": ([], _media),
+    "train": ([], _train),
+    "render": ([], _summary_rows),
+    "serve": ([], _summary_rows),
+}
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, no GPU" if not _has_gpu() else f"{cpu}, {os.cpu_count()} cores, GPU"
+
+
+def _has_gpu() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+def run(name: str, extra: list[str]) -> dict | None:
+    os.makedirs(RESULTS, exist_ok=True)
+    out_json = os.path.join(RESULTS, f"{name}.json")
+    cmd = [sys.executable, os.path.join("bench", f"{name}.py"), *BENCHES[name][0], *extra, "--out-json", out_json]
+    print(f"== {' '.join(cmd[1:])}", flush=True)
+    started = time.perf_counter()
+    with open(os.path.join(RESULTS, f"{name}.txt"), "w") as log:
+        proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=log, text=True)
+        log.write(proc.stdout)
+    print(proc.stdout, flush=True)
+    if proc.returncode != 0:
+        print(f"!! bench/{name}.py failed (exit {proc.returncode}); see bench/results/{name}.txt", flush=True)
+        return None
+    with open(out_json) as f:
+        result = json.load(f)
+    result["_seconds"] = round(time.perf_counter() - started, 1)
+    return result
+
+
+def table(rows: list[dict], where: str) -> str:
+    lines = [f"Measured by `python bench/run_all.py` on {where}.", "",
+             "| benchmark | figure | command |", "|---|---|---|"]
+    lines += [f"| {r['benchmark']} | {r['figure']} | `{r['command']}` |" for r in rows]
+    return "\n".join(lines)
+
+
+def update_readme(text: str) -> None:
+    path = os.path.join(ROOT, "README.md")
+    with open(path) as f:
+        readme = f.read()
+    if BEGIN not in readme or END not in readme:
+        raise SystemExit(f"README.md has no {BEGIN} ... {END} markers")
+    head, rest = readme.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    with open(path, "w") as f:
+        f.write(f"{head}{BEGIN}\n{text}\n{END}{tail}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", nargs="*", choices=sorted(BENCHES), help="run only these (others keep their last figures)")
+    ap.add_argument("--no-readme", action="store_true", help="do not rewrite README.md")
+    args = ap.parse_args()
+    names = args.only or list(BENCHES)
+    for name in names:
+        result = run(name, [])
+        if result is not None:
+            with open(os.path.join(RESULTS, f"{name}.json"), "w") as f:
+                json.dump(result, f, indent=2)
+    rows = []
+    for name, (_, fmt) in BENCHES.items():  # every benchmark's latest figures, in a fixed order
+        path = os.path.join(RESULTS, f"{name}.json")
+        if not os.path.exists(path):
+            continue
+        with open(path) as f:
+            result = json.load(f)
+        rows += [{"benchmark": b, "figure": fig, "command": f"python bench/{name}.py"} for b, fig in fmt(result)]
+    where = machine()
+    text = table(rows, where)
+    with open(os.path.join(RESULTS, "table.md"), "w") as f:
+        f.write(text + "\n")
+    with open(os.path.join(RESULTS, "table.json"), "w") as f:
+        json.dump({"machine": where, "rows": rows}, f, indent=2)
+    if not args.no_readme:
+        update_readme(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,320 @@
+"""The render API under load, end to end, on 127.0.0.1: throughput, latency, batching, overload.
+
+    python bench/serve.py                                   # 2 cores, a few minutes: tiny GAN, 1 s at 8 fps, 64x64
+    python bench/serve.py --preset small --levels 1,4,16 --jobs-per-level 32
+
+Everything runs here: moto's S3 server and a local Ray (--cpus) on loopback, the application of
+serve/config.yaml (its settings, with a model `g` and an S3 output root). Three parts, one run:
+  end to end   at each concurrency C, C clients each POST a job of one generate item and poll it
+               (every --poll-s) until done, then POST the next; figures: completed renders/s (done,
+               not 202s) and p50/p99 submit-to-done latency. Each level stops after --jobs-per-level
+               jobs or --level-seconds, whichever comes first.
+  model stage  the model deployment alone (its handle, no encoding): --model-requests concurrent
+               one-item requests against a ModelServer with max_batch_size=--batch and one with
+               max_batch_size=1 (one replica each), alternating --repeat times; items/s, medians.
+               Target: batched / unbatched >= 3 at saturation.
+  overload     bursts of B concurrent POSTs (B rising); per burst the count of 202 / 429 / 503 and
+               where 503 (Serve's queue bound: ingress max_ongoing + max_queued) and 429 (the job
+               queue bound, limits.max_queued_jobs) start. Accepted burst jobs are cancelled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import socket
+import statistics
+import sys
+import threading
+import time
+import uuid
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import requests  # noqa: E402
+
+from vidgen import models, serving, storage  # noqa: E402
+
+TOKEN = "bench-" + uuid.uuid4().hex
+REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_s3() -> str:
+    """moto's S3 server in its own process on a free loopback port (so it does not share this
+    process's GIL with the load generator), wired through the standard AWS variables."""
+    import atexit
+    import subprocess
+
+    port = free_port()
+    server = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "moto_server"), "-H", "127.0.0.1",
+                               "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    atexit.register(server.terminate)
+    os.environ.update({"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
+                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}"})
+    storage.reset_clients()
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            storage.s3_client().create_bucket(Bucket="bench")
+            return "s3://bench"
+        except Exception:  # noqa: BLE001 - not listening yet
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def job_body(args, i: int) -> dict:
+    return {"name": "bench", "model": "g",
+            "defaults": {"fps": args.fps, "seconds": args.seconds, "size": [args.size, args.size],
+                         "preset": args.x264_preset},
+            "items": [{"id": f"ad-{i:05d}", "mode": "generate", "seed": i}]}
+
+
+def percentile(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, max(0, round(q * (len(values) - 1))))]
+
+
+# --------------------------------------------------------------------------------------------
+# End to end
+
+
+def end_to_end(args, url: str, concurrency: int) -> dict:
+    """C clients, each: submit, poll until done, repeat; bounded by count and time."""
+    lock = threading.Lock()
+    started = time.perf_counter()
+    deadline = started + args.level_seconds
+    issued, latencies, failures, statuses = [0], [], [], {}
+
+    def client() -> None:
+        http = requests.Session()
+        http.headers["Authorization"] = f"Bearer {TOKEN}"
+        while True:
+            with lock:
+                if issued[0] >= args.jobs_per_level or time.perf_counter() > deadline:
+                    return
+                issued[0] += 1
+                n = issued[0] + concurrency * 100_000
+            t0 = time.perf_counter()
+            r = http.post(f"{url}/v1/renders", json=job_body(args, n), timeout=60)
+            if r.status_code != 202:
+                with lock:
+                    statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+                time.sleep(0.5)
+                continue
+            job_id = r.json()["id"]
+            while time.perf_counter() < deadline + 120:
+                time.sleep(args.poll_s)
+                job = http.get(f"{url}/v1/renders/{job_id}", timeout=60).json()
+                if job["status"] in serving.TERMINAL:
+                    with lock:
+                        (latencies if job["status"] == "done" else failures).append(time.perf_counter() - t0)
+                    break
+
+    threads = [threading.Thread(target=client) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - started
+    return {"concurrency": concurrency, "done": len(latencies), "failed": len(failures), "wall_s": wall,
+            "renders_per_s": len(latencies) / wall,
+            "p50_s": percentile(latencies, 0.5) if latencies else None,
+            "p99_s": percentile(latencies, 0.99) if latencies else None, "rejected": statuses}
+
+
+# --------------------------------------------------------------------------------------------
+# Model stage
+
+
+def model_stage(args, model_uri: str) -> dict:
+    """Items/s of the model deployment alone, batched against max_batch_size=1, alternating."""
+    from ray import serve
+
+    from vidgen.render import parse_batch
+
+    spec = {"name": "stage", "output": "s3://bench/unused", "model": model_uri,
+            "defaults": {"fps": args.fps, "seconds": args.seconds, "size": [args.size, args.size]},
+            "items": [{"id": f"m-{i}", "mode": "generate", "seed": i} for i in range(args.model_requests)]}
+    items = parse_batch(spec).resolve()
+    handles = {}
+    for batch in (args.batch, 1):
+        settings = serving.ModelDeployment(max_batch_size=batch, max_ongoing_requests=max(16, 2 * batch),
+                                           num_gpus=args.num_gpus, autoscaling={"min_replicas": 1, "max_replicas": 1})
+        app = serve.deployment(serving.ModelServer).options(
+            name=f"model-b{batch}", ray_actor_options={"num_cpus": settings.num_cpus, "num_gpus": args.num_gpus},
+            max_ongoing_requests=settings.max_ongoing_requests, num_replicas=1).bind("g", model_uri, settings)
+        handles[batch] = serve.run(app, name=f"bench-b{batch}", route_prefix=None)
+
+    def run(batch: int) -> float:
+        start = time.perf_counter()
+        responses = [handles[batch].infer.remote(item) for item in items]
+        results = [r.result() for r in responses]
+        assert all("meta" in r for r in results), [r for r in results if "meta" not in r][:1]
+        del results  # frees the frames in the object store
+        return time.perf_counter() - start
+
+    for batch in handles:  # warm-up: first calls pay routing and torch start-up
+        run(batch)
+    times: dict[int, list[float]] = {b: [] for b in handles}
+    for _ in range(args.repeat):
+        for batch in handles:
+            times[batch].append(run(batch))
+    rates = {b: args.model_requests / statistics.median(t) for b, t in times.items()}
+    stats = {b: handles[b].get_stats.remote().result() for b in handles}
+    for batch in handles:
+        serve.delete(f"bench-b{batch}")
+    return {"items_per_s": rates, "seconds": times, "ratio": rates[args.batch] / rates[1],
+            "mean_batch": {b: s["items"] / max(1, s["batches"]) for b, s in stats.items()},
+            "compute_ms_per_item": {b: 1000 * s["busy_s"] / max(1, s["items"]) for b, s in stats.items()}}
+
+
+# --------------------------------------------------------------------------------------------
+# Overload
+
+
+def overload(args, url: str) -> list[dict]:
+    """Bursts of concurrent POSTs; what each got. Accepted jobs are cancelled afterwards."""
+    rows = []
+    for size in args.bursts:
+        barrier = threading.Barrier(size)
+
+        def post(i: int, size=size, barrier=barrier) -> tuple[int, str | None, float]:
+            barrier.wait()  # all at once
+            t0 = time.perf_counter()
+            try:
+                r = requests.post(f"{url}/v1/renders", json=job_body(args, 900_000 + i), timeout=60,
+                                  headers={"Authorization": f"Bearer {TOKEN}"})
+                return r.status_code, r.json().get("id") if r.status_code == 202 else None, time.perf_counter() - t0
+            except requests.RequestException:
+                return -1, None, time.perf_counter() - t0
+
+        with concurrent.futures.ThreadPoolExecutor(size) as pool:
+            answers = list(pool.map(post, range(size)))
+        codes = [c for c, _, _ in answers]
+        rejected = [t for c, _, t in answers if c in (429, 503)]
+        rows.append({"burst": size, **{str(c): codes.count(c) for c in sorted(set(codes))},
+                     "slowest_rejection_s": max(rejected) if rejected else None})
+        http = requests.Session()
+        http.headers["Authorization"] = f"Bearer {TOKEN}"
+        for _, job_id, _ in answers:
+            if job_id:
+                http.delete(f"{url}/v1/renders/{job_id}", timeout=60)
+        drain = time.perf_counter() + 120
+        while serving.JobStore(args.output_root).queued() and time.perf_counter() < drain:
+            time.sleep(0.5)
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="tiny", help="GAN preset: tiny (32x32 native) or small (64x64)")
+    parser.add_argument("--size", type=int, default=64, help="output side (square)")
+    parser.add_argument("--fps", type=float, default=8)
+    parser.add_argument("--seconds", type=float, default=1)
+    parser.add_argument("--x264-preset", default="ultrafast")
+    parser.add_argument("--levels", default="1,2,4,8,16", help="client concurrencies, end to end")
+    parser.add_argument("--jobs-per-level", type=int, default=24)
+    parser.add_argument("--level-seconds", type=float, default=60)
+    parser.add_argument("--poll-s", type=float, default=0.2)
+    parser.add_argument("--batch", type=int, default=8, help="max_batch_size of the batched model stage")
+    parser.add_argument("--model-requests", type=int, default=64, help="concurrent requests per model-stage run")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--bursts", default="16,32,64,96,128,192", help="overload burst sizes")
+    parser.add_argument("--cpus", type=int, default=2)
+    parser.add_argument("--num-gpus", type=float, default=0, help="GPUs per model replica (0: CPU)")
+    parser.add_argument("--out-json", help="also write the figures to this JSON file")
+    args = parser.parse_args()
+    args.levels = [int(x) for x in args.levels.split(",")]
+    args.bursts = [int(x) for x in args.bursts.split(",")]
+
+    import torch
+    from ray import serve
+
+    from vidgen.runtime import init_ray
+
+    root = start_s3()
+    torch.manual_seed(0)
+    model_uri = storage.join(root, "models", f"gan-{args.preset}")
+    models.save(models.build("gan", args.preset), model_uri)
+    config_args, _ = serving.read_config(os.path.join(REPO, "serve", "config.yaml"))
+    config_args["model"] = {**config_args.get("model", {}), "num_gpus": args.num_gpus}
+    settings = serving.load_settings({**config_args, "models": {"g": model_uri},
+                                      "output_root": storage.join(root, "renders")})
+    args.output_root = settings.output_root
+    print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start")
+    print(f"item: generate, GAN {args.preset} -> {args.size}x{args.size}, {round(args.fps * args.seconds)} frames, "
+          f"h264 {args.x264_preset}; settings of serve/config.yaml (model max_batch_size "
+          f"{settings.model.max_batch_size}, runner max_jobs {settings.runner.max_jobs}, ingress "
+          f"max_ongoing {settings.ingress.max_ongoing_requests} + max_queued {settings.ingress.max_queued_requests}, "
+          f"max_queued_jobs {settings.limits.max_queued_jobs}); moto S3 + Ray ({args.cpus} CPUs) on 127.0.0.1")
+
+    start = time.perf_counter()
+    init_ray(num_cpus=args.cpus)  # GPUs: Ray finds them
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(serving.build_app(settings, token=TOKEN), name=serving.APP_NAME, route_prefix="/")
+    url = f"http://127.0.0.1:{port}"
+    print(f"ray.init + serve.run: {time.perf_counter() - start:.1f} s (not counted)")
+    end_to_end(argparse.Namespace(**{**vars(args), "jobs_per_level": 4}), url, 2)  # warm-up: workers, routers
+
+    print("\nend to end (submit -> done, one item per job)")
+    print(f"{'clients':>8} {'done':>5} {'failed':>6} {'renders/s':>10} {'p50 s':>7} {'p99 s':>7}  rejected")
+    levels = []
+    for c in args.levels:
+        row = end_to_end(args, url, c)
+        levels.append(row)
+        p50 = f"{row['p50_s']:.2f}" if row["p50_s"] is not None else "-"
+        p99 = f"{row['p99_s']:.2f}" if row["p99_s"] is not None else "-"
+        print(f"{c:>8} {row['done']:>5} {row['failed']:>6} {row['renders_per_s']:>10.2f} {p50:>7} {p99:>7}  "
+              f"{row['rejected'] or '-'}", flush=True)
+
+    print(f"\nmodel stage ({args.model_requests} concurrent one-item requests, one replica, median of {args.repeat})")
+    stage = model_stage(args, model_uri)
+    for b, rate in stage["items_per_s"].items():
+        print(f"  max_batch_size={b:<3} {rate:8.1f} items/s  (mean batch {stage['mean_batch'][b]:.1f}; inside the "
+              f"batch handler {stage['compute_ms_per_item'][b]:.1f} ms/item)")
+    print(f"  batched / unbatched: {stage['ratio']:.2f}x (target >= 3)")
+
+    print("\noverload (bursts of concurrent POSTs; accepted jobs cancelled after each burst)")
+    bursts = overload(args, url)
+    for row in bursts:
+        counts = ", ".join(f"{k}: {v}" for k, v in row.items() if k not in ("burst", "slowest_rejection_s"))
+        slow = f"; slowest rejection {row['slowest_rejection_s']:.2f} s" if row["slowest_rejection_s"] else ""
+        print(f"  burst {row['burst']:>4}: {counts}{slow}")
+    first_503 = next((r["burst"] for r in bursts if r.get("503")), None)
+    first_429 = next((r["burst"] for r in bursts if r.get("429")), None)
+    print(f"  503s start at a burst of {first_503 or f'> {args.bursts[-1]}'}, 429s at "
+          f"{first_429 or f'> {args.bursts[-1]}'} (ingress bound {settings.ingress.max_ongoing_requests} + "
+          f"{settings.ingress.max_queued_requests} requests, job queue {settings.limits.max_queued_jobs})")
+    assert requests.get(f"{url}/healthz", timeout=30).status_code == 200
+    print(f"load average {os.getloadavg()[0]:.1f} at the end")
+    serve.shutdown()
+    if args.out_json:
+        best = max(levels, key=lambda r: r["renders_per_s"])
+        with open(args.out_json, "w") as f:
+            json.dump({"settings": {k: v for k, v in vars(args).items()}, "end_to_end": levels,
+                       "model_stage": stage, "overload": bursts,
+                       "summary_rows": [
+                           [f"serve: model-stage throughput, max_batch_size={args.batch} vs 1 (target >= 3x)",
+                            f"{stage['ratio']:.2f}x ({stage['items_per_s'][args.batch]:.1f} vs "
+                            f"{stage['items_per_s'][1]:.1f} items/s)"],
+                           ["serve: end to end, best level", f"{best['renders_per_s']:.2f} renders/s at "
+                            f"{best['concurrency']} clients (p50 {best['p50_s']:.2f} s, p99 {best['p99_s']:.2f} s)"],
+                           ["serve: 503 onset (burst size)", str(first_503 or f"> {args.bursts[-1]}")],
+                       ]}, f, indent=2, default=str)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,407 @@
+"""Batch rendering end to end: specs, the Ray pipeline, moto's S3, the real ffmpeg.
+
+Tiny untrained models (built, not trained: rendering does not care what they learned), a
+testsrc2 input video, a logo, a sine jingle and subtitles, all in moto's S3. The big batch renders
+once (module fixture) and the tests after it look at what landed, re-run it, and edit it.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import html.parser
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+
+import numpy as np
+import pytest
+import yaml
+
+from vidgen import media, models, storage
+from vidgen.render import load_batch, parse_batch, render_batch
+from vidgen.render.spec import MAX_ITEMS, SpecError
+
+FPS, SECONDS, SIDE = 8, 1.5, 64
+INPUT_FPS, INPUT_FRAMES = 10, 16  # differs from the defaults: restore must keep the input's
+
+
+def _ffmpeg(*args: str) -> None:
+    subprocess.run([media.ffmpeg_binary(), "-hide_banner", "-loglevel", "error", "-y", *args], check=True)
+
+
+@pytest.fixture(scope="module")
+def assets(s3_bucket, tmp_path_factory):
+    """Models and inputs in moto's S3: URIs by name."""
+    import torch
+    from PIL import Image
+
+    root = f"s3://{s3_bucket}/render-assets-{uuid.uuid4().hex[:8]}"
+    torch.manual_seed(0)
+    uris = {name: storage.join(root, "models", name) for name in ("gan", "restore", "convlstm", "style")}
+    models.save(models.build("gan", "tiny", num_classes=3, label_names=["circle", "square", "triangle"]), uris["gan"])
+    models.save(models.build("restore", "tiny"), uris["restore"])
+    models.save(models.build("convlstm", "tiny"), uris["convlstm"])
+    models.save(models.build("style", "tiny"), uris["style"])
+    tmp = tmp_path_factory.mktemp("render-assets")
+    _ffmpeg("-f", "lavfi", "-i", f"testsrc2=s=64x48:r={INPUT_FPS}", "-frames:v", str(INPUT_FRAMES),
+            "-pix_fmt", "yuv420p", str(tmp / "lecture.mp4"))
+    _ffmpeg("-f", "lavfi", "-i", "sine=frequency=440:duration=3", "-c:a", "aac", str(tmp / "jingle.m4a"))
+    logo = io.BytesIO()
+    Image.new("RGBA", (40, 20), (230, 20, 20, 220)).save(logo, format="PNG")
+    uris["logo"] = storage.join(root, "brand", "logo.png")
+    storage.write_bytes(uris["logo"], logo.getvalue())
+    uris["lecture"] = storage.join(root, "raw", "lecture.mp4")
+    storage.upload_file(tmp / "lecture.mp4", uris["lecture"])
+    uris["audio"] = storage.join(root, "audio", "jingle.m4a")
+    storage.upload_file(tmp / "jingle.m4a", uris["audio"])
+    uris["subtitles"] = storage.join(root, "subs", "lecture.vtt")
+    storage.write_text(uris["subtitles"], "WEBVTT\n\n00:00:00.000 --> 00:00:01.000\nWelcome\n")
+    uris["root"] = root
+    return uris
+
+
+def six_item_spec(assets: dict, out: str) -> dict:
+    return {
+        "name": "render-test",
+        "output": out,
+        "model": assets["gan"],
+        "defaults": {"fps": FPS, "seconds": SECONDS, "size": [SIDE, SIDE], "preset": "ultrafast"},
+        "items": [
+            {"id": "ad", "mode": "generate", "seed": 7, "label": "square", "title": "Spring sale -20%",
+             "logo": assets["logo"], "watermark": "ACME", "audio": assets["audio"]},
+            # the same video without overlays, plus renditions: the plain render the overlays are compared to
+            {"id": "plain", "mode": "generate", "seed": 7, "label": 1,
+             "renditions": [{"name": "16x9", "size": [96, 54]}, {"name": "9x16", "size": "54x96", "fit": "pad"}]},
+            {"id": "lecture", "mode": "restore", "input": assets["lecture"], "model": assets["restore"],
+             "compare": True, "subtitles": assets["subtitles"]},
+            {"id": "styled", "mode": "stylize", "input": assets["lecture"], "model": assets["style"]},
+            {"id": "extend", "mode": "predict", "input": assets["lecture"], "model": assets["convlstm"], "seconds": 2},
+            {"id": "missing", "mode": "restore", "input": storage.join(assets["root"], "raw", "nope.mp4"),
+             "model": assets["restore"]},
+        ],
+    }
+
+
+def snapshot(prefix: str) -> dict[str, tuple[str, str]]:
+    """Every object under a prefix as seen by the server: key -> (ETag, LastModified)."""
+    bucket, key = storage.split_s3(prefix)
+    pages = storage.s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key + "/")
+    return {o["Key"]: (o["ETag"], o["LastModified"].isoformat()) for p in pages for o in p.get("Contents", [])}
+
+
+@pytest.fixture(scope="module")
+def rendered(assets, s3_bucket, ray_session):
+    out = f"s3://{s3_bucket}/renders-{uuid.uuid4().hex[:8]}"
+    spec = six_item_spec(assets, out)
+    started = time.monotonic()
+    result = render_batch(parse_batch(spec), workers=2, progress=False)
+    return {"spec": spec, "out": out, "result": result, "seconds": time.monotonic() - started}
+
+
+def records_by_id(out: str) -> dict[str, dict]:
+    lines = storage.read_text(storage.join(out, "manifest.jsonl")).splitlines()
+    return {r["id"]: r for r in map(json.loads, lines)}
+
+
+# --------------------------------------------------------------------------------------------
+# The batch
+
+
+def test_batch_renders_five_ok_and_records_one_error(rendered):
+    result, out = rendered["result"], rendered["out"]
+    records = records_by_id(out)
+    assert list(records) == ["ad", "plain", "lecture", "styled", "extend", "missing"]
+    assert [r["status"] for r in records.values()].count("ok") == 5
+    assert result.failed == ["missing"] and not result.ok
+    missing = records["missing"]
+    assert missing["status"] == "error" and "nope.mp4" in missing["error"] and "no such key" in missing["error"]
+    for item_id, record in records.items():  # each record is also its own object, written after the outputs
+        assert storage.read_json(storage.join(out, "items", f"{item_id}.json")) == record
+    assert not storage.exists(storage.join(out, "missing.mp4"))
+
+
+def test_outputs_have_the_asked_fps_size_and_duration(rendered, assets):
+    out, records = rendered["out"], records_by_id(rendered["out"])
+
+    def check(name, width, height, fps, frames):
+        info = media.probe(storage.join(out, name))
+        assert (info.width, info.height, info.frames) == (width, height, frames), name
+        assert info.fps == pytest.approx(fps) and info.seconds == pytest.approx(frames / fps, abs=0.01), name
+        return info
+
+    generated = round(FPS * SECONDS)
+    ad = check("ad.mp4", SIDE, SIDE, FPS, generated)
+    check("plain.mp4", SIDE, SIDE, FPS, generated)
+    check("plain--16x9.mp4", 96, 54, FPS, generated)
+    check("plain--9x16.mp4", 54, 96, FPS, generated)
+    check("lecture.mp4", SIDE, SIDE, INPUT_FPS, INPUT_FRAMES)  # restore keeps the input's fps and length
+    check("lecture--compare.mp4", 2 * SIDE, SIDE, INPUT_FPS, INPUT_FRAMES)
+    check("styled.mp4", SIDE, SIDE, INPUT_FPS, INPUT_FRAMES)
+    check("extend.mp4", SIDE, SIDE, FPS, 2 * FPS)  # predict rolls out to seconds x fps
+    assert ad.audio and ad.audio_codec == "aac"
+    assert not media.probe(storage.join(out, "plain.mp4")).audio
+    # provenance in the mp4 and the record
+    digest = models.read_manifest(assets["gan"])["weights_sha256"]
+    provenance = json.loads(ad.metadata["comment"])
+    assert provenance["model_sha256"] == digest and provenance["seed"] == 7 and provenance["label"] == 1
+    assert provenance["vidgen"] and records["ad"]["model_sha256"] == digest
+    assert records["ad"]["spec_hash"] == provenance["spec_hash"]
+    assert [r["name"] for r in records["plain"]["renditions"]] == ["16x9", "9x16"]
+    assert records["lecture"]["compare"]["width"] == 2 * SIDE
+    for record in records.values():
+        if record["status"] == "ok":
+            data = storage.read_bytes(record["uri"])
+            assert hashlib.sha256(data).hexdigest() == record["sha256"] and len(data) == record["bytes"]
+            assert storage.read_bytes(record["poster"])[:2] == b"\xff\xd8"  # a JPEG
+
+
+def test_overlays_change_pixels_of_the_same_video(rendered):
+    ad = media.decode(storage.join(rendered["out"], "ad.mp4")).astype(np.int16)
+    plain = media.decode(storage.join(rendered["out"], "plain.mp4")).astype(np.int16)
+    top = slice(0, SIDE // 4)  # the title box
+    assert np.abs(ad[:, top] - plain[:, top]).mean() > 20
+    # same seed and label: away from the overlays the frames are the same video
+    bottom_left = (slice(None), slice(3 * SIDE // 4, SIDE), slice(0, SIDE // 4))
+    assert np.abs(ad[bottom_left] - plain[bottom_left]).mean() < 8
+
+
+class _Links(html.parser.HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.links: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.links += [v for k, v in attrs if k in ("href", "src", "poster") and v]
+
+
+def test_gallery_links_and_sources_resolve(rendered):
+    out = rendered["out"]
+    page = storage.read_text(storage.join(out, "index.html"))
+    parser = _Links()
+    parser.feed(page)
+    assert "ad.mp4" in parser.links and "ad.jpg" in parser.links and "plain--9x16.mp4" in parser.links
+    for link in parser.links:
+        assert "://" not in link and not link.startswith("/"), link  # relative: works local and served
+        assert storage.exists(storage.join(out, link)), link
+    assert "nope.mp4" in page  # the failed item shows its error
+
+
+def test_gallery_escapes_user_text():
+    from vidgen.render import gallery
+
+    record = {"id": "x", "mode": "generate", "status": "error", "error": "<script>alert(1)</script>", "model": "m"}
+    page = gallery.render_html("<b>batch</b>", [record])
+    assert "<script>" not in page and "&lt;script&gt;" in page and "&lt;b&gt;batch" in page
+
+
+def test_rerun_uploads_nothing(rendered):
+    out = rendered["out"]
+    before = snapshot(out)
+    result = render_batch(parse_batch(rendered["spec"]), workers=2, progress=False)
+    assert snapshot(out) == before  # observed on the server: same keys, ETags and LastModified
+    assert result.rendered == [] and result.unchanged == ["ad", "plain", "lecture", "styled", "extend"]
+    assert result.failed == ["missing"]
+
+
+def test_edited_item_rerenders_alone(rendered):
+    out = rendered["out"]
+    spec = copy.deepcopy(rendered["spec"])
+    spec["items"][0]["title"] = "Summer sale -30%"
+    before = snapshot(out)
+    time.sleep(1.0)  # LastModified has one-second resolution on some servers
+    result = render_batch(parse_batch(spec), workers=2, progress=False)
+    after = snapshot(out)
+    changed = {k.rsplit("/", 1)[-1] for k in after if after[k] != before.get(k)}
+    assert result.rendered == ["ad"]
+    assert changed == {"ad.mp4", "ad.jpg", "ad.json", "manifest.jsonl", "index.html"}
+
+
+# --------------------------------------------------------------------------------------------
+# A render killed mid-batch
+
+
+def test_killed_render_reruns_with_every_object_uploaded_once(assets, ray_session, tmp_path):
+    import ray
+
+    client = storage.s3_client()
+    bucket = "vidgen-versioned"
+    client.create_bucket(Bucket=bucket)
+    client.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    out = f"s3://{bucket}/kill-{uuid.uuid4().hex[:8]}"
+    spec = {"name": "kill-test", "output": out, "model": assets["gan"],
+            "defaults": {"fps": FPS, "seconds": 1, "size": [SIDE, SIDE], "preset": "ultrafast"},
+            "items": [{"id": f"gen-{i}", "mode": "generate", "seed": i,
+                       "renditions": [{"name": "wide", "size": [96, 54]}]} for i in range(5)]}
+    path = tmp_path / "batch.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    command = [sys.executable, "-m", "vidgen.cli", "render", str(path), "--workers", "2"]
+
+    killed = subprocess.run(command, env={**env, "VIDGEN_TEST_KILL_AFTER_ITEMS": "2"}, capture_output=True,
+                            text=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    records = [k for k in snapshot(out) if "/items/" in k]
+    assert 2 <= len(records) < 5
+    assert not any(k.endswith(("manifest.jsonl", "index.html")) for k in snapshot(out))
+    assert not client.list_multipart_uploads(Bucket=bucket).get("Uploads")
+    for key in snapshot(out):  # what is visible is whole
+        if key.endswith(".mp4"):
+            assert media.probe(f"s3://{bucket}/{key}").frames == FPS
+    time.sleep(2.0)  # Ray ends the killed driver's workers
+
+    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "5 items" in again.stdout
+    keys = snapshot(out)
+    assert len([k for k in keys if k.endswith(".mp4")]) == 10 and len([k for k in keys if "/items/" in k]) == 5
+    versions = client.list_object_versions(Bucket=bucket, Prefix=storage.split_s3(out)[1] + "/")["Versions"]
+    counts: dict[str, int] = {}
+    for v in versions:
+        counts[v["Key"]] = counts.get(v["Key"], 0) + 1
+    assert counts == dict.fromkeys(keys, 1)  # every object uploaded exactly once over both runs
+
+
+def test_objects_that_landed_before_their_record_are_adopted_not_uploaded_again(assets, s3_root):
+    """What a kill between an item's uploads and its record leaves: outputs, no record."""
+    spec = {"name": "adopt", "output": s3_root, "model": assets["gan"],
+            "defaults": {"fps": FPS, "seconds": 1, "size": [SIDE, SIDE], "preset": "ultrafast"},
+            "items": [{"id": f"gen-{i}", "mode": "generate", "seed": i,
+                       "renditions": [{"name": "wide", "size": [96, 54]}]} for i in range(2)]}
+    render_batch(parse_batch(spec), workers=0, progress=False)  # in this process, no Ray
+    for name in ("items/gen-0.json", "items/gen-1.json", "manifest.jsonl", "index.html", "gen-1--wide.jpg"):
+        storage.delete(storage.join(s3_root, name))
+    before = snapshot(s3_root)
+    time.sleep(1.0)
+    result = render_batch(parse_batch(spec), workers=0, progress=False)
+    after = snapshot(s3_root)
+    assert result.resumed == ["gen-0"] and result.rendered == ["gen-1"] and result.ok
+    assert {k: after[k] for k in before} == before  # nothing that was there is uploaded again
+    assert {k.split("/", 1)[1] for k in set(after) - set(before)} == {
+        "items/gen-0.json", "items/gen-1.json", "manifest.jsonl", "index.html", "gen-1--wide.jpg"}
+    assert media.probe(storage.join(s3_root, "gen-1--wide.mp4")).width == 96
+
+
+# --------------------------------------------------------------------------------------------
+# Specs rejected before any work
+
+
+def _base(assets, out="s3://vidgen-test/never"):
+    return {"name": "bad", "output": out, "model": assets["gan"],
+            "items": [{"id": "a", "mode": "generate", "seed": 1}]}
+
+
+@pytest.mark.parametrize("edit, named", [
+    (lambda s: s["items"][0].update(id="../x"), "items[0] (../x).id"),
+    (lambda s: s["items"][0].update(id="a--b"), "items[0] (a--b).id"),
+    (lambda s: s["items"][0].update(mode="upscale"), "items[0] (a).mode"),
+    (lambda s: s["items"][0].update(colour="red"), "items[0] (a).colour: unknown field"),
+    (lambda s: s["items"].append({"id": "a", "mode": "generate"}), "id 'a' appears more than once"),
+    (lambda s: s["items"][0].update(seconds=10_000), "items[0] (a).seconds"),
+    (lambda s: s["items"][0].update(size=[65, 64]), "items[0] (a).size"),
+    (lambda s: s["items"][0].update(size=[64, 8192]), "items[0] (a).size"),
+    (lambda s: s["items"][0].update(mode="restore"), "items[0] (a).input"),
+    (lambda s: s["items"][0].update(input="s3://vidgen-test/x.mp4"), "items[0] (a).input"),
+    (lambda s: s["items"][0].update(renditions=[{"name": "16:9", "size": [96, 54]}]), "renditions[0].name"),
+    (lambda s: s["items"].extend({"id": f"i{i}", "mode": "generate"} for i in range(MAX_ITEMS)), "at most 1000"),
+    (lambda s: s.pop("output"), "output: required field is missing"),
+    (lambda s: s["items"][0].update(label="hexagon"), "items[0] (a).label: unknown label 'hexagon'"),
+    (lambda s: s["items"][0].update(label=5), "items[0] (a).label: label 5 is out of range"),
+])
+def test_wrong_specs_are_rejected_naming_the_field(assets, edit, named):
+    from vidgen.render.batch import plan_batch
+
+    spec = _base(assets)
+    edit(spec)
+    with pytest.raises(SpecError) as err:
+        plan_batch(parse_batch(spec))  # labels are checked against the model when it is readable
+    assert named in str(err.value)
+
+
+def test_cli_rejects_unsafe_id_with_exit_2_and_writes_nothing(assets, s3_root, tmp_path, capsys):
+    from vidgen import cli
+
+    spec = _base(assets, out=s3_root)
+    spec["items"].append({"id": "../escape", "mode": "generate"})
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    assert cli.main(["render", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "items[1] (../escape).id" in err
+    assert storage.list_prefix(s3_root) == []
+
+
+def test_the_planner_reads_model_json_like_models_does(assets):
+    from vidgen.render import batch
+
+    assert batch.MODEL_FORMAT == models.FORMAT  # the planner's torch-free copy of the check
+    assert batch.read_model_manifest(assets["gan"]) == models.read_manifest(assets["gan"])
+
+
+def test_items_from_csv_beside_the_spec_and_dry_run(assets, s3_root, capsys):
+    from vidgen import cli
+
+    storage.write_text(storage.join(s3_root, "jobs", "rows.csv"),
+                       "id,mode,seed,label,title,size,renditions\n"
+                       "row-1,generate,3,triangle,\"Hello, world\",96x54,\n"
+                       "row-2,generate,4,0,,,\"[{\"\"name\"\": \"\"sq\"\", \"\"size\"\": [64, 64]}]\"\n")
+    spec_uri = storage.join(s3_root, "jobs", "batch.yaml")
+    storage.write_text(spec_uri, yaml.safe_dump({**_base(assets, out=storage.join(s3_root, "out")),
+                                                 "items_from": "rows.csv"}))
+    batch = load_batch(spec_uri)
+    items = batch.resolve({assets["gan"]: models.read_manifest(assets["gan"])})
+    assert [(i.id, i.seed, i.label, i.size) for i in items] == [
+        ("a", 1, None, None), ("row-1", 3, 2, (96, 54)), ("row-2", 4, 0, None)]
+    assert items[1].title == "Hello, world" and items[2].renditions[0].size == (64, 64)
+
+    storage.write_text(storage.join(s3_root, "jobs", "rows.csv"), "id,mode,seed\nrow-1,generate,x\n")
+    with pytest.raises(SpecError, match=r"items_from rows.csv line 2 \(row-1\).seed"):
+        load_batch(spec_uri)
+
+    storage.write_text(storage.join(s3_root, "jobs", "rows.csv"), "id,mode,seed\nrow-1,generate,5\n")
+    assert cli.main(["render", spec_uri, "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    assert "row-1" in printed and "render 2" in printed
+    assert not storage.list_prefix(storage.join(s3_root, "out"))
+
+
+# --------------------------------------------------------------------------------------------
+# On a GPU
+
+
+@pytest.mark.gpu
+def test_inference_on_a_gpu_matches_the_cpu(tmp_path):
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from vidgen.render import engine
+
+    _ffmpeg("-f", "lavfi", "-i", "testsrc2=s=64x48:r=8", "-frames:v", "20", "-pix_fmt", "yuv420p",
+            str(tmp_path / "in.mp4"))
+    cases = {
+        "gan": [{"id": f"g{i}", "mode": "generate", "seed": i, "label": i % 3} for i in range(3)],
+        "restore": [{"id": "r", "mode": "restore", "input": str(tmp_path / "in.mp4"), "compare": True}],
+        "convlstm": [{"id": "p", "mode": "predict", "input": str(tmp_path / "in.mp4"), "seconds": 3}],
+    }
+    for family, items in cases.items():
+        torch.manual_seed(0)
+        model = models.build(family, "tiny", **({"num_classes": 3} if family == "gan" else {}))
+        batch = parse_batch({"name": "gpu", "output": str(tmp_path / "out"), "model": "unused",
+                             "defaults": {"fps": 8, "seconds": 2}, "items": items})
+        outputs = []
+        for device in ("cpu", "cuda"):
+            frames: dict = {}
+            for event in engine.infer(model.to(device).eval(), batch.resolve(), chunk_frames=8):
+                assert not isinstance(event, engine.Failed), event.error
+                if isinstance(event, engine.Chunk):
+                    frames.setdefault((event.index, event.stream), []).append(event.frames)
+            outputs.append({k: np.concatenate(v).astype(np.int16) for k, v in frames.items()})
+        assert outputs[0].keys() == outputs[1].keys()
+        for key in outputs[0]:
+            assert np.abs(outputs[0][key] - outputs[1][key]).max() <= 2, (family, key)
+

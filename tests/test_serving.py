@@ -1,0 +1,380 @@
+"""The render API on a real Ray Serve (127.0.0.1), moto's S3 and the real ffmpeg.
+
+One application serves the whole module (a tiny untrained GAN named `g`); tests talk HTTP to it
+like a client would, kill its replicas, and read what landed in S3. Small limits (4 unfinished jobs,
+an ingress queue of 4) make overload cheap to provoke. The last test runs Ray's own `serve run`
+on serve/config.yaml, so it shuts the module's application down first.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+
+import pytest
+import requests
+import yaml
+
+from tests.conftest import free_port
+from vidgen import media, models, serving, storage
+
+TOKEN = "test-token-" + uuid.uuid4().hex
+LABELS = ["circle", "square", "triangle"]
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclass
+class Service:
+    url: str
+    root: str  # output root
+    inputs: str  # the input root
+    http: requests.Session
+
+    def post(self, body: dict, **headers) -> requests.Response:
+        return self.http.post(f"{self.url}/v1/renders", json=body, headers=headers, timeout=30)
+
+    def get(self, job_id: str) -> requests.Response:
+        return self.http.get(f"{self.url}/v1/renders/{job_id}", timeout=30)
+
+    def wait(self, job_id: str, timeout: float = 120, through_outages: bool = False) -> dict:
+        """Poll until the job is done, failed or cancelled; with `through_outages`, keep polling
+        across refused connections and 5xx answers (a replica being replaced)."""
+        deadline = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < deadline:
+            try:
+                r = self.get(job_id)
+                last = r.status_code, r.text[:300]
+                if r.status_code == 200 and r.json()["status"] in serving.TERMINAL:
+                    return r.json()
+                assert r.status_code == 200 or (through_outages and r.status_code >= 500), last
+            except requests.ConnectionError:
+                if not through_outages:
+                    raise
+            time.sleep(0.3)
+        raise AssertionError(f"job {job_id} did not finish in {timeout} s; last answer {last}")
+
+
+def batch(n: int = 2, name: str = "ads", seconds: float = 1, **item) -> dict:
+    return {"name": name, "model": "g", "defaults": {"fps": 8, "seconds": seconds, "size": [64, 64],
+                                                     "preset": "ultrafast"},
+            "items": [{"id": f"ad-{i:02d}", "mode": "generate", "seed": i, **item} for i in range(n)]}
+
+
+@pytest.fixture(scope="module")
+def service(ray_session, s3_bucket):
+    import torch
+    from ray import serve
+
+    base = f"s3://{s3_bucket}/serving-{uuid.uuid4().hex[:8]}"
+    torch.manual_seed(0)
+    models.save(models.build("gan", "tiny", num_classes=3, label_names=LABELS), storage.join(base, "models", "g"))
+    settings = serving.load_settings({
+        "models": {"g": storage.join(base, "models", "g")},
+        "output_root": storage.join(base, "renders"),
+        "input_roots": [storage.join(base, "inputs")],
+        "url_expiry_s": 600,
+        "limits": {"max_items": 8, "max_seconds": 4, "max_side": 256, "max_queued_jobs": 4},
+        "ingress": {"max_ongoing_requests": 4, "max_queued_requests": 4,
+                    "autoscaling": {"min_replicas": 1, "max_replicas": 1}},
+        # two items at a time: a job of 8 still needs the model after its first item has landed
+        "runner": {"heartbeat_s": 0.5, "stale_s": 3, "poll_s": 0.5, "encode_cpus": 0.4, "max_items_in_flight": 2},
+        "model": {"max_batch_size": 8, "batch_wait_timeout_s": 0.2,
+                  "autoscaling": {"min_replicas": 1, "max_replicas": 1}},
+    })
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(serving.build_app(settings, token=TOKEN), name=serving.APP_NAME, route_prefix="/")
+    http = requests.Session()
+    http.headers["Authorization"] = f"Bearer {TOKEN}"
+    try:
+        yield Service(f"http://127.0.0.1:{port}", settings.output_root, settings.input_roots[0], http)
+    finally:
+        serve.shutdown()
+
+
+def replica_actor(deployment: str, other_than: str | None = None, timeout: float = 60):
+    """(name, handle) of the one live Serve replica actor of a deployment (one that is not
+    `other_than`: waits for Serve to replace a killed one)."""
+    import ray
+
+    deadline = time.monotonic() + timeout
+    while True:
+        names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                 if a["namespace"] == "serve" and f"{serving.APP_NAME}#{deployment}#" in a["name"]
+                 and a["name"] != other_than]
+        if len(names) == 1:
+            return names[0], ray.get_actor(names[0], namespace="serve")
+        assert time.monotonic() < deadline, names
+        time.sleep(0.2)
+
+
+def model_stats() -> dict:
+    from ray import serve
+
+    return serve.get_deployment_handle("model-g", serving.APP_NAME).get_stats.remote().result()
+
+
+def wait_for_first_record(svc: Service, job_id: str) -> None:
+    store = serving.JobStore(svc.root)
+    deadline = time.monotonic() + 60
+    while not store.record_uris(job_id):
+        assert time.monotonic() < deadline, "no item landed"
+        time.sleep(0.05)
+
+
+def wait_for_queue_to_drain(svc: Service, timeout: float = 60) -> None:
+    store = serving.JobStore(svc.root)
+    deadline = time.monotonic() + timeout
+    while store.queued():
+        assert time.monotonic() < deadline, f"jobs still queued: {store.queued()}"
+        time.sleep(0.3)
+
+
+# --------------------------------------------------------------------------------------------
+# The API
+
+
+def test_submit_poll_done_and_presigned_urls_download(service):
+    r = service.post(batch(3, label="square", title="Spring sale -20%"))
+    assert r.status_code == 202, r.text
+    accepted = r.json()
+    assert accepted["status"] == "queued" and accepted["status_url"] == f"/v1/renders/{accepted['id']}"
+    job = service.wait(accepted["id"])
+    assert job["status"] == "done" and job["counts"] == {"items": 3, "ok": 3, "failed": 0, "pending": 0}
+    out = storage.join(service.root, accepted["id"])
+    assert job["output"] == out
+    for item in job["items"]:
+        assert item["status"] == "ok" and item["uri"] == storage.join(out, f"{item['id']}.mp4")
+        data = requests.get(item["url"], timeout=30).content  # presigned: no credentials needed
+        assert hashlib.sha256(data).hexdigest() == item["sha256"] == hashlib.sha256(
+            storage.read_bytes(item["uri"])).hexdigest()
+        assert "X-Amz-Expires=600" in item["url"] or "Expires=" in item["url"]
+        assert requests.get(item["poster_url"], timeout=30).content[:2] == b"\xff\xd8"
+        info = media.probe(item["uri"])
+        assert (info.width, info.height, info.frames) == (64, 64, 8)
+    assert storage.exists(storage.join(out, "manifest.jsonl"))
+    assert requests.get(job["gallery_url"], timeout=30).status_code == 200
+    assert model_stats()["max_batch"] > 1  # one @serve.batch call inferred several items
+    listed = service.http.get(f"{service.url}/v1/renders", timeout=30).json()["jobs"]
+    assert listed[0]["id"] == accepted["id"] and listed[0]["status"] == "done"
+
+
+def test_healthz_and_docs_are_public_and_v1_needs_the_token(service):
+    assert requests.get(f"{service.url}/healthz", timeout=30).json()["models"] == ["g"]
+    assert requests.get(f"{service.url}/docs", timeout=30).status_code == 200
+    schema = requests.get(f"{service.url}/openapi.json", timeout=30).json()
+    assert "/v1/renders" in schema["paths"] and "/v1/renders/{job_id}" in schema["paths"]
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {TOKEN}"},
+                    {"Authorization": TOKEN}):
+        for method, path in (("post", "/v1/renders"), ("get", "/v1/renders"), ("get", "/v1/renders/x"),
+                             ("delete", "/v1/renders/x")):
+            r = requests.request(method, f"{service.url}{path}", json=batch(1), headers=headers, timeout=30)
+            assert r.status_code == 401, (headers, method, path, r.text)
+            assert r.headers["WWW-Authenticate"] == "Bearer" and TOKEN not in r.text
+    r = requests.post(f"{service.url}/v1/renders", data=b"{not json", headers={"Content-Type": "application/json"},
+                      timeout=30)
+    assert r.status_code == 401  # auth comes before the body is even parsed
+
+
+def _unprocessable(service, body, named: str, **headers) -> None:
+    r = service.post(body, **headers) if isinstance(body, dict) else service.http.post(
+        f"{service.url}/v1/renders", data=body, headers={"Content-Type": "application/json"}, timeout=30)
+    assert r.status_code == 422, r.text
+    assert named in r.json()["message"], r.json()["message"]
+    return r.json()
+
+
+@pytest.mark.parametrize("edit, named", [
+    (lambda b: b["items"][0].update(mode="upscale"), "items[0].mode"),
+    (lambda b: b["items"][0].update(id="../escape"), "items[0].id"),
+    (lambda b: b["items"][0].update(id="a/b"), "items[0].id"),
+    (lambda b: b.update(items=[dict(b["items"][0], id=f"i{i}") for i in range(9)]), "items: 9 items"),
+    (lambda b: b["items"][0].update(seconds=30), "items[0].seconds: 30 s"),
+    (lambda b: b["defaults"].update(seconds=5), "defaults.seconds: 5 s"),
+    (lambda b: b["items"][0].update(size=[512, 64]), "items[0].size: 512x64"),
+    (lambda b: b["items"][0].update(renditions=[{"name": "big", "size": [64, 1024]}]), "items[0].renditions[0].size"),
+    (lambda b: b.update(model="nope"), "model: unknown model 'nope'"),
+    (lambda b: b["items"][1].update(model="s3://vidgen-test/models/g"), "items[1].model"),
+    (lambda b: b.update(output="s3://vidgen-test/elsewhere"), "output: not accepted"),
+    (lambda b: b.update(items_from="rows.csv"), "items_from: not accepted"),
+    (lambda b: b["items"][0].update(mode="restore", input="s3://vidgen-test/private/x.mp4", seed=None),
+     "items[0].input: not under this service's input roots"),
+    (lambda b: b["items"][0].update(logo="/etc/passwd"), "items[0].logo: not under"),
+    (lambda b: b["items"][0].update(mode="restore", input="INPUTS/../models/g/model.safetensors", seed=None),
+     "items[0].input: not under"),
+    (lambda b: b["items"][0].update(mode="stylize", input="INPUTS/a.mp4", seed=None), "items[0].mode: model g is a gan"),
+    (lambda b: b["items"][0].update(label="hexagon"), "unknown label 'hexagon'"),
+    (lambda b: b["items"][0].update(colour="red"), "items[0].colour"),
+    (lambda b: b["items"][0].update(crf=60), "items[0].crf: 60 is out of range for h264"),
+])
+def test_bad_requests_are_422_naming_the_field(service, edit, named):
+    body = batch(2)
+    edit(body)
+    for item in body["items"]:
+        if isinstance(item.get("input"), str):
+            item["input"] = item["input"].replace("INPUTS", service.inputs)
+        if item.get("seed") is None:
+            item.pop("seed", None)
+    _unprocessable(service, body, named)
+
+
+def test_malformed_json_is_422_and_nothing_is_queued(service):
+    before = serving.JobStore(service.root).jobs()
+    _unprocessable(service, b'{"name": "x", "items": [', "body")
+    _unprocessable(service, b'[1, 2]', "body")
+    assert serving.JobStore(service.root).jobs() == before
+
+
+def test_retried_post_with_the_same_idempotency_key_is_one_job(service):
+    key = f"order-{uuid.uuid4().hex}"
+    body = batch(1, name="idem")
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:  # a client retrying in a hurry
+        answers = list(pool.map(lambda _: service.post(body, **{"Idempotency-Key": key}), range(4)))
+    assert {r.status_code for r in answers} <= {202, 409}, [r.text for r in answers]
+    ids = {r.json()["id"] for r in answers if r.status_code == 202}
+    assert len(ids) == 1
+    job_id = ids.pop()
+    again = service.post(body, **{"Idempotency-Key": key})
+    assert again.status_code == 202 and again.json() == {"id": job_id, "status": "replayed",
+                                                         "status_url": f"/v1/renders/{job_id}"}
+    jobs = serving.JobStore(service.root).jobs()
+    assert sum(serving.JobStore(service.root).read(j)["name"] == "idem" for j in jobs) == 1
+    assert service.wait(job_id)["status"] == "done"
+    other = service.post(batch(2, name="idem"), **{"Idempotency-Key": key})
+    assert other.status_code == 409  # the same key with another request
+
+
+def test_cancel(service):
+    r = service.post(batch(8, seconds=2, name="to-cancel"))
+    assert r.status_code == 202
+    job_id = r.json()["id"]
+    assert service.http.delete(f"{service.url}/v1/renders/{job_id}", timeout=30).status_code == 202
+    job = service.wait(job_id)
+    assert job["status"] == "cancelled" and job["counts"]["pending"] > 0, job["counts"]
+    assert service.http.delete(f"{service.url}/v1/renders/{job_id}", timeout=30).status_code == 202
+    wait_for_queue_to_drain(service)
+    assert service.http.delete(f"{service.url}/v1/renders/20990101T000000Z-00000000", timeout=30).status_code == 404
+    assert service.get("not-a-job").status_code == 404
+    done = service.post(batch(1, name="done-then-cancel")).json()["id"]
+    service.wait(done)
+    assert service.http.delete(f"{service.url}/v1/renders/{done}", timeout=30).status_code == 409
+
+
+def test_burst_beyond_the_queue_gets_503_or_429_and_the_service_goes_on(service):
+    wait_for_queue_to_drain(service)
+    body = batch(1, name="burst")
+    with concurrent.futures.ThreadPoolExecutor(24) as pool:
+        answers = list(pool.map(lambda _: requests.post(f"{service.url}/v1/renders", json=body, timeout=30,
+                                                        headers={"Authorization": f"Bearer {TOKEN}"}), range(24)))
+    codes = [r.status_code for r in answers]
+    accepted = [r.json()["id"] for r in answers if r.status_code == 202]
+    assert set(codes) <= {202, 429, 503}, codes
+    assert 1 <= len(accepted) <= 4 and codes.count(429) + codes.count(503) >= 20, codes
+    assert all(r.headers.get("Retry-After") for r in answers if r.status_code == 429)
+    assert requests.get(f"{service.url}/healthz", timeout=30).status_code == 200
+    for job_id in accepted:
+        assert service.wait(job_id)["status"] == "done"
+    assert service.post(batch(1, name="after-burst")).status_code == 202
+
+
+# --------------------------------------------------------------------------------------------
+# Replicas that die
+
+
+def test_model_replica_killed_mid_job_the_job_completes_on_a_new_replica(service):
+    import ray
+
+    wait_for_queue_to_drain(service)
+    job_id = service.post(batch(8, seconds=2, name="model-kill")).json()["id"]
+    wait_for_first_record(service, job_id)
+    name, actor = replica_actor("model-g")
+    assert service.get(job_id).json()["counts"]["pending"] >= 4  # mid-job
+    ray.kill(actor, no_restart=True)
+    job = service.wait(job_id, timeout=150)
+    assert job["status"] == "done" and job["counts"]["ok"] == 8, job
+    replica_actor("model-g", other_than=name)  # Serve replaced it...
+    assert model_stats()["items"] >= 4  # ...and the rest of the job was inferred there
+
+
+def test_ingress_restarted_mid_job_polling_goes_on_and_the_job_completes(service):
+    import ray
+
+    wait_for_queue_to_drain(service)
+    job_id = service.post(batch(8, seconds=2, name="ingress-kill")).json()["id"]
+    assert service.get(job_id).json()["status"] in ("queued", "running")
+    name, actor = replica_actor("ingress")
+    ray.kill(actor, no_restart=True)
+    job = service.wait(job_id, timeout=150, through_outages=True)
+    assert job["status"] == "done" and job["counts"]["ok"] == 8
+    replica_actor("ingress", other_than=name)
+
+
+def test_runner_killed_mid_job_another_takes_the_job_over(service):
+    import ray
+
+    wait_for_queue_to_drain(service)
+    job_id = service.post(batch(8, seconds=2, name="runner-kill")).json()["id"]
+    wait_for_first_record(service, job_id)
+    assert service.get(job_id).json()["counts"]["pending"] >= 4
+    ray.kill(replica_actor("runner")[1], no_restart=True)
+    job = service.wait(job_id, timeout=150)
+    assert job["status"] == "done" and job["counts"]["ok"] == 8 and job["attempt"] == 2, job
+
+
+# --------------------------------------------------------------------------------------------
+# Starting the service
+
+
+def test_vidgen_serve_refuses_a_public_host_without_a_token(monkeypatch, capsys):
+    from vidgen import cli
+
+    monkeypatch.delenv(serving.TOKEN_ENV, raising=False)
+    assert cli.main(["serve", "--host", "0.0.0.0", "--model", "g=s3://vidgen-test/models/g"]) == 2
+    assert "without a token" in capsys.readouterr().err
+    assert cli.main(["serve", "--model", "g"]) == 2
+    assert "NAME=URI" in capsys.readouterr().err
+
+
+def test_serve_run_with_the_config_file_answers_healthz(ray_session, tmp_path):
+    """Ray's own CLI on serve/config.yaml (only the port changed): no model, no token, loopback."""
+    import ray
+    from ray import serve
+
+    serve.shutdown()  # the module's application: `serve run` starts Serve with the config's http_options
+    config = yaml.safe_load(open(os.path.join(REPO, "serve", "config.yaml")))
+    port = free_port()
+    config["http_options"]["port"] = port
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    env = {k: v for k, v in os.environ.items() if k != serving.TOKEN_ENV}
+    env["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+    command = [os.path.join(os.path.dirname(sys.executable), "serve"), "run", str(path)]
+    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            try:
+                r = requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
+                if r.status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            assert time.monotonic() < deadline, "serve run did not answer /healthz"
+            time.sleep(0.5)
+        assert r.json() == {"status": "ok", "version": serving.__version__, "models": []}
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        serve.shutdown()

@@ -1,0 +1,551 @@
+"""The render engine: items -> model inference -> videos with overlays -> posters -> records.
+
+Plain functions that the offline batch (`vidgen.render.batch`, on Ray) and the serving path share:
+
+    for event in infer(model, items):              # Chunk(index, stream, frames) ..., Done / Failed
+        ...
+    record = encode_item(item, out, meta, chunks, model_info, spec_hash(item, digest))
+    records = render_items(items, model, out, model_info)   # both, in this process
+
+`infer` takes a list of compatible items (same model and mode; generate items of one length are
+sampled as one batch, so a server can batch across requests) and streams uint8 frames (t, H, W, 3)
+in chunks of at most CHUNK_FRAMES: long outputs never exist whole, on the model side or the encoder's.
+
+Outputs of an item under OUT (all relative names, so a gallery page can link them):
+    <id>.mp4 / <id>.webm     the item at its size (H.264 or VP9), overlays drawn, audio and subtitles muxed
+    <id>.jpg                 its poster (the middle frame of the encoded video)
+    <id>--<name>.mp4/.jpg    each rendition: the same frames fitted to the rendition's size
+    <id>--compare.mp4/.jpg   restore with `compare: true`: input (left) and output (right)
+    items/<id>.json          the record, written after all of the above: the item's commit marker
+Each object is one PUT (or a completed multipart upload), so a killed render leaves no partial
+object. On S3 each video and poster carries its spec hash in its user metadata (`x-amz-meta-vidgen-*`),
+so a re-run after a kill adopts objects that landed before the record did instead of uploading them again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import numpy as np
+
+from vidgen import __version__, media, storage
+from vidgen.render.spec import COMPARE, MAX_SIDE, MODE_FAMILIES, ResolvedItem
+
+# torch is imported by the inference functions only: encode/upload workers never load it.
+
+RENDER_FORMAT = "vidgen-render/1"
+CHUNK_FRAMES = 64  # frames per inference/encode chunk: bounds memory for any video length
+META = "vidgen-"  # prefix of our S3 user metadata keys
+
+
+class ItemError(Exception):
+    """One item cannot render (missing input, corrupt video, wrong model); the message is its record's error."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a record says about the model: where, which family, the digest of its weights."""
+
+    uri: str
+    family: str
+    sha256: str
+    label_names: tuple[str, ...] | None = None
+    num_classes: int = 0
+
+    @classmethod
+    def from_manifest(cls, uri: str, manifest: dict) -> ModelInfo:
+        digest = manifest.get("weights_sha256") or hashlib.sha256(
+            json.dumps(manifest, sort_keys=True).encode()).hexdigest()
+        names = manifest.get("label_names")
+        return cls(uri, manifest["family"], digest, tuple(names) if names else None,
+                   int((manifest.get("config") or {}).get("num_classes", 0) or 0))
+
+
+def spec_hash(item: ResolvedItem, model_sha256: str) -> str:
+    """sha256 of the resolved item and the model's weights digest: an edited item, or new weights,
+    renders again; the model's URI is left out (the digest says which model it is)."""
+    spec = item.model_dump(mode="json", exclude={"model"})
+    payload = json.dumps({"format": RENDER_FORMAT, "item": spec, "model_sha256": model_sha256},
+                         sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def check_mode(mode: str, family: str, model_uri: str) -> None:
+    if family not in MODE_FAMILIES[mode]:
+        need = " or ".join(MODE_FAMILIES[mode])
+        raise ItemError(f"model {model_uri} is a {family} model; mode {mode} needs a {need} model")
+
+
+# --------------------------------------------------------------------------------------------
+# Outputs of an item
+
+
+@dataclass(frozen=True)
+class Output:
+    """One video (and its poster) of an item: the main one (name ""), a rendition, or the comparison."""
+
+    name: str
+    video: str
+    poster: str
+    size: tuple[int, int] | None  # None: the native size
+    fit: str
+    overlays: bool
+
+
+def item_outputs(item: ResolvedItem, out: str) -> list[Output]:
+    ext = media.container_for(item.codec)
+    outputs = [Output("", storage.join(out, f"{item.id}.{ext}"), storage.join(out, f"{item.id}.jpg"),
+                      item.size, item.fit, True)]
+    for r in item.renditions:
+        stem = f"{item.id}--{r.name}"
+        outputs.append(Output(r.name, storage.join(out, f"{stem}.{ext}"), storage.join(out, f"{stem}.jpg"),
+                              r.size, r.fit, True))
+    if item.compare:
+        stem = f"{item.id}--{COMPARE}"
+        size = (2 * item.size[0], item.size[1]) if item.size else None
+        outputs.append(Output(COMPARE, storage.join(out, f"{stem}.{ext}"), storage.join(out, f"{stem}.jpg"),
+                              size, item.fit, False))
+    return outputs
+
+
+def record_uri(out: str, item_id: str) -> str:
+    return storage.join(out, "items", f"{item_id}.json")
+
+
+# --------------------------------------------------------------------------------------------
+# Inference: items -> streams of uint8 frame chunks
+
+
+@dataclass
+class Chunk:
+    index: int  # which item of the list
+    stream: str  # "video" (the output) or "input" (restore's input frames, for the comparison)
+    frames: np.ndarray  # uint8 (t, H, W, 3)
+
+
+@dataclass
+class Done:
+    index: int
+    meta: dict  # fps, frames, width, height (native), scale (restore)
+
+
+@dataclass
+class Failed:
+    index: int
+    error: str
+
+
+Event = Chunk | Done | Failed
+
+
+def infer(model, items: list[ResolvedItem], chunk_frames: int = CHUNK_FRAMES) -> Iterator[Event]:
+    """Run the model for `items`, streaming Chunk events, then Done or Failed for each item.
+
+    A failing item yields Failed (chunks it already yielded are to be dropped); the others go on.
+    Generate items with the same length are sampled together as one batch.
+    """
+    from vidgen import models
+
+    family = models.family_of(model)
+    ready: list[tuple[int, ResolvedItem]] = []
+    for i, item in enumerate(items):
+        try:
+            check_mode(item.mode, family, item.model)
+            if item.mode == "generate":
+                _check_label(model, family, item)
+            ready.append((i, item))
+        except ItemError as e:
+            yield Failed(i, str(e))
+    generate = [(i, it) for i, it in ready if it.mode == "generate"]
+    predict = [(i, it) for i, it in ready if it.mode == "predict"]
+    for frames in dict.fromkeys(it.num_frames for _, it in generate):
+        group = [(i, it) for i, it in generate if it.num_frames == frames]
+        yield from _guard([i for i, _ in group], _generate(model, group, chunk_frames))
+    if predict:
+        yield from _predict(model, predict, chunk_frames)
+    for i, item in ready:
+        if item.mode in ("restore", "stylize"):
+            yield from _guard([i], _transform(model, i, item, chunk_frames))
+
+
+def _guard(indices: list[int], events: Iterator[Event]) -> Iterator[Event]:
+    """Pass events through; an exception fails the items that have not finished (and only those)."""
+    open_items = set(indices)
+    try:
+        for event in events:
+            if isinstance(event, (Done, Failed)):
+                open_items.discard(event.index)
+            yield event
+    except Exception as e:  # noqa: BLE001 - one item's failure is recorded, never the batch's
+        for i in sorted(open_items):
+            yield Failed(i, _describe(e))
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, (ItemError, media.MediaError, storage.StorageError)):
+        return str(e)
+    return f"{type(e).__name__}: {e}"
+
+
+def _device(model):
+    return next(model.parameters()).device
+
+
+def _check_label(model, family: str, item: ResolvedItem) -> None:
+    label = item.label
+    if label is None:
+        return
+    classes = getattr(model.config, "num_classes", 0) if family == "gan" else 0
+    if classes == 0:
+        raise ItemError(f"label: the model {item.model} is unconditional ({family}); remove the label")
+    if isinstance(label, str):
+        if not model.label_names or label not in model.label_names:
+            raise ItemError(f"label: unknown label {label!r}; the model {item.model} knows {model.label_names}")
+    elif not 0 <= label < classes:
+        raise ItemError(f"label: {label} is out of range: the model {item.model} has {classes} classes")
+
+
+def _generate(model, group: list[tuple[int, ResolvedItem]], chunk_frames: int) -> Iterator[Event]:
+    from vidgen.data.tensors import video_to_frames
+
+    num_frames = group[0][1].num_frames
+    labels = [it.label for _, it in group]
+    per_item = max(1, chunk_frames // len(group))  # at most chunk_frames frames in one forward pass
+    chunks = model.sample_chunks([it.seed for _, it in group], num_frames,
+                                 None if all(label is None for label in labels) else labels, per_item)
+    side = model.config.frame_size
+    for chunk in chunks:  # (n, C, t, H, W)
+        for j, (i, _) in enumerate(group):
+            yield Chunk(i, "video", video_to_frames(chunk[j]))
+    for i, item in group:
+        yield Done(i, {"fps": item.fps, "frames": num_frames, "width": side, "height": side, "scale": 1})
+
+
+def _probe_input(item: ResolvedItem) -> media.VideoInfo:
+    try:
+        return media.probe(item.input)
+    except media.MediaError as e:
+        raise ItemError(f"input: {e}") from None
+
+
+def _frames_wanted(item: ResolvedItem, info: media.VideoInfo, fps: float) -> int | None:
+    if item.seconds is None:
+        return None
+    wanted = max(1, round(item.seconds * fps))
+    if wanted > round(info.seconds * fps) + 1:
+        raise ItemError(f"seconds: the item asks for {item.seconds:g} s but its input {item.input} "
+                        f"is {info.seconds:.2f} s long")
+    return wanted
+
+
+def _transform(model, i: int, item: ResolvedItem, chunk_frames: int) -> Iterator[Event]:
+    """restore / stylize: the input, chunk by chunk, at its own resolution (stylize: multiples of 4)."""
+    from vidgen.data.tensors import frames_to_video, video_to_frames
+
+    info = _probe_input(item)
+    fps = item.fps or info.fps
+    wanted = _frames_wanted(item, info, fps)
+    size, scale, radius = None, 1, 0
+    if item.mode == "restore":
+        scale, radius, fn = model.config.scale, model.config.window // 2, model.restore
+    else:
+        w, h = info.width // 4 * 4, info.height // 4 * 4
+        if not (w and h):
+            raise ItemError(f"input: {item.input} is {info.width}x{info.height}; stylize needs at least 4x4")
+        size, fn = ((w, h) if (w, h) != (info.width, info.height) else None), model.stylize
+    width, height = size or (info.width, info.height)
+    if max(width, height) * scale > MAX_SIDE:
+        raise ItemError(f"input: {item.input} is {info.width}x{info.height}; the model's output would be "
+                        f"{width * scale}x{height * scale}, more than {MAX_SIDE} pixels a side")
+    device = _device(model)
+
+    def run(frames: np.ndarray) -> np.ndarray:  # uint8 (t, h, w, 3) -> uint8 (t, h * s, w * s, 3)
+        return video_to_frames(fn(frames_to_video(frames).to(device))[0])
+
+    try:
+        chunks = media.iter_decode(item.input, chunk_frames, size=size, fps=item.fps, max_frames=wanted)
+    except media.MediaError as e:
+        raise ItemError(f"input: {e}") from None
+    count = 0
+    for frames, output in _windowed(chunks, radius, run):
+        yield Chunk(i, "video", output)
+        if item.compare:
+            yield Chunk(i, "input", frames)
+        count += len(frames)
+    if count == 0:
+        raise ItemError(f"input: {item.input} has no frames to {item.mode}")
+    yield Done(i, {"fps": fps, "frames": count, "width": width * scale, "height": height * scale, "scale": scale})
+
+
+def _windowed(chunks: Iterable[np.ndarray], radius: int, fn: Callable[[np.ndarray], np.ndarray]):
+    """(chunk, fn(chunk)) for each chunk, where fn's output frame t reads input frames t-r..t+r:
+    each chunk is run with `radius` real frames of its neighbours on both sides (then cut off), so
+    the result equals fn over the whole video, with one chunk of lookahead in memory."""
+    if radius == 0:
+        for chunk in chunks:
+            yield chunk, fn(chunk)
+        return
+    before = None
+    pending = None
+    for nxt in chunks:
+        if pending is not None:
+            yield pending, _run_with_context(fn, before, pending, nxt[:radius])
+            before = pending[-radius:] if before is None else np.concatenate([before, pending])[-radius:]
+        pending = nxt
+    if pending is not None:
+        yield pending, _run_with_context(fn, before, pending, None)
+
+
+def _run_with_context(fn, before, chunk, after) -> np.ndarray:
+    parts = [p for p in (before, chunk, after) if p is not None and len(p)]
+    out = fn(np.concatenate(parts) if len(parts) > 1 else chunk)
+    start = 0 if before is None else len(before)
+    return out[start:start + len(chunk)]
+
+
+def _predict(model, entries: list[tuple[int, ResolvedItem]], chunk_frames: int) -> Iterator[Event]:
+    """predict: each input's first context_frames frames (at the item's fps), then the model's rollout
+    to seconds x fps frames in total. Items whose contexts have one shape are predicted as a batch."""
+    k = model.config.context_frames
+    factor = 2**model.config.down
+    ready: dict[tuple, list[tuple[int, ResolvedItem, np.ndarray]]] = {}
+    for i, item in entries:
+        try:
+            info = _probe_input(item)
+            w, h = info.width // factor * factor, info.height // factor * factor
+            if not (w and h):
+                raise ItemError(f"input: {item.input} is {info.width}x{info.height}; this model needs "
+                                f"at least {factor}x{factor}")
+            if max(w, h) > MAX_SIDE:
+                raise ItemError(f"input: {item.input} is {info.width}x{info.height}, more than {MAX_SIDE} a side")
+            total = item.num_frames
+            if total <= k:
+                raise ItemError(f"seconds: {item.seconds:g} s at {item.fps:g} fps is {total} frames; predict "
+                                f"needs more than the model's {k} context frames")
+            size = (w, h) if (w, h) != (info.width, info.height) else None
+            try:
+                context = media.decode(item.input, size=size, fps=item.fps, max_frames=k)
+            except media.MediaError as e:
+                raise ItemError(f"input: {e}") from None
+            if len(context) < k:
+                raise ItemError(f"input: {item.input} has {len(context)} frames at {item.fps:g} fps; the model "
+                                f"needs {k} context frames")
+            ready.setdefault((context.shape, total), []).append((i, item, context))
+        except Exception as e:  # noqa: BLE001 - recorded on the item
+            yield Failed(i, _describe(e))
+    device = _device(model)
+    for (shape, total), group in ready.items():
+        yield from _guard([i for i, _, _ in group], _rollout(model, group, k, total, shape, chunk_frames, device))
+
+
+def _rollout(model, group, k: int, total: int, shape, chunk_frames: int, device) -> Iterator[Event]:
+    import torch
+
+    from vidgen.data.tensors import frames_to_video, video_to_frames
+
+    for i, _, context in group:
+        yield Chunk(i, "video", context)  # the real frames come first, then what the model sees next
+    contexts = torch.cat([frames_to_video(c) for _, _, c in group]).to(device)  # (n, C, k, H, W)
+    for chunk in model.predict_chunks(contexts, total - k, chunk_frames):
+        for j, (i, _, _) in enumerate(group):
+            yield Chunk(i, "video", video_to_frames(chunk[j]))
+    for i, item, _ in group:
+        yield Done(i, {"fps": item.fps, "frames": total, "width": shape[2], "height": shape[1], "scale": 1})
+
+
+# --------------------------------------------------------------------------------------------
+# Encoding, posters, uploads, the record
+
+
+Chunks = Callable[[str], Iterable[np.ndarray]]  # stream name -> its chunks, from the start, each call
+
+
+def encode_item(
+    item: ResolvedItem,
+    out: str,
+    meta: dict,
+    chunks: Chunks,
+    model: ModelInfo,
+    item_hash: str,
+    previous: dict | None = None,
+    resume: bool = False,
+) -> dict:
+    """Encode, poster and upload every output of one item, then write its record; returns the record.
+
+    `chunks(stream)` gives the item's frames again for each output (renditions are separate
+    encodes of the same frames). With `resume` (some outputs exist: a killed run), objects already
+    on S3 with this spec hash are kept, not uploaded again. An error becomes the item's error record.
+    """
+    started = time.monotonic()
+    try:
+        results = {}
+        for output in item_outputs(item, out):
+            results[output.name] = (resume and adopt(output, item_hash)) or _encode_output(
+                item, output, meta, chunks, model, item_hash, resume)
+        record = ok_record(item, model, item_hash, results, time.monotonic() - started)
+    except Exception as e:  # noqa: BLE001 - one item's failure is recorded, never the batch's
+        record = error_record(item, model.uri, model.sha256, item_hash, _describe(e))
+    return write_record(out, record, previous)
+
+
+def _encode_output(item: ResolvedItem, output: Output, meta: dict, chunks: Chunks, model: ModelInfo,
+                   item_hash: str, resume: bool = False) -> dict:
+    if resume:  # the video landed before a kill but its poster did not: make the poster from it
+        facts = _video_facts(output, item_hash)
+        if facts is not None:
+            poster = media.poster_jpeg(output.video)
+            storage.write_bytes(output.poster, poster, "image/jpeg", metadata={f"{META}spec-hash": item_hash})
+            return facts
+    if output.name == COMPARE:
+        frames = _side_by_side(chunks("input"), chunks("video"), meta.get("scale", 1))
+    else:
+        frames = chunks("video")
+    overlays = None
+    if output.overlays:
+        overlays = media.Overlays(title=item.title, logo=item.logo, logo_corner=item.logo_corner,
+                                  watermark=item.watermark, audio=item.audio, subtitles=item.subtitles,
+                                  burn_subtitles=item.burn_subtitles)
+    provenance = {"vidgen": __version__, "item": item.id, "model": model.uri, "model_sha256": model.sha256,
+                  "seed": item.seed, "label": item.label, "spec_hash": item_hash}
+    tags = {"title": item.title or item.id, "comment": json.dumps(provenance, separators=(",", ":"))}
+    ext = media.container_for(item.codec)
+    with tempfile.TemporaryDirectory(prefix="vidgen-render-") as tmp:
+        path = os.path.join(tmp, f"out.{ext}")
+        encoded = media.encode_to(path, frames, meta["fps"], item.codec, item.crf, item.preset, tags, overlays,
+                                  size=output.size, fit=output.fit)
+        poster = media.poster_jpeg(path)
+        width, height = output.size or _native_size(output, meta)
+        facts = {"uri": output.video, "poster": output.poster, "bytes": encoded.bytes, "frames": encoded.frames,
+                 "seconds": round(encoded.seconds, 6), "fps": meta["fps"], "width": width, "height": height,
+                 "sha256": encoded.sha256}
+        object_meta = {f"{META}spec-hash": item_hash, f"{META}sha256": encoded.sha256,
+                       f"{META}frames": str(encoded.frames), f"{META}fps": repr(float(meta["fps"])),
+                       f"{META}width": str(width), f"{META}height": str(height)}
+        storage.upload_file(path, output.video, encoded.content_type, metadata=object_meta)
+    storage.write_bytes(output.poster, poster, "image/jpeg", metadata={f"{META}spec-hash": item_hash})
+    return facts
+
+
+def _native_size(output: Output, meta: dict) -> tuple[int, int]:
+    w, h = meta["width"], meta["height"]
+    w, h = w + w % 2, h + h % 2  # the encoder pads odd sides
+    return (2 * w, h) if output.name == COMPARE else (w, h)
+
+
+def _side_by_side(inputs: Iterable[np.ndarray], outputs: Iterable[np.ndarray], scale: int) -> Iterator[np.ndarray]:
+    """Input (enlarged to the output's size, nearest neighbour: what the model was given) | output."""
+    for before, after in zip(inputs, outputs, strict=True):
+        if scale > 1:
+            before = before.repeat(scale, axis=1).repeat(scale, axis=2)
+        yield np.concatenate([before, after], axis=2)
+
+
+def adopt(output: Output, item_hash: str) -> dict | None:
+    """The facts of an output (video and poster) already on S3 from an earlier (killed) run with
+    this spec hash, or None."""
+    facts = _video_facts(output, item_hash)
+    if facts is None:
+        return None
+    poster = storage.stat(output.poster)
+    if poster is None or poster.metadata.get(f"{META}spec-hash") != item_hash:
+        return None
+    return facts
+
+
+def _video_facts(output: Output, item_hash: str) -> dict | None:
+    """The facts of the output's video from its S3 metadata, when it has this spec hash."""
+    if not storage.is_s3(output.video):
+        return None  # local files carry no metadata; local renders simply run again
+    video = storage.stat(output.video)
+    if video is None or video.metadata.get(f"{META}spec-hash") != item_hash:
+        return None
+    m = video.metadata
+    try:
+        frames, fps = int(m[f"{META}frames"]), float(m[f"{META}fps"])
+        return {"uri": output.video, "poster": output.poster, "bytes": video.bytes, "frames": frames,
+                "seconds": round(frames / fps, 6), "fps": fps, "width": int(m[f"{META}width"]),
+                "height": int(m[f"{META}height"]), "sha256": m[f"{META}sha256"]}
+    except (KeyError, ValueError):
+        return None
+
+
+def ok_record(item: ResolvedItem, model: ModelInfo, item_hash: str, results: dict[str, dict],
+              elapsed_s: float | None = None) -> dict:
+    main = results[""]
+    extra = {name: facts for name, facts in results.items() if name}
+    return {
+        "id": item.id, "status": "ok", "mode": item.mode,
+        **{k: main[k] for k in ("uri", "poster", "bytes", "frames", "seconds", "fps", "width", "height", "sha256")},
+        "renditions": [{"name": r.name, **_short(extra[r.name])} for r in item.renditions],
+        "compare": _short(extra[COMPARE]) if item.compare else None,
+        "model": model.uri, "model_sha256": model.sha256, "seed": item.seed, "label": item.label,
+        "input": item.input, "spec_hash": item_hash, "vidgen_version": __version__, "error": None,
+        "rendered_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "elapsed_s": None if elapsed_s is None else round(elapsed_s, 3),
+    }
+
+
+def _short(facts: dict) -> dict:
+    return {k: facts[k] for k in ("uri", "poster", "bytes", "width", "height", "sha256")}
+
+
+def error_record(item: ResolvedItem, model_uri: str | None, model_sha256: str | None, item_hash: str | None,
+                 error: str) -> dict:
+    return {
+        "id": item.id, "status": "error", "mode": item.mode, "uri": None, "poster": None, "bytes": None,
+        "frames": None, "seconds": None, "fps": None, "width": None, "height": None, "sha256": None,
+        "renditions": [], "compare": None, "model": model_uri, "model_sha256": model_sha256, "seed": item.seed,
+        "label": item.label, "input": item.input, "spec_hash": item_hash, "vidgen_version": __version__,
+        "error": error, "rendered_at": datetime.now(UTC).isoformat(timespec="seconds"), "elapsed_s": None,
+    }
+
+
+def write_record(out: str, record: dict, previous: dict | None = None) -> dict:
+    """Write items/<id>.json and return the record now stored there: an error record that repeats
+    the previous one is not rewritten (a re-run that fails the same way uploads nothing)."""
+    if (previous and record["status"] == "error" and previous.get("status") == "error"
+            and all(previous.get(k) == record[k] for k in ("error", "spec_hash", "model_sha256"))):
+        return previous
+    storage.write_json(record_uri(out, record["id"]), record)
+    return record
+
+
+# --------------------------------------------------------------------------------------------
+# In one process: the serving path
+
+
+def render_items(
+    items: list[ResolvedItem],
+    model,
+    out: str,
+    model_info: ModelInfo,
+    chunk_frames: int = CHUNK_FRAMES,
+    previous: dict[str, dict] | None = None,
+    resume: bool = False,
+) -> list[dict]:
+    """Render compatible items with a loaded model in this process; one record per item, in order.
+    Frames of an item are held in memory until it is encoded (items of a batch finish together)."""
+    previous = previous or {}
+    buffers: dict[int, dict[str, list[np.ndarray]]] = {}
+    records: list[dict | None] = [None] * len(items)
+    hashes = [spec_hash(item, model_info.sha256) for item in items]
+    for event in infer(model, items, chunk_frames):
+        i = event.index
+        if isinstance(event, Chunk):
+            buffers.setdefault(i, {}).setdefault(event.stream, []).append(event.frames)
+        elif isinstance(event, Done):
+            streams = buffers.pop(i, {})
+            records[i] = encode_item(items[i], out, event.meta, lambda s, st=streams: iter(st.get(s, [])),
+                                     model_info, hashes[i], previous.get(items[i].id), resume)
+        else:
+            buffers.pop(i, None)
+            record = error_record(items[i], model_info.uri, model_info.sha256, hashes[i], event.error)
+            records[i] = write_record(out, record, previous.get(items[i].id))
+    return records
