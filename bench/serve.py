@@ -11,7 +11,8 @@ serve/config.yaml (its settings, with a model `g` and an S3 output root). Three 
                jobs or --level-seconds, whichever comes first.
   model stage  the model deployment alone (its handle, no encoding): --model-requests concurrent
                one-item requests against a ModelServer with max_batch_size=--batch and one with
-               max_batch_size=1 (one replica each), alternating --repeat times; items/s, medians.
+               max_batch_size=1 (one replica each), alternating --repeat times; items/s, the median
+               and the best run (the one least disturbed by other load on a shared machine).
                Target: batched / unbatched >= 3 at saturation.
   overload     bursts of B concurrent POSTs (B rising); per burst the count of 202 / 429 / 503 and
                where 503 (Serve's queue bound: ingress max_ongoing + max_queued) and 429 (the job
@@ -169,10 +170,12 @@ def model_stage(args, model_uri: str) -> dict:
         for batch in handles:
             times[batch].append(run(batch))
     rates = {b: args.model_requests / statistics.median(t) for b, t in times.items()}
+    best = {b: args.model_requests / min(t) for b, t in times.items()}  # least disturbed by other load
     stats = {b: handles[b].get_stats.remote().result() for b in handles}
     for batch in handles:
         serve.delete(f"bench-b{batch}")
-    return {"items_per_s": rates, "seconds": times, "ratio": rates[args.batch] / rates[1],
+    return {"items_per_s": rates, "best_items_per_s": best, "seconds": times, "ratio": rates[args.batch] / rates[1],
+            "best_ratio": best[args.batch] / best[1],
             "mean_batch": {b: s["items"] / max(1, s["batches"]) for b, s in stats.items()},
             "compute_ms_per_item": {b: 1000 * s["busy_s"] / max(1, s["items"]) for b, s in stats.items()}}
 
@@ -227,10 +230,10 @@ def main() -> None:
     parser.add_argument("--levels", default="1,2,4,8,16", help="client concurrencies, end to end")
     parser.add_argument("--jobs-per-level", type=int, default=24)
     parser.add_argument("--level-seconds", type=float, default=60)
-    parser.add_argument("--poll-s", type=float, default=0.2)
+    parser.add_argument("--poll-s", type=float, default=0.5, help="how often each client polls its job")
     parser.add_argument("--batch", type=int, default=8, help="max_batch_size of the batched model stage")
     parser.add_argument("--model-requests", type=int, default=64, help="concurrent requests per model-stage run")
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--bursts", default="16,32,64,96,128,192", help="overload burst sizes")
     parser.add_argument("--cpus", type=int, default=2)
     parser.add_argument("--num-gpus", type=float, default=0, help="GPUs per model replica (0: CPU)")
@@ -280,12 +283,14 @@ def main() -> None:
         print(f"{c:>8} {row['done']:>5} {row['failed']:>6} {row['renders_per_s']:>10.2f} {p50:>7} {p99:>7}  "
               f"{row['rejected'] or '-'}", flush=True)
 
-    print(f"\nmodel stage ({args.model_requests} concurrent one-item requests, one replica, median of {args.repeat})")
+    print(f"\nmodel stage ({args.model_requests} concurrent one-item requests, one replica, {args.repeat} runs "
+          f"each, alternating)")
     stage = model_stage(args, model_uri)
     for b, rate in stage["items_per_s"].items():
-        print(f"  max_batch_size={b:<3} {rate:8.1f} items/s  (mean batch {stage['mean_batch'][b]:.1f}; inside the "
-              f"batch handler {stage['compute_ms_per_item'][b]:.1f} ms/item)")
-    print(f"  batched / unbatched: {stage['ratio']:.2f}x (target >= 3)")
+        print(f"  max_batch_size={b:<3} median {rate:6.1f} items/s, best {stage['best_items_per_s'][b]:6.1f}  "
+              f"(mean batch {stage['mean_batch'][b]:.1f}; in the batch handler {stage['compute_ms_per_item'][b]:.1f} "
+              f"ms/item)")
+    print(f"  batched / unbatched: {stage['ratio']:.2f}x median, {stage['best_ratio']:.2f}x best (target >= 3)")
 
     print("\noverload (bursts of concurrent POSTs; accepted jobs cancelled after each burst)")
     bursts = overload(args, url)

@@ -286,6 +286,20 @@ def test_objects_that_landed_before_their_record_are_adopted_not_uploaded_again(
     assert media.probe(storage.join(s3_root, "gen-1--wide.mp4")).width == 96
 
 
+def test_a_model_that_will_not_load_fails_its_items_only(assets, s3_root, ray_session):
+    broken = storage.join(s3_root, "models", "broken")
+    storage.copy(storage.join(assets["gan"], "model.json"), storage.join(broken, "model.json"))
+    storage.write_bytes(storage.join(broken, "model.safetensors"), b"not the weights")
+    spec = {"name": "broken", "output": storage.join(s3_root, "out"), "model": assets["gan"],
+            "defaults": {"fps": FPS, "seconds": 1, "size": [SIDE, SIDE], "preset": "ultrafast"},
+            "items": [{"id": "good", "mode": "generate", "seed": 1},
+                      {"id": "bad", "mode": "generate", "seed": 1, "model": broken}]}
+    result = render_batch(parse_batch(spec), workers=2, progress=False)
+    records = {r["id"]: r for r in result.records}
+    assert records["good"]["status"] == "ok" and result.failed == ["bad"]
+    assert broken in records["bad"]["error"] and "sha256" in records["bad"]["error"]
+
+
 # --------------------------------------------------------------------------------------------
 # Specs rejected before any work
 

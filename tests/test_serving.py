@@ -55,7 +55,7 @@ class Service:
                 if r.status_code == 200 and r.json()["status"] in serving.TERMINAL:
                     return r.json()
                 assert r.status_code == 200 or (through_outages and r.status_code >= 500), last
-            except requests.ConnectionError:
+            except requests.RequestException:  # refused or timed out: a replica being replaced
                 if not through_outages:
                     raise
             time.sleep(0.3)
@@ -182,6 +182,10 @@ def test_healthz_and_docs_are_public_and_v1_needs_the_token(service):
     r = requests.post(f"{service.url}/v1/renders", data=b"{not json", headers={"Content-Type": "application/json"},
                       timeout=30)
     assert r.status_code == 401  # auth comes before the body is even parsed
+    assert requests.get(f"{service.url}/v2/anything", timeout=30).status_code == 401  # deny by default
+    big = service.http.post(f"{service.url}/v1/renders", data=b" " * (serving.MAX_BODY_BYTES + 1),
+                            headers={"Content-Type": "application/json"}, timeout=30)
+    assert big.status_code == 413
 
 
 def _unprocessable(service, body, named: str, **headers) -> None:
@@ -210,7 +214,8 @@ def _unprocessable(service, body, named: str, **headers) -> None:
     (lambda b: b["items"][0].update(logo="/etc/passwd"), "items[0].logo: not under"),
     (lambda b: b["items"][0].update(mode="restore", input="INPUTS/../models/g/model.safetensors", seed=None),
      "items[0].input: not under"),
-    (lambda b: b["items"][0].update(mode="stylize", input="INPUTS/a.mp4", seed=None), "items[0].mode: model g is a gan"),
+    (lambda b: b["items"][0].update(mode="stylize", input="INPUTS/a.mp4", seed=None),
+     "items[0].mode: model g is a gan"),
     (lambda b: b["items"][0].update(label="hexagon"), "unknown label 'hexagon'"),
     (lambda b: b["items"][0].update(colour="red"), "items[0].colour"),
     (lambda b: b["items"][0].update(crf=60), "items[0].crf: 60 is out of range for h264"),
@@ -349,7 +354,8 @@ def test_serve_run_with_the_config_file_answers_healthz(ray_session, tmp_path):
     from ray import serve
 
     serve.shutdown()  # the module's application: `serve run` starts Serve with the config's http_options
-    config = yaml.safe_load(open(os.path.join(REPO, "serve", "config.yaml")))
+    with open(os.path.join(REPO, "serve", "config.yaml")) as f:
+        config = yaml.safe_load(f)
     port = free_port()
     config["http_options"]["port"] = port
     path = tmp_path / "config.yaml"
@@ -366,7 +372,7 @@ def test_serve_run_with_the_config_file_answers_healthz(ray_session, tmp_path):
                 r = requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
                 if r.status_code == 200:
                     break
-            except requests.ConnectionError:
+            except requests.RequestException:  # not listening yet, or the app still deploying
                 pass
             assert time.monotonic() < deadline, "serve run did not answer /healthz"
             time.sleep(0.5)

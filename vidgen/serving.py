@@ -51,6 +51,7 @@ import logging
 import os
 import re
 import secrets
+import signal
 import time
 import uuid
 from collections import OrderedDict
@@ -391,35 +392,21 @@ class JobStore:
         return set(storage.list_prefix(storage.join(self.output(job_id), "items"), recursive=False))
 
 
-def lease_state(lease: dict | None, cancelled: bool) -> str:
-    """A job's status as its lease tells it (without reading item records)."""
-    if lease is None:
-        return "cancelled" if cancelled else "queued"
-    state = lease.get("state")
+def job_status(lease: dict | None, cancelled: bool) -> str:
+    """A job's status from its lease and its cancel mark. The lease is the one source of truth for
+    the end: a runner marks a job finished after every record, the manifest and the gallery."""
+    state = (lease or {}).get("state")
     if state == "finished":
         return "failed" if (lease.get("counts") or {}).get("failed") else "done"
     if state in ("failed", "cancelled"):
         return state
-    return "running"
-
-
-def job_status(lease: dict | None, cancelled: bool, items: int, finished: int, failed: int) -> str:
-    """A job's status from its lease, its cancel mark and its item records (finished = records there)."""
-    if items and finished == items:
-        return "failed" if failed else "done"
-    state = lease_state(lease, cancelled)
-    if state in ("done", "failed") and finished < items:
-        return "failed"  # the runner finished but records are missing: written where they should not be?
-    if cancelled and state not in ("failed",):
-        return "cancelled"
-    return state
+    if cancelled:
+        return "cancelled"  # its runner stops starting items; the ones under way finish
+    return "running" if state == "running" else "queued"
 
 
 # --------------------------------------------------------------------------------------------
 # The request: a render batch in which clients choose no URIs to write and name models by name
-
-
-MODEL_ERROR = "the service's models are named in `model`; see GET /healthz"
 
 
 class RequestItem(RenderItem):
@@ -519,7 +506,8 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
         err = dict(err)
         loc = tuple(err.get("loc", ()))
         if err.get("type") == "extra_forbidden" and loc in (("body", "output"), ("body", "items_from")):
-            err["msg"] = f"{loc[1]}: not accepted; the service chooses where it writes and reads (output root, input roots)"
+            err["msg"] = (f"{loc[1]}: not accepted; the service chooses where it writes and reads "
+                          f"(its output root and input roots)")
         errors.append(err)
     first = errors[0] if errors else {"loc": ("body",), "msg": "invalid request"}
     loc = tuple(first.get("loc", ()))
@@ -536,8 +524,12 @@ def _invalid(loc: tuple, msg: str, value: Any = None) -> dict:
     return {"type": "value_error", "loc": ("body", *loc), "msg": msg, "input": value}
 
 
+PUBLIC_PATHS = ("/healthz", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc")
+
+
 class _Guard:
-    """ASGI middleware before any parsing: bearer-token auth on /v1 and a bound on the body size."""
+    """ASGI middleware before any parsing: bearer-token auth on every path but PUBLIC_PATHS, and a
+    bound on the body size."""
 
     def __init__(self, app):
         self.app = app
@@ -546,7 +538,10 @@ class _Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
-        if scope.get("path", "").startswith("/v1/") or scope.get("path") == "/v1":
+        path, root = scope.get("path", ""), scope.get("root_path", "")
+        if root and path.startswith(root):
+            path = path[len(root):] or "/"
+        if path not in PUBLIC_PATHS:  # every other path needs the token, known routes or not
             ingress = serve.get_replica_context().servable_object
             problem = ingress.authorization_problem(headers.get(b"authorization"))
             if problem:
@@ -575,7 +570,8 @@ api = FastAPI(
     title="vidgen render API",
     version=__version__,
     description="Render batches of generated or restored videos into object storage. "
-                "Every /v1 route needs `Authorization: Bearer <token>`; /healthz and /docs are public.",
+                "Every route but /healthz and the docs (/docs, /redoc, /openapi.json) needs "
+                "`Authorization: Bearer <token>`.",
 )
 api.add_middleware(_Guard)
 api.add_exception_handler(RequestValidationError, _validation_error)
@@ -634,6 +630,7 @@ class _Ingress:
         self.pool = _executor()
         self.admit = asyncio.Lock()  # admission (count + create) is one step per replica
         self.manifests: dict[str, tuple[float, dict | None]] = {}
+        self.jobs: OrderedDict[str, dict] = OrderedDict()  # job records (written once)
         self.records: OrderedDict[tuple[str, str], dict] = OrderedDict()  # final item records
         self.background: set[asyncio.Task] = set()
         if token_sha256 is None:
@@ -650,9 +647,9 @@ class _Ingress:
             return None
         if not header:
             return "missing bearer token (Authorization: Bearer <token>)"
-        scheme, _, token = header.decode("latin-1").partition(" ")
-        presented = hashlib.sha256(token.strip().encode("utf-8", "surrogateescape")).hexdigest()
-        if scheme.lower() != "bearer" or not hmac.compare_digest(presented, self.token_sha256):
+        scheme, _, token = header.partition(b" ")
+        presented = hashlib.sha256(token.strip()).hexdigest()
+        if scheme.lower() != b"bearer" or not hmac.compare_digest(presented, self.token_sha256):
             return "invalid bearer token"
         return None
 
@@ -825,7 +822,8 @@ class _Ingress:
         if any(seg in (".", "..") for seg in re.split(r"[/\\]", uri.split("://", 1)[-1])):
             return False
         real = os.path.realpath(uri) if not storage.is_s3(uri) else uri
-        return any(real.startswith(root + ("/" if storage.is_s3(root) else os.sep)) for root in self.settings.input_roots)
+        roots = self.settings.input_roots
+        return any(real.startswith(root + ("/" if storage.is_s3(root) else os.sep)) for root in roots)
 
     def _check(self, body: RenderRequest, manifests: dict[str, dict | None]) -> list[dict]:
         """The service's rules beyond the spec's: model names, readable inputs, per-request limits."""
@@ -833,7 +831,8 @@ class _Ingress:
         errors: list[dict] = []
         served = ", ".join(sorted(s.models)) or "none (the service has no models configured)"
         if body.model is not None and body.model not in s.models:
-            errors.append(_invalid(("model",), f"unknown model {body.model!r}; this service serves {served}", body.model))
+            errors.append(_invalid(("model",), f"unknown model {body.model!r}; this service serves {served}",
+                                   body.model))
         if len(body.items) > lim.max_items:
             errors.append(_invalid(("items",), f"{len(body.items)} items; this service renders at most "
                                                f"{lim.max_items} per request"))
@@ -846,7 +845,8 @@ class _Ingress:
             where = ("items", i)
             name = item.model or body.model
             if name is None:
-                errors.append(_invalid((*where, "model"), "the item names no model and the request has no default model"))
+                errors.append(_invalid((*where, "model"), "the item names no model and the request has no "
+                                                          "default model"))
             elif item.model is not None and item.model not in s.models:
                 errors.append(_invalid((*where, "model"), f"unknown model {item.model!r}; this service serves {served}",
                                        item.model))
@@ -856,16 +856,16 @@ class _Ingress:
                     errors.append(_invalid((*where, field), self._unreadable(value), value))
             manifest = manifests.get(name) if name else None
             if manifest and manifest.get("family") not in MODE_FAMILIES[item.mode]:
+                need = " or ".join(MODE_FAMILIES[item.mode])
                 errors.append(_invalid((*where, "mode"), f"model {name} is a {manifest.get('family')} model; mode "
-                                                         f"{item.mode} needs a {' or '.join(MODE_FAMILIES[item.mode])} model",
-                                       item.mode))
+                                                         f"{item.mode} needs a {need} model", item.mode))
             timed = item.mode in ("generate", "predict")
             seconds = item.seconds if item.seconds is not None else (body.defaults.seconds if timed else None)
             fps = item.fps if item.fps is not None else (body.defaults.fps if timed else None)
             if seconds is not None and seconds > lim.max_seconds:
                 loc = (*where, "seconds") if item.seconds is not None else ("defaults", "seconds")
-                errors.append(_invalid(loc, f"{seconds:g} s; this service renders at most {lim.max_seconds:g} s an item",
-                                       seconds))
+                errors.append(_invalid(loc, f"{seconds:g} s; this service renders at most {lim.max_seconds:g} s "
+                                            f"an item", seconds))
             if fps is not None and fps > lim.max_fps:
                 loc = (*where, "fps") if item.fps is not None else ("defaults", "fps")
                 errors.append(_invalid(loc, f"{fps:g} fps; this service renders at most {lim.max_fps:g} fps", fps))
@@ -901,36 +901,36 @@ class _Ingress:
     async def _view(self, job_id: str, detail: bool) -> dict | None:
         if not re.fullmatch(JOB_ID, job_id):
             return None
-        job = await _io(self.pool, self.store.read, job_id)
+        job = self.jobs.get(job_id) or await _io(self.pool, self.store.read, job_id)
         if job is None:
             return None
+        self.jobs[job_id] = job  # job records never change
+        while len(self.jobs) > 10_000:
+            self.jobs.popitem(last=False)
         (lease, _), cancelled, present = await asyncio.gather(
             _io(self.pool, self.store.lease, job_id), _io(self.pool, self.store.cancelled, job_id),
             _io(self.pool, self.store.record_uris, job_id))
         out = self.store.output(job_id)
         uris = {item_id: _record_uri(out, item_id) for item_id in job["items"]}
         finished = [i for i, u in uris.items() if u in present]
+        beat = (lease or {}).get("heartbeat")
         view = {"id": job_id, "name": job["name"], "created": job["created"], "status_url": f"/v1/renders/{job_id}",
                 "error": (lease or {}).get("error"), "attempt": (lease or {}).get("attempt"),
-                "heartbeat_age_s": round(time.time() - lease["heartbeat"], 1) if lease and lease.get("heartbeat") else None}
+                "heartbeat_age_s": round(time.time() - beat, 1) if beat else None}
+        status = job_status(lease, cancelled)
         if not detail:
-            status = lease_state(lease, cancelled)
-            if cancelled and status in ("queued", "running"):
-                status = "cancelled"
             counts = (lease or {}).get("counts") or {"items": len(uris), "finished": len(finished)}
             return {**view, "status": status, "counts": counts}
-        final = lease_state(lease, cancelled) in TERMINAL
-        records = dict(zip(finished, await asyncio.gather(*(self._record(job_id, uris[i], final) for i in finished))))
+        fetched = await asyncio.gather(*(self._record(job_id, uris[i], status in TERMINAL) for i in finished))
+        records = dict(zip(finished, fetched, strict=True))
         failed = sum(1 for r in records.values() if r is None or r.get("status") != "ok")
-        status = job_status(lease, cancelled, len(uris), len(finished), failed)
         expiry = self.settings.url_expiry_s
         items = [self._item(item_id, job, records.get(item_id)) for item_id in job["items"]]
-        gallery = storage.join(out, "index.html")
+        finished_state = (lease or {}).get("state") == "finished"
         return {**view, "status": status, "output": out,
                 "counts": {"items": len(uris), "ok": len(finished) - failed, "failed": failed,
                            "pending": len(uris) - len(finished)},
-                "gallery_url": _url(gallery, expiry) if status in ("done", "failed") and lease_state(
-                    lease, cancelled) in ("done", "failed") else None,
+                "gallery_url": _url(storage.join(out, "index.html"), expiry) if finished_state else None,
                 "urls_expire_at": (dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=expiry)).isoformat(
                     timespec="seconds") if storage.is_s3(out) else None,
                 "items": items}
@@ -1188,7 +1188,7 @@ class JobRunner:
 
     async def _write_lease(self, run: _Run, **changes) -> bool:
         async with run.lock:
-            lease = {**run.lease, **changes, "heartbeat": time.time()}
+            lease = {**run.lease, "heartbeat": time.time(), **changes}
             try:
                 run.etag = await _io(self.pool, self.store.swap_lease, run.job_id, lease, run.etag)
             except Conflict:
@@ -1215,12 +1215,12 @@ class JobRunner:
     async def _run(self, run: _Run) -> None:
         job_id = run.job_id
         heartbeat = asyncio.get_running_loop().create_task(self._heartbeat(run))
-        state, error, counts = "failed", None, None
+        state, error, counts = None, None, None  # state None: not ended here; release the lease for a retry
         try:
             job = await _io(self.pool, self.store.read, job_id)
             run.cancelled = await _io(self.pool, self.store.cancelled, job_id)
             if job is None:
-                error = "the job record is missing"
+                state, error = "failed", "the job record is missing"
             elif run.cancelled:
                 state = "cancelled"
             else:
@@ -1232,24 +1232,24 @@ class JobRunner:
                 elif not run.lost:
                     from vidgen.render.batch import write_index
 
-                    batch_name, out = job["batch"]["name"], job["batch"]["output"]
-                    await _io(self.pool, write_index, out, batch_name, records)
+                    await _io(self.pool, write_index, job["batch"]["output"], job["batch"]["name"], records)
                     failed = sum(r["status"] != "ok" for r in records)
                     state, counts = "finished", {"items": len(records), "ok": len(records) - failed, "failed": failed}
-        except SpecError as e:
-            error = str(e)
-        except Exception as e:  # noqa: BLE001 - e.g. storage down: leave the lease to go stale, retried later
+        except SpecError as e:  # the models changed since the job was accepted (a label they no longer know)
+            state, error = "failed", str(e)
+        except Exception:  # noqa: BLE001 - e.g. storage down: release the lease, the job is retried
             logger.exception(f"runner {self.runner_id}: job {job_id} stopped")
-            state = None
-        finally:
+        finally:  # also on cancellation (the replica stopping): then the lease is released
             run.finishing = True
             heartbeat.cancel()
-            if state is not None and not run.lost:
+            if run.lost:
+                pass
+            elif state is not None:
                 if await self._write_lease(run, state=state, error=error, counts=counts):
                     await _io(self.pool, self.store.finish, job_id)
                     logger.info(f"runner {self.runner_id}: job {job_id} {state}" + (f": {error}" if error else ""))
-            elif state is None and not run.lost:
-                await self._write_lease(run, heartbeat=0.0)  # stale at once: the next poll retries it
+            else:
+                await self._write_lease(run, heartbeat=0.0)  # stale at once: the next poll takes it again
 
     async def _render(self, job: dict, run: _Run) -> list[dict]:
         """Plan the batch (items with an ok record are kept), render the rest; the records, in order."""
@@ -1326,7 +1326,8 @@ class JobRunner:
         lim = self.settings.limits
         seconds = item.seconds if item.seconds is not None else info.seconds
         if seconds > lim.max_seconds:
-            return f"input: {item.input} is {info.seconds:.1f} s long; this service renders at most {lim.max_seconds:g} s"
+            return (f"input: {item.input} is {info.seconds:.1f} s long; this service renders at most "
+                    f"{lim.max_seconds:g} s")
         if max(info.width, info.height) > lim.max_side:
             return (f"input: {item.input} is {info.width}x{info.height}; this service takes at most "
                     f"{lim.max_side} pixels a side")
@@ -1393,14 +1394,18 @@ def read_config(path: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def serve_forever(settings: ServiceSettings, host: str, port: int, address: str | None = None) -> None:
-    """Start (or join) Ray, run the application on host:port until Ctrl-C."""
+    """Start (or join) Ray, run the application on host:port until Ctrl-C or SIGTERM."""
     import ray
 
     from vidgen.runtime import init_ray
 
     if not os.environ.get(TOKEN_ENV) and not _is_loopback(host):
         raise ValueError(f"refusing to serve on {host} without a token: set {TOKEN_ENV} (or use --host 127.0.0.1)")
+    def stop(signum, frame):  # a service manager's SIGTERM: shut down like Ctrl-C
+        raise KeyboardInterrupt
+
     init_ray(address)
+    signal.signal(signal.SIGTERM, stop)  # after ray.init, which installs its own (fatal) handler
     try:
         serve.start(http_options={"host": host, "port": port})
         serve.run(build_app(settings), name=APP_NAME, route_prefix="/", blocking=False)
