@@ -48,11 +48,13 @@ def _train(r: dict) -> list[tuple[str, str]]:
             s = r[f"scaling_{family}"]
             rows.append((f"train scaling: 2 workers vs 1, {family} small (target >= 1.6x)",
                          f"{s['ratio']:.2f}x ({s['2w_clips_s']:.1f} vs {s['1w_clips_s']:.1f} clips/s)"))
-    if "sharding_gan_small" in r:
-        h = r["sharding_gan_small"]
-        rows.append(("train sharding: model-state bytes per rank vs ZeRO-0, gan small, 2 ranks (target stage 3 <= 0.55x)",
-                     ", ".join(f"stage {s}: {v['ratio']:.2f}x" for s, v in h.items())
-                     + f" (stage 0: {h['0']['total'] / 2**20:.0f} MiB)"))
+    for key, precision in (("sharding_gan_small", "fp32"), ("sharding_gan_small_bf16", "bf16")):
+        if key in r:
+            h = r[key]
+            rows.append((f"train sharding: model-state bytes per rank vs ZeRO-0, gan small {precision}, 2 ranks "
+                         f"(target stage 3 <= 0.55x)",
+                         ", ".join(f"stage {s}: {v['ratio']:.2f}x" for s, v in h.items())
+                         + f" (stage 0: {h['0']['total'] / 2**20:.0f} MiB)"))
     return rows
 
 

@@ -70,13 +70,18 @@ def test_every_family_trains_through_the_trainer(family, datasets, tmp_path, ray
         assert 0.0 <= rows[-1]["val_life_rule_accuracy"] <= 1.0
 
 
-@pytest.mark.parametrize("family,stage", [("gan", 2), ("gan", 3), ("restore", 2), ("restore", 3)])
-def test_two_workers_zero_stages_on_s3(family, stage, datasets, s3_root, ray_session, tmp_path, monkeypatch):
-    """Two ranks under ZeRO-2/3 with the run in S3; the GAN at stage 3 also resumes and exports."""
+@pytest.mark.parametrize("family,stage,precision", [("gan", 2, "bf16"), ("gan", 3, "fp32"), ("restore", 2, "fp32"),
+                                                     ("restore", 3, "fp32")])
+def test_two_workers_zero_stages_on_s3(family, stage, precision, datasets, s3_root, ray_session, tmp_path, monkeypatch):
+    """Two ranks under ZeRO-2/3 with the run in S3; the GAN at stage 3 also resumes and exports.
+
+    The GAN at stage 2 trains in bf16 (the GPU configs' precision): both engines' weights are bf16
+    while data and noise come in float32; the EMA generator it exports stays float32.
+    """
     run = storage.join(s3_root, "runs", f"{family}-z{stage}")
     probe = tmp_path / "live.safetensors"
     monkeypatch.setenv("VIDGEN_TEST_PROBE", str(probe))
-    cfg = config(datasets, run, family=family, workers=2, zero_stage=stage, max_steps=2)
+    cfg = config(datasets, run, family=family, workers=2, zero_stage=stage, precision=precision, max_steps=2)
     train(cfg)
     assert [r["step"] for r in read_metrics(run)] == [1, 2]
     names = {u.split("/")[-1] for u in storage.list_prefix(storage.join(run, "checkpoint-step-000002"))}

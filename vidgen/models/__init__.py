@@ -32,7 +32,8 @@ Every family class (`FAMILIES` below) is an `nn.Module` that holds all its parts
   the trainer passes as D's plain module with its parameters frozen).
   The trainer moves the whole family module to the device before building engines (the style
   family's loss also uses its non-trainable feature extractor and style image). With bf16/fp16
-  engines the trainer casts `batch["video"]` to the engines' dtype; losses compute in float32.
+  engines the trainer casts each part's floating inputs to the engines' dtype and its floating
+  outputs back to float32 (`vidgen.train.loop.cast_at_boundary`); losses compute in float32.
 - State outside the parts (the GAN's `generator_ema.*` and `ema_updates`, the style image) belongs
   to no engine: `extra_state(model)` returns it, and the trainer checkpoints it beside the engines.
 - `after_step(part)`: call after each optimizer step of `part`. The GAN updates its EMA generator

@@ -238,7 +238,31 @@ def build_engines(cfg: TrainConfig, model) -> dict:
             model=module, optimizer=optimizer, lr_scheduler=schedule, config=deepspeed_config(cfg)
         )
         engines[part] = engine
+        if cfg.precision != "fp32":
+            cast_at_boundary(module, torch.bfloat16 if cfg.precision == "bf16" else torch.float16)
     return engines
+
+
+def cast_at_boundary(module: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Let a part whose weights DeepSpeed made bf16/fp16 take and give float32 tensors.
+
+    Batches, noise and labels come in float32 from the data and the family's losses; DeepSpeed
+    casts the part's weights but not its inputs. Floating inputs are cast to `dtype` on the way in
+    and floating outputs back to float32 on the way out, whether the part is called through its
+    engine or as the plain frozen module (the GAN's D in the G step), so losses compute in float32.
+    """
+
+    def cast(x, to):
+        return x.to(to) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+
+    def inputs(_, args, kwargs):
+        return tuple(cast(a, dtype) for a in args), {k: cast(v, dtype) for k, v in kwargs.items()}
+
+    def outputs(_, args, out):
+        return tuple(cast(o, torch.float32) for o in out) if isinstance(out, tuple) else cast(out, torch.float32)
+
+    module.register_forward_pre_hook(inputs, with_kwargs=True)
+    module.register_forward_hook(outputs)
 
 
 def skip_deepspeed_jit_ops() -> None:
