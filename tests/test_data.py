@@ -99,6 +99,11 @@ def test_missing_manifest_is_a_clear_error(root):
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
+def test_a_missing_bucket_is_named_as_such(s3_bucket):
+    with pytest.raises(DatasetError, match="s3://no-such-bucket-vidgen/ds/_vidgen_dataset.json: no such bucket"):
+        open_dataset("s3://no-such-bucket-vidgen/ds")
+
+
 def _rewrite_shard(ds_uri: str, table: pa.Table) -> None:
     ds = open_dataset(ds_uri, validate_shards=False)
     import io
@@ -140,6 +145,12 @@ def test_loader_yields_tensors_in_range_with_labels(tmp_path, ray_session):
     # The same (seed, epoch) gives the same order; another epoch another order.
     again = [b["label"].tolist() for b in iter_epoch(ds.iterator(), 4, seed=0, epoch=0, drop_last=False)]
     assert again == [b["label"].tolist() for b in batches]
+    def clip_sums(epoch: int) -> list[float]:  # one number per clip, in the order the epoch gives them
+        return [v.sum().item() for b in iter_epoch(ds.iterator(), 4, seed=0, epoch=epoch, drop_last=False)
+                for v in b["video"]]
+
+    first, second = clip_sums(0), clip_sums(1)
+    assert first != second and sorted(first) == sorted(second)  # the same clips in another order
     skipped = list(iter_epoch(ds.iterator(), 4, seed=0, epoch=0, skip_batches=2, drop_last=False))
     assert [b["label"].tolist() for b in skipped] == again[2:]
     # Labels come back as -1 for unlabelled sets.

@@ -46,6 +46,10 @@ def test_demo_runs_every_stage(tmp_path):
     assert media.probe(str(out / "renders" / "ads" / "ad-circle--9x16.mp4")).width == 216
     lecture = media.probe(str(out / "renders" / "education" / "lecture-01.mp4"))
     assert lecture.frames == 24 and lecture.fps == 8.0
+    compare = media.probe(str(out / "renders" / "education" / "lecture-01--compare.mp4"))  # input | restored
+    assert (compare.width, compare.height) == (2 * lecture.width, lecture.height)
+    assert summary["education"]["videos"] == 6  # each item: the restored video and the comparison
+    assert summary["ads"]["videos"] > summary["ads"]["items"]  # renditions count too
 
     page = _Links()
     page.feed((out / "index.html").read_text())

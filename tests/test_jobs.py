@@ -370,3 +370,13 @@ def test_submit_without_a_cluster_is_one_clear_line(tmp_path, monkeypatch):
     assert code == 2 and "no Ray cluster given" in stderr
     code, _, stderr = run_cli("submit", "train", str(spec), "--address", f"http://127.0.0.1:{free_port()}")
     assert code == 2 and "cannot reach the Ray job server" in stderr and len(stderr.strip().splitlines()) == 1
+
+
+def test_a_late_cron_job_renders_into_its_slots_date():
+    """A RayCronJob's {date} is its slot's date in the entry's zone, also when the pod starts late."""
+    template = "s3://b/ads/{date}/{time}"
+    at = dt.datetime(2026, 11, 23, 5, 0, 3, tzinfo=dt.UTC)  # 06:00:03 in Berlin: on time
+    assert jobs.job_output(template, "Europe/Berlin", "0 6 * * *", at) == "s3://b/ads/2026-11-23/0600"
+    late = dt.datetime(2026, 11, 23, 23, 30, tzinfo=dt.UTC)  # 00:30 on the 24th in Berlin, the 23rd's slot
+    assert jobs.job_output(template, "Europe/Berlin", "0 23 * * *", late) == "s3://b/ads/2026-11-23/2300"
+    assert jobs.job_output(template, "Europe/Berlin", None, late) == "s3://b/ads/2026-11-24/0030"

@@ -514,3 +514,30 @@ def test_rotated_video_decodes_at_its_probed_size(tmp_path, cli_mp4):
         pytest.skip("this ffmpeg cannot set -display_rotation (ffmpeg < 7)")
     info = media.probe(rotated)
     assert media.decode(rotated, max_frames=2).shape == (2, info.height, info.width, 3)
+
+
+def test_probe_command_json_on_s3_and_help(s3_root, cli_mp4):
+    """`vidgen probe s3://... --json` through the installed entry point, endpoint from the environment."""
+    import json
+    import subprocess
+    import sys
+
+    uri = f"{s3_root}/clips/cli.mp4"
+    storage.upload_file(cli_mp4, uri)
+    env = {**os.environ, "RAY_ADDRESS": ""}  # AWS_ENDPOINT_URL_S3 and the keys come from the fixture
+    proc = subprocess.run([sys.executable, "-m", "vidgen.cli", "probe", uri, "--json"], capture_output=True,
+                          text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr
+    facts = json.loads(proc.stdout)
+    assert {"width", "height", "fps", "frames", "seconds", "video_codec", "audio"} <= set(facts)
+    assert (facts["width"], facts["height"], facts["fps"], facts["frames"]) == (W, H, FPS, 2 * FPS)
+    assert facts["seconds"] == pytest.approx(2.0, abs=0.05) and facts["audio"] is True
+    assert facts["video_codec"] == "h264"
+
+    missing = subprocess.run([sys.executable, "-m", "vidgen.cli", "probe", f"{s3_root}/clips/none.mp4"],
+                             capture_output=True, text=True, timeout=120, env=env)
+    assert missing.returncode != 0 and "none.mp4" in missing.stderr and "Traceback" not in missing.stderr
+    assert "testing" not in missing.stderr  # the secret key never shows
+
+    helped = subprocess.run([sys.executable, "-m", "vidgen.cli", "--help"], capture_output=True, text=True, timeout=60)
+    assert helped.returncode == 0 and "probe" in helped.stdout and "render" in helped.stdout

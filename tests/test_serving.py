@@ -22,7 +22,7 @@ import pytest
 import requests
 import yaml
 
-from tests.conftest import free_port
+from conftest import free_port
 from vidgen import media, models, serving, storage
 
 TOKEN = "test-token-" + uuid.uuid4().hex

@@ -160,7 +160,7 @@ def test_malformed_uris(uri, cause):
 
 
 def test_endpoint_unreachable(monkeypatch, s3_server):
-    from tests.conftest import free_port
+    from conftest import free_port
 
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{free_port()}")
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")

@@ -130,6 +130,10 @@ def test_resume_refuses_a_changed_model(datasets, tmp_path, ray_session):
         train(config(datasets, run, family="vae", preset="small", max_steps=2))
     with pytest.raises(ConfigError, match="model"):
         train(config(datasets, run, family="vae", model={"width": 16}, max_steps=2))
+    with pytest.raises(ConfigError, match="workers"):
+        train(config(datasets, run, family="vae", workers=2, max_steps=2))
+    with pytest.raises(ConfigError, match="zero_stage"):
+        train(config(datasets, run, family="vae", zero_stage=2, max_steps=2))
 
 
 @pytest.mark.parametrize(
@@ -140,6 +144,8 @@ def test_resume_refuses_a_changed_model(datasets, tmp_path, ray_session):
         (["--set", "model.g_widht=8"], "g_widht"),
         (["--micro-batch", "0"], "micro_batch"),
         (["--set", "model.g_width=wide"], "g_width"),
+        (["--micro-batch", "64"], "fewer than micro_batch x workers = 64 x 2"),  # the split has 32 clips
+        (["--family", "style", "--set", "style_image=no-such-style.png"], "no-such-style.png"),
     ],
 )
 def test_bad_config_fails_before_ray_starts(args, needle, datasets, tmp_path):

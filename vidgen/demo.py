@@ -274,7 +274,8 @@ def render(demo: Demo, spec: dict) -> dict:
     print(result.summary())
     ok = [r for r in result.records if r["status"] == "ok"]
     return {"items": len(result.records), "ok": len(ok), "failed": list(result.failed),
-            "videos": sum(len(r.get("outputs", [])) or 1 for r in ok), "seconds": round(result.seconds, 1),
+            "videos": sum(1 + len(r.get("renditions") or []) + bool(r.get("compare")) for r in ok),
+            "seconds": round(result.seconds, 1),
             "gallery": storage.join(spec["output"], "index.html")}
 
 
@@ -298,9 +299,11 @@ def write_gallery(demo: Demo) -> None:
         for r in records:
             if r.get("status") != "ok":
                 continue
-            video = f"renders/{batch}/{r['id']}.mp4"
-            cells.append(f'<figure><video controls preload="none" poster="renders/{batch}/{r["id"]}.jpg" '
-                         f'src="{html.escape(video)}" width="256"></video><figcaption>{html.escape(r["id"])}</figcaption></figure>')
+            name = f"{r['id']}--compare" if r.get("compare") else r["id"]  # restore: input | output
+            width = 512 if r.get("compare") else 256
+            cells.append(f'<figure><video controls preload="none" poster="renders/{batch}/{html.escape(name)}.jpg" '
+                         f'src="renders/{batch}/{html.escape(name)}.mp4" width="{width}"></video>'
+                         f'<figcaption>{html.escape(r["id"])}</figcaption></figure>')
         return "".join(cells)
 
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>vidgen demo</title>
@@ -333,9 +336,15 @@ def format_summary(demo: Demo) -> str:
         f"(chance {acc.get('chance')}; the classifier scores {acc.get('real_val_clips')} on real clips)",
         f"  restore (ZeRO-2, 2 workers): {res.get('steps')} steps, {res.get('clips_per_s')} clips/s, loss {res.get('loss')}",
         f"    PSNR {res.get('val_psnr')} dB vs degraded input {res.get('val_psnr_input')} dB: gain {res.get('val_psnr_gain')} dB",
-        f"  rendered: ads {s.get('ads', {}).get('ok')}/{s.get('ads', {}).get('items')} items, "
-        f"education {s.get('education', {}).get('ok')}/{s.get('education', {}).get('items')} items",
+        f"  rendered: ads {s.get('ads', {}).get('ok')}/{s.get('ads', {}).get('items')} items "
+        f"({s.get('ads', {}).get('videos')} videos), education {s.get('education', {}).get('ok')}/"
+        f"{s.get('education', {}).get('items')} items ({s.get('education', {}).get('videos')} videos)",
         "",
-        f"  open {demo.uri('index.html')}",
+        f"  data      {demo.uri('data')}",
+        f"  runs      {demo.uri('runs')}  (checkpoints, metrics.jsonl, samples/, loss.png)",
+        f"  models    {demo.uri('models')}",
+        f"  renders   {demo.uri('renders')}  (ads/, education/: videos, posters, manifest.jsonl, index.html)",
+        f"  summary   {demo.uri('summary.json')}",
+        f"  open      {demo.uri('index.html')}",
     ]
     return "\n".join(lines)

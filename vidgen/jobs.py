@@ -816,7 +816,7 @@ def kuberay_manifests(schedule_uri: str, schedules: ScheduleFile | None = None) 
                      "metadata": {"name": f"vidgen-batch-{entry.name}", **meta},
                      "data": {keys[rel]: text for rel, text in bundle.files.items()}}
         args = ["python", "-m", "vidgen.jobs", "run", "render", "--spec", f"{BATCH_MOUNT}/{bundle.name}",
-                "--out-template", entry.output, "--timezone", entry.timezone]
+                "--out-template", entry.output, "--timezone", entry.timezone, "--cron", entry.cron]
         if entry.model:
             args += ["--model", entry.model]
         if entry.workers is not None:
@@ -892,12 +892,27 @@ def emit_kuberay(schedule_uri: str, out_dir: str) -> list[str]:
 # The job's entrypoint on the cluster
 
 
+def job_output(template: str, timezone: str, cron: str | None, now: dt.datetime) -> str:
+    """The output of a job started at `now` from a template with {date} (and {time}) in `timezone`.
+
+    With `cron`, the slot is the schedule's newest one at or before `now`, so a job that starts late
+    (past midnight, say) still renders into its slot's date; without, the slot is `now`.
+    """
+    slot = now.astimezone(check_timezone(timezone))
+    if cron:
+        from croniter import croniter
+
+        slot = croniter(cron, slot + dt.timedelta(seconds=1)).get_prev(dt.datetime)
+    return template.format(date=f"{slot:%Y-%m-%d}", time=f"{slot:%H%M}")
+
+
 def run_job(argv: Sequence[str]) -> int:
     """`python -m vidgen.jobs run KIND [--spec PATH] [--out-template T --timezone Z] [ARGS...]`
 
     Runs `vidgen KIND SPEC ARGS...` on the cluster. The spec is the one that travelled with the job
     (VIDGEN_JOB_SPEC), or --spec PATH (a KubeRay ConfigMap mounted into the head pod).
-    --out-template renders into `T` with {date} = today in time zone Z (a RayCronJob's slot)."""
+    --out-template renders into `T` with {date} = today in time zone Z, or with `--cron EXPR` the date
+    of EXPR's newest slot at or before now (a RayCronJob's slot, even when the job starts late)."""
     import argparse
 
     from vidgen import cli
@@ -907,6 +922,7 @@ def run_job(argv: Sequence[str]) -> int:
     p.add_argument("--spec", default=None)
     p.add_argument("--out-template", default=None)
     p.add_argument("--timezone", default="UTC")
+    p.add_argument("--cron", default=None, help="the schedule that started this job: {date} is its newest slot")
     ns, rest = p.parse_known_args(list(argv))
     spec = ns.spec
     folder = None
@@ -921,8 +937,7 @@ def run_job(argv: Sequence[str]) -> int:
         spec = bundle.write(folder)
     args = [ns.kind, spec, *rest]
     if ns.out_template is not None:
-        now = dt.datetime.now(check_timezone(ns.timezone))
-        args += ["--out", ns.out_template.format(date=f"{now:%Y-%m-%d}", time=f"{now:%H%M}")]
+        args += ["--out", job_output(ns.out_template, ns.timezone, ns.cron, dt.datetime.now(dt.UTC))]
     print(f"vidgen job: vidgen {shlex.join(args)}", flush=True)
     try:
         return cli.main(args)

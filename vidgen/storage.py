@@ -239,6 +239,10 @@ def _pyarrow_s3(settings: S3Settings):
         parts = urlsplit(settings.endpoint_url)
         kwargs["endpoint_override"] = f"{parts.hostname}:{parts.port}" if parts.port else parts.hostname
         kwargs["scheme"] = parts.scheme or "https"
+    # The same attempts as botocore's (AWS_MAX_ATTEMPTS, default 5) for what Ray Data and Ray Train
+    # move through pyarrow: dataset shards and checkpoints. pyarrow has no SSE-S3/KMS setting, so
+    # those objects get the bucket's default encryption (set one on the bucket when it matters).
+    kwargs["retry_strategy"] = pafs.AwsStandardS3RetryStrategy(max_attempts=int(os.environ.get("AWS_MAX_ATTEMPTS", "5")))
     # Credentials: pyarrow follows the same AWS default chain (env, profile, instance/pod identity).
     return pafs.S3FileSystem(**kwargs)
 

@@ -50,7 +50,10 @@ def save(directory: str, engines: dict, model: torch.nn.Module, state: dict, ran
     """Every rank: its DeepSpeed files and RNG state; rank 0 also the vidgen state and extras."""
     for part, engine in engines.items():
         engine.save_checkpoint(os.path.join(directory, part), tag=TAG)
-    save_file({"torch": torch.get_rng_state()}, os.path.join(directory, f"rng-rank{rank}.safetensors"))
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # GAN noise on a GPU comes from here
+        rng["cuda"] = torch.cuda.get_rng_state()
+    save_file(rng, os.path.join(directory, f"rng-rank{rank}.safetensors"))
     if rank == 0:
         extras = extra_state(model)
         if extras:
@@ -71,7 +74,10 @@ def restore(directory: str, engines: dict, model: torch.nn.Module, rank: int) ->
         model.load_state_dict(load_file(os.path.join(directory, EXTRA)), strict=False)
     rng = os.path.join(directory, f"rng-rank{rank}.safetensors")
     if os.path.exists(rng):
-        torch.set_rng_state(load_file(rng)["torch"])
+        saved = load_file(rng)
+        torch.set_rng_state(saved["torch"])
+        if "cuda" in saved and torch.cuda.is_available():
+            torch.cuda.set_rng_state(saved["cuda"])
     return state
 
 

@@ -55,11 +55,13 @@ class TrainConfig(BaseModel):
     style_image: str | None = Field(None, description="style family: the style image (PNG/JPEG URI)")
     stage3_param_persistence_threshold: int = Field(0, ge=0, description="ZeRO-3: params this small stay whole")
 
-    @field_validator("data", "run")
+    @field_validator("data", "run", "style_image")
     @classmethod
-    def _uri(cls, v: str) -> str:
+    def _uri(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
         try:
-            return storage.normalize(v)
+            return storage.normalize(v)  # local paths absolute before they reach Ray workers
         except storage.StorageError as e:
             raise ValueError(str(e)) from None
 

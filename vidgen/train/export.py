@@ -53,18 +53,25 @@ def export(run: str, out: str) -> dict:
 
     run, out = storage.normalize(run), storage.normalize(out)
     ckpt = newest_checkpoint(run)
-    with tempfile.TemporaryDirectory(prefix="vidgen-export-") as d:
-        if storage.is_s3(ckpt):
-            _download(ckpt, d)
-            local = d
-        else:
-            local = ckpt
-        with open(os.path.join(local, checkpoint.STATE)) as f:
-            state = json.load(f)
-        cfg = state["config"]
-        model = build_from_state(state)
-        full = checkpoint.consolidated_state_dict(local, model, state["zero_stage"])
-    model.load_state_dict(full)
+    try:
+        with tempfile.TemporaryDirectory(prefix="vidgen-export-") as d:
+            if storage.is_s3(ckpt):
+                _download(ckpt, d)
+                local = d
+            else:
+                local = ckpt
+            with open(os.path.join(local, checkpoint.STATE)) as f:
+                state = json.load(f)
+            cfg = state["config"]
+            model = build_from_state(state)
+            full = checkpoint.consolidated_state_dict(local, model, state["zero_stage"])
+        model.load_state_dict(full)
+    except ExportError:
+        raise
+    except FileNotFoundError as e:
+        raise ExportError(f"{ckpt}: not a complete vidgen checkpoint ({e.filename or e} is missing)") from None
+    except (KeyError, ValueError, RuntimeError) as e:  # a config or state dict that no longer fits
+        raise ExportError(f"{ckpt}: the checkpoint does not fit its recorded config: {e}".splitlines()[0]) from None
     from vidgen.train.trainer import read_metrics
 
     rows = read_metrics(run)

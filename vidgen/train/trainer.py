@@ -61,6 +61,20 @@ def prepare(cfg: TrainConfig) -> dict:
     splits = ds.manifest["splits"]
     if not splits.get(cfg.split):
         raise ConfigError(f"data {cfg.data}: split {cfg.split!r} has no clips (splits: {splits})")
+    per_step = cfg.micro_batch * cfg.workers
+    if splits[cfg.split] < per_step:
+        raise ConfigError(f"data {cfg.data}: split {cfg.split!r} has {splits[cfg.split]} clips, fewer than "
+                          f"micro_batch x workers = {cfg.micro_batch} x {cfg.workers}: use a smaller --micro-batch "
+                          f"or fewer --workers")
+    if cfg.style_image is not None:
+        from vidgen.train.loop import load_style_image
+
+        try:
+            load_style_image(cfg.style_image)
+        except storage.StorageError as e:
+            raise ConfigError(f"style_image: {e}") from None
+        except ValueError as e:  # names the image already
+            raise ConfigError(str(e)) from None
     overrides = dataset_overrides(cfg, ds.manifest)
     from vidgen import models
 
