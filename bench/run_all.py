@@ -1,6 +1,6 @@
 """Run every benchmark and write the README's benchmark table from their output.
 
-    python bench/run_all.py                 # all of them, about 15 minutes on 2 cores
+    python bench/run_all.py                 # all of them, about an hour on 2 cores (bf16 on a CPU is slow)
     python bench/run_all.py --only loader media
 
 Each benchmark prints its own report (kept in bench/results/<name>.txt) and writes its figures as
@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import time
@@ -43,11 +44,11 @@ def _train(r: dict) -> list[tuple[str, str]]:
         if f"overhead_{family}" in r:
             o = r[f"overhead_{family}"]
             rows.append((f"train overhead: vidgen 1 worker ZeRO-0 vs plain PyTorch, {family} small (target >= 0.9)",
-                         f"{o['ratio']:.2f} ({o['vidgen_1w_clips_s']:.1f} vs {o['plain_clips_s']:.1f} clips/s)"))
+                         f"{o['ratio']:.2f} ({o['vidgen_1w_clips_s']:.2f} vs {o['plain_clips_s']:.2f} clips/s)"))
         if f"scaling_{family}" in r:
             s = r[f"scaling_{family}"]
             rows.append((f"train scaling: 2 workers vs 1, {family} small (target >= 1.6x)",
-                         f"{s['ratio']:.2f}x ({s['2w_clips_s']:.1f} vs {s['1w_clips_s']:.1f} clips/s)"))
+                         f"{s['ratio']:.2f}x ({s['2w_clips_s']:.2f} vs {s['1w_clips_s']:.2f} clips/s)"))
     for key, precision in (("sharding_gan_small", "fp32"), ("sharding_gan_small_bf16", "bf16")):
         if key in r:
             h = r[key]
@@ -55,6 +56,25 @@ def _train(r: dict) -> list[tuple[str, str]]:
                          f"(target stage 3 <= 0.55x)",
                          ", ".join(f"stage {s}: {v['ratio']:.2f}x" for s, v in h.items())
                          + f" (stage 0: {h['0']['total'] / 2**20:.0f} MiB)"))
+    return rows
+
+
+def _models(r: dict) -> list[tuple[str, str]]:
+    rows = []
+    if "sizes" in r:
+        for preset in ("tiny", "small", "base"):
+            cells = [f"{key.split('/')[0]} {v['params'] / 1e6:.2f}M {v['fwd_bwd_s'] * 1000:.0f} ms"
+                     for key, v in r["sizes"].items() if key.endswith(f"/{preset}")]
+            rows.append((f"models {preset}: parameters, forward+backward of one training step (batch 2)", "; ".join(cells)))
+    if "restore" in r:
+        x = r["restore"]
+        p = x["psnr_db"]
+        kinds = "+".join(x["config"]["degradations"])
+        rows.append((f"restore vs ffmpeg denoisers: PSNR after {x['train_seconds']:.0f} s of CPU training, {kinds} "
+                     f"(targets +3 dB over input, +1 dB over the best filter)",
+                     f"ours {p['ours']:.2f} dB: {x['gain_vs_degraded_db']:+.2f} dB over the degraded input "
+                     f"({p['degraded']:.2f}), {x['gain_vs_best_filter_db']:+.2f} dB over {x['best_filter']} "
+                     f"({p[x['best_filter']]:.2f}; hqdn3d {p['hqdn3d']:.2f}, nlmeans {p['nlmeans']:.2f})"))
     return rows
 
 
@@ -69,6 +89,7 @@ BENCHES: dict[str, tuple[list[str], Callable[[dict], list[tuple[str, str]]]]] = 
     "train": ([], _train),
     "render": ([], _summary_rows),
     "serve": ([], _summary_rows),
+    "models": ([], _models),
 }
 
 
@@ -107,13 +128,14 @@ def run(name: str, extra: list[str]) -> dict | None:
     with open(out_json) as f:
         result = json.load(f)
     result["_seconds"] = round(time.perf_counter() - started, 1)
+    result["_machine"] = machine()  # each result keeps the machine it ran on (--only keeps older ones)
     return result
 
 
-def table(rows: list[dict], where: str) -> str:
-    lines = [f"Measured by `python bench/run_all.py` on {where}.", "",
-             "| benchmark | figure | command |", "|---|---|---|"]
-    lines += [f"| {r['benchmark']} | {r['figure']} | `{r['command']}` |" for r in rows]
+def table(rows: list[dict]) -> str:
+    lines = ["Written by `python bench/run_all.py` from each benchmark's latest run.", "",
+             "| benchmark | figure | command | machine |", "|---|---|---|---|"]
+    lines += [f"| {r['benchmark']} | {r['figure']} | `{r['command']}` | {r['machine']} |" for r in rows]
     return "\n".join(lines)
 
 
@@ -133,13 +155,22 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", nargs="*", choices=sorted(BENCHES), help="run only these (others keep their last figures)")
     ap.add_argument("--no-readme", action="store_true", help="do not rewrite README.md")
+    ap.add_argument("--table", action="store_true", help="run nothing: rewrite the table from bench/results/")
+    ap.add_argument("--args", default="", help="extra arguments for the benchmarks run, e.g. --only models "
+                                                "--args='--only restore': the figures they give replace the "
+                                                "same keys of the last full run's, the rest are kept")
     args = ap.parse_args()
-    names = args.only or list(BENCHES)
+    names = [] if args.table else args.only or list(BENCHES)
     for name in names:
-        result = run(name, [])
+        path = os.path.join(RESULTS, f"{name}.json")
+        previous = {}
+        if args.args and os.path.exists(path):
+            with open(path) as f:
+                previous = json.load(f)
+        result = run(name, shlex.split(args.args))
         if result is not None:
-            with open(os.path.join(RESULTS, f"{name}.json"), "w") as f:
-                json.dump(result, f, indent=2)
+            with open(path, "w") as f:
+                json.dump({**previous, **result}, f, indent=2)
     rows = []
     for name, (_, fmt) in BENCHES.items():  # every benchmark's latest figures, in a fixed order
         path = os.path.join(RESULTS, f"{name}.json")
@@ -147,13 +178,14 @@ def main() -> None:
             continue
         with open(path) as f:
             result = json.load(f)
-        rows += [{"benchmark": b, "figure": fig, "command": f"python bench/{name}.py"} for b, fig in fmt(result)]
-    where = machine()
-    text = table(rows, where)
+        where = result.get("_machine", "unrecorded")
+        rows += [{"benchmark": b, "figure": fig, "command": f"python bench/{name}.py", "machine": where}
+                 for b, fig in fmt(result)]
+    text = table(rows)
     with open(os.path.join(RESULTS, "table.md"), "w") as f:
         f.write(text + "\n")
     with open(os.path.join(RESULTS, "table.json"), "w") as f:
-        json.dump({"machine": where, "rows": rows}, f, indent=2)
+        json.dump({"rows": rows}, f, indent=2)
     if not args.no_readme:
         update_readme(text)
     print(text)

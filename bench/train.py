@@ -42,7 +42,7 @@ from vidgen.data.tensors import frames_to_video  # noqa: E402
 from vidgen.train.config import validate  # noqa: E402
 from vidgen.train.trainer import dataset_overrides, read_metrics, train  # noqa: E402
 
-FAMILIES = {"gan": dict(), "restore": dict(degradations=["blur", "noise"])}
+FAMILIES = {"gan": dict(), "restore": dict(degradations=["blur", "downscale", "noise"])}  # no H.264: no ffmpeg in the step
 
 
 def make_data(root: str) -> str:
