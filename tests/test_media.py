@@ -6,8 +6,11 @@ Test videos come from ffmpeg's lavfi sources (testsrc2, mandelbrot, sine), small
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import warnings
 
@@ -518,10 +521,6 @@ def test_rotated_video_decodes_at_its_probed_size(tmp_path, cli_mp4):
 
 def test_probe_command_json_on_s3_and_help(s3_root, cli_mp4):
     """`vidgen probe s3://... --json` through the installed entry point, endpoint from the environment."""
-    import json
-    import subprocess
-    import sys
-
     uri = f"{s3_root}/clips/cli.mp4"
     storage.upload_file(cli_mp4, uri)
     env = {**os.environ, "RAY_ADDRESS": ""}  # AWS_ENDPOINT_URL_S3 and the keys come from the fixture

@@ -72,6 +72,10 @@ class NotFoundError(StorageError, FileNotFoundError):
     """No such key, file or bucket."""
 
 
+class NoSuchBucketError(NotFoundError):
+    """The bucket itself does not exist: a configuration mistake, never "this object is absent"."""
+
+
 class AccessDeniedError(StorageError, PermissionError):
     """The credentials in use may not do this."""
 
@@ -269,7 +273,7 @@ def _translate(uri: str, exc: BaseException) -> StorageError:
         code = str(err.get("Code", ""))
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
         if code == "NoSuchBucket":
-            return NotFoundError(f"{uri}: no such bucket")
+            return NoSuchBucketError(f"{uri}: no such bucket")
         if code in ("NoSuchKey", "404", "NotFound") or status == 404:
             return NotFoundError(f"{uri}: no such key")
         if code in ("AccessDenied", "403", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch") or status == 403:
@@ -551,7 +555,7 @@ def exists(uri: str) -> bool:
             return True
         except Exception as e:  # noqa: BLE001 - translated below
             err = _translate(uri, e)
-            if isinstance(err, NotFoundError) and "no such bucket" not in str(err):
+            if isinstance(err, NotFoundError) and not isinstance(err, NoSuchBucketError):
                 return False
             raise err from e
     return os.path.exists(local_path(uri))
@@ -597,7 +601,7 @@ def stat(uri: str) -> ObjectInfo | None:
             head = s3_client().head_object(Bucket=bucket, Key=key)
         except Exception as e:  # noqa: BLE001 - translated below
             err = _translate(uri, e)
-            if isinstance(err, NotFoundError) and "no such bucket" not in str(err):
+            if isinstance(err, NotFoundError) and not isinstance(err, NoSuchBucketError):
                 return None
             raise err from e
         return ObjectInfo(uri, int(head["ContentLength"]), head.get("ETag"), head["LastModified"].timestamp(),

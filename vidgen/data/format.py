@@ -314,9 +314,9 @@ def open_dataset(uri: str, validate_shards: bool = True) -> ClipDataset:
     root = storage.normalize(uri)
     try:
         manifest = storage.read_json(storage.join(root, MANIFEST))
-    except storage.NotFoundError as e:
-        if "no such bucket" in str(e):
-            raise DatasetError(str(e)) from None
+    except storage.NoSuchBucketError as e:
+        raise DatasetError(str(e)) from None
+    except storage.NotFoundError:
         raise DatasetError(f"{uri}: no dataset here (no {MANIFEST}; an unfinished write is not a dataset)") from None
     missing = [k for k in REQUIRED_MANIFEST_KEYS if k not in manifest]
     if missing:
