@@ -30,7 +30,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
@@ -104,15 +103,9 @@ def sizes(repeat: int) -> dict:
 
 
 def ffmpeg_filter(video: torch.Tensor, vf: str) -> torch.Tensor:
-    """(C, T, H, W) in [-1, 1] -> the same frames through an ffmpeg video filter (raw rgb24 in and out)."""
+    """(C, T, H, W) in [-1, 1] -> the same frames through an ffmpeg video filter (`media.filter_frames`)."""
     frames = ((video.permute(1, 2, 3, 0) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
-    t, h, w, _ = frames.shape
-    args = [media.ffmpeg_binary(), "-hide_banner", "-nostdin", "-loglevel", "error", "-f", "rawvideo",
-            "-pix_fmt", "rgb24", "-s", f"{w}x{h}", "-framerate", "8", "-i", "pipe:", "-vf", vf,
-            "-f", "rawvideo", "-pix_fmt", "rgb24", "pipe:"]
-    raw = subprocess.run(args, input=frames.tobytes(), capture_output=True, check=True).stdout
-    out = np.frombuffer(raw, np.uint8).reshape(t, h, w, 3)
-    return torch.from_numpy(out.copy()).permute(3, 0, 1, 2).float() / 127.5 - 1
+    return torch.from_numpy(media.filter_frames(frames, vf)).permute(3, 0, 1, 2).float() / 127.5 - 1
 
 
 def restore(train_seconds: float, eval_clips: int, batch_size: int) -> dict:

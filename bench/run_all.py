@@ -78,6 +78,26 @@ def _models(r: dict) -> list[tuple[str, str]]:
     return rows
 
 
+def _quality(r: dict) -> list[tuple[str, str]]:
+    rows = []
+    for name, family in r.get("families", {}).items():
+        run = family.get("run") or {}
+        head = (f"{run['wall_minutes']:.1f} min, {run['steps']} steps ({run['steps_per_s']:.2f}/s): "
+                if run else "")
+        cells = [f"{f['figure'].split(': ', 1)[-1]} {f['value']:.3f}{f['unit']} vs {f['baseline']} "
+                 f"{f['baseline_value']:.3f}{f['unit']} ({'meets target' if f['met'] else 'MISSES target' if f['met'] is False else 'report'})"
+                 for f in family["figures"]]
+        rows.append((f"quality: {name}, trained through vidgen train (2 workers, ZeRO-2), held-out clips",
+                     head + "; ".join(cells)))
+    return rows
+
+
+def _startup(r: dict) -> list[tuple[str, str]]:
+    return [(f"train fixed costs: vidgen train (2 workers, ZeRO-2, {r['family']} tiny) to first step, last step to "
+             f"exit (target <= 15 s each)",
+             f"{r['to_first_step_s']:.1f} s to first step, {r['last_step_to_exit_s']:.1f} s last step to exit")]
+
+
 def _summary_rows(r: dict) -> list[tuple[str, str]]:
     """Benchmarks that format their own rows: {"summary_rows": [[benchmark, figure], ...]}."""
     return [tuple(row) for row in r.get("summary_rows", [])]
@@ -90,6 +110,8 @@ BENCHES: dict[str, tuple[list[str], Callable[[dict], list[tuple[str, str]]]]] = 
     "render": ([], _summary_rows),
     "serve": ([], _summary_rows),
     "models": ([], _models),
+    "quality": ([], _quality),
+    "startup": ([], _startup),
 }
 
 

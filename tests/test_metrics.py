@@ -103,3 +103,25 @@ def test_life_rule_accuracy_by_hand():
         life_rule_accuracy(t0 * 2, t1)
     with pytest.raises(ValueError, match="same shape"):
         life_rule_accuracy(t0, t1[:4])
+
+
+def test_frechet_distance_of_gaussians():
+    from vidgen.quality import frechet_distance
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(4000, 3, generator=g)
+    b = torch.randn(4000, 3, generator=g)
+    assert frechet_distance(a, b) < 0.02                                   # same distribution
+    assert frechet_distance(a, b + torch.tensor([2.0, 0, 0])) == pytest.approx(4.0, abs=0.1)  # mean shift^2
+    assert frechet_distance(a, 3 * b) == pytest.approx(3 * (3 - 1) ** 2, abs=0.3)  # scale: tr(1 + 9 - 2*3) per dim
+
+
+def test_figure_prints_its_baseline_and_a_verdict():
+    from vidgen.quality import Figure
+
+    low = Figure("label accuracy", 0.23, "chance", 1 / 3, target=0.9)
+    assert not low.met and not low.better
+    assert low.line() == ("label accuracy: 0.230 vs chance 0.333: MISSES the target (>= 0.9); "
+                          "no better than chance")
+    ratio = Figure("frechet ratio", 2.5, "real vs real", 1.0, unit="x", target=3.0, higher_is_better=False)
+    assert ratio.met and ratio.row()["verdict"].startswith("meets the target (<= 3x)")

@@ -145,10 +145,11 @@ def test_a_few_steps_reduce_the_loss_on_a_fixed_batch(family, overrides, factor)
 # Golden losses of the first three iterations of each tiny preset (seed 0, the moving square batch):
 # a change in a model's numbers shows up here. Update them on purpose, with the reason in the commit.
 GOLDEN = {
-    "gan": [3.99958, 0.05004, 3.99278, 0.04527, 3.98551, 0.04048],  # (d_loss, g_loss) per iteration
+    # (d_loss, g_loss) per iteration; tiny gained the CPU stabilisers (spectral norm, two streams, ...)
+    "gan": [4.00766, -0.02007, 3.96068, -0.01698, 3.89811, -0.02442],
     "vae": [0.19307, 0.1545, 0.12444],
-    "convlstm": [0.11028, 0.108, 0.10552],
-    "restore": [0.03719, 0.03724, 0.03709],
+    "convlstm": [0.11336, 0.10234, 0.06676],  # tiny re-sized for Life (down=1, hidden 64, 2 context frames)
+    "restore": [0.04304, 0.05737, 0.04275],   # tiny became a U-Net trained on 4-frame patches
     "style": [4.81172, 3.56338, 4.02179],
 }
 
@@ -293,7 +294,7 @@ def test_vae_reconstruct_and_convlstm_predict_any_length():
     convlstm = models.build("convlstm", "tiny").eval()
     assert convlstm.predict(video[:, :, :2], num_frames=20).shape == (2, 3, 20, 32, 32)
     with pytest.raises(ValueError, match="context_frames"):
-        convlstm.train_steps()[0].loss({"video": video[:, :, :4]}, convlstm.parts())
+        convlstm.train_steps()[0].loss({"video": video[:, :, :convlstm.config.context_frames]}, convlstm.parts())
 
 
 def test_restorer_starts_as_identity_and_upscales():

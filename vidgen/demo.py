@@ -15,11 +15,13 @@ generated for (chance is 1/3).
 
 from __future__ import annotations
 
+import contextlib
 import html
 import io
 import json
 import os
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -28,10 +30,12 @@ import numpy as np
 import torch
 
 from vidgen import storage
+from vidgen.quality import Figure, table
 
 GAN_DATA = dict(kind="shapes", clips=384, frames=8, size=32)
 RESTORE_DATA = dict(kind="shapes", clips=192, frames=8, size=64)
-RESTORE_MODEL = {"degradations": ["blur", "noise"], "width": 32, "num_blocks": 4, "window": 3}
+RESTORE_MODEL: dict = {}  # the tiny preset: blur + noise, trained on patches
+GAN_SHARE = 0.7           # of the training time left after the fixed costs
 # Seconds on 2 cores that are not training steps: the start and end of each training run (Ray Train
 # workers, DeepSpeed, the last checkpoint and samples), and everything after training.
 FIT_OVERHEAD_S = 20
@@ -69,12 +73,23 @@ class Demo:
 
 
 def run_demo(out: str = "demo-out", minutes: float = 10.0) -> dict:
-    """Run every stage; returns the summary (also written to OUT/summary.json)."""
+    """Run every stage; returns the summary (also written to OUT/summary.json).
+
+    The console shows vidgen's lines; everything (and Ray's own logs) goes to OUT/logs/.
+    """
+    demo = Demo(storage.normalize(out), minutes)
+    with tempfile.TemporaryDirectory(prefix="vidgen-demo-log-") as logs, _tee(os.path.join(logs, "console.log")):
+        try:
+            return _run_stages(demo)
+        finally:
+            save_logs(demo, logs)
+
+
+def _run_stages(demo: Demo) -> dict:
     from vidgen.runtime import init_ray
 
-    demo = Demo(storage.normalize(out), minutes)
     started = time.perf_counter()
-    deadline = started + minutes * 60
+    deadline = started + demo.minutes * 60
     init_ray()
 
     def budget(share: float, fits_left: int) -> float:
@@ -84,13 +99,13 @@ def run_demo(out: str = "demo-out", minutes: float = 10.0) -> dict:
 
     with demo.stage("synthesize datasets (shapes, procedural)"):
         make_datasets(demo)
-    seconds = budget(0.65, fits_left=2)
-    with demo.stage(f"train a class-conditional small GAN, ZeRO-2 on 2 workers ({seconds / 60:.1f} min of steps)"):
-        demo.summary["gan"] = train_model(demo, "gan", "small", "gan", {}, seconds)
+    seconds = budget(GAN_SHARE, fits_left=2)
+    with demo.stage(f"train a class-conditional GAN, ZeRO-2 on 2 workers ({seconds / 60:.1f} min of steps)"):
+        demo.summary["gan"] = train_model(demo, "gan", "tiny", "gan", {}, seconds)
     seconds = budget(1.0, fits_left=1)
     with demo.stage(f"train a restoration model, ZeRO-2 on 2 workers ({seconds / 60:.1f} min of steps)"):
         demo.summary["restore"] = train_model(demo, "restore", "tiny", "restore", RESTORE_MODEL, seconds)
-    with demo.stage("export both models, measure them"):
+    with demo.stage("export both models, measure them on held-out clips"):
         export_and_measure(demo)
     with demo.stage("make brand assets and degraded lecture clips"):
         make_assets(demo)
@@ -104,8 +119,62 @@ def run_demo(out: str = "demo-out", minutes: float = 10.0) -> dict:
         write_gallery(demo)
     demo.summary["seconds"] = round(time.perf_counter() - started, 1)
     storage.write_json(demo.uri("summary.json"), demo.summary)
-    print("\n" + format_summary(demo))
+    print("\n" + format_summary(demo), flush=True)
     return demo.summary
+
+
+class _Tee(io.TextIOBase):
+    """A text stream that writes to the console stream and a log file."""
+
+    def __init__(self, console, log):
+        self.console, self.log = console, log
+
+    def write(self, text: str) -> int:
+        self.log.write(text)
+        return self.console.write(text)
+
+    def flush(self) -> None:
+        self.log.flush()
+        self.console.flush()
+
+    def isatty(self) -> bool:
+        return self.console.isatty()
+
+    def fileno(self) -> int:
+        return self.console.fileno()
+
+
+@contextlib.contextmanager
+def _tee(path: str):
+    """stdout and stderr (vidgen's lines, and the worker lines Ray forwards) also go to `path`."""
+    with open(path, "w", buffering=1) as log:
+        saved = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = _Tee(sys.stdout, log), _Tee(sys.stderr, log)
+        try:
+            yield
+        finally:
+            sys.stdout, sys.stderr = saved
+
+
+def save_logs(demo: Demo, local: str, max_bytes: int = 20 * 2**20) -> None:
+    """OUT/logs/console.log, and the Ray session's log files (workers, DeepSpeed, Ray Train,
+    Ray Data) under OUT/logs/ray/: what the console leaves out, for when something went wrong."""
+    storage.upload_file(os.path.join(local, "console.log"), demo.uri("logs", "console.log"))
+    try:
+        import ray
+
+        session = ray._private.worker._global_node.get_session_dir_path() if ray.is_initialized() else None
+    except AttributeError:  # a Ray without this private accessor: the console log is still kept
+        session = None
+    if not session:
+        return
+    root = os.path.join(session, "logs")
+    for folder, _, files in os.walk(root):
+        for name in files:
+            path = os.path.join(folder, name)
+            if name.endswith((".log", ".out", ".err")) and 0 < os.path.getsize(path) <= max_bytes:
+                rel = os.path.relpath(path, root).replace(os.sep, "/")
+                storage.upload_file(path, demo.uri("logs", "ray", *rel.split("/")))
 
 
 # --------------------------------------------------------------------------------------------
@@ -141,36 +210,24 @@ def train_model(demo: Demo, family: str, preset: str, name: str, model: dict, se
 
 
 def export_and_measure(demo: Demo) -> None:
+    """Export both runs, then score them on held-out clips, each figure beside its baseline."""
     from vidgen.train.export import evaluate_model, export
 
     for name in ("gan", "restore"):
         export(demo.uri("runs", name), demo.uri("models", name))
     values = evaluate_model(demo.uri("models", "restore"), demo.uri("data", "shapes64"), split="val", batches=6)
     demo.summary["restore"].update({k: v for k, v in values.items() if k.startswith("val_")})
-    demo.summary["gan"]["label_accuracy"] = gan_label_accuracy(demo)
+    gan = measure_gan(demo)
+    demo.summary["gan"].update(gan.pop("summary"))
+    demo.summary["figures"] = [f.row() for f in gan["figures"]] + [
+        Figure("education: restored PSNR gain on held-out clips", values["val_psnr_gain"], "the degraded input", 0.0,
+               unit=" dB", target=3.0).row()]
 
 
-class ShapeClassifier(torch.nn.Module):
-    """A small frame classifier (circle / square / triangle), logits averaged over frames."""
-
-    def __init__(self, classes: int = 3):
-        super().__init__()
-        self.net = torch.nn.Sequential(
-            torch.nn.Conv2d(3, 16, 3, 2, 1), torch.nn.ReLU(),
-            torch.nn.Conv2d(16, 32, 3, 2, 1), torch.nn.ReLU(),
-            torch.nn.Conv2d(32, 64, 3, 2, 1), torch.nn.ReLU(),
-            torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(64, classes),
-        )
-
-    def forward(self, video: torch.Tensor) -> torch.Tensor:  # (B, C, T, H, W) -> (B, classes)
-        b, c, t, h, w = video.shape
-        logits = self.net(video.transpose(1, 2).reshape(b * t, c, h, w))
-        return logits.view(b, t, -1).mean(1)
-
-
-def gan_label_accuracy(demo: Demo, samples_per_class: int = 20) -> dict:
-    """Train a classifier on the real clips; score the GAN's samples against the asked labels."""
-    from vidgen import models
+def measure_gan(demo: Demo, samples_per_class: int = 30) -> dict:
+    """A classifier trained on the real train clips judges the GAN's samples; also writes the
+    per-class sample grid (OUT/samples-per-class.png and .mp4)."""
+    from vidgen import models, quality
     from vidgen.data.format import open_dataset
     from vidgen.data.tensors import frames_to_video
 
@@ -180,24 +237,57 @@ def gan_label_accuracy(demo: Demo, samples_per_class: int = 20) -> dict:
     val_rows = [r for r in rows if r["split"] != "train"] or train_rows[-32:]
     x = frames_to_video(np.stack([r["frames"] for r in train_rows]))
     y = torch.tensor([r["label"] for r in train_rows])
-    torch.manual_seed(0)
-    clf = ShapeClassifier()
-    opt = torch.optim.Adam(clf.parameters(), 3e-3)
-    for step in range(150):
-        idx = torch.randint(0, len(x), (32,))
-        loss = torch.nn.functional.cross_entropy(clf(x[idx]), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    clf.eval()
+    xv = frames_to_video(np.stack([r["frames"] for r in val_rows]))
+    yv = torch.tensor([r["label"] for r in val_rows])
+    clf = quality.train_classifier(x, y, classes=len(ds.labels))
+    gan = models.load(demo.uri("models", "gan"))
+    asked = torch.tensor([i % len(ds.labels) for i in range(len(ds.labels) * samples_per_class)])
+    samples = gan.sample(len(asked), num_frames=x.shape[2], labels=asked.tolist(), seed=123)
     with torch.no_grad():
-        xv = frames_to_video(np.stack([r["frames"] for r in val_rows]))
-        real_acc = (clf(xv).argmax(1) == torch.tensor([r["label"] for r in val_rows])).float().mean().item()
-        gan = models.load(demo.uri("models", "gan"))
-        labels = [i % 3 for i in range(3 * samples_per_class)]
-        samples = gan.sample(len(labels), num_frames=8, labels=labels, seed=123)
-        acc = (clf(samples).argmax(1) == torch.tensor(labels)).float().mean().item()
-    return {"samples": round(acc, 3), "real_val_clips": round(real_acc, 3), "chance": round(1 / 3, 3)}
+        ratio = (quality.frechet_distance(clf.features(samples), clf.features(xv))
+                 / quality.frechet_distance(clf.features(x), clf.features(xv)))
+    accuracy = quality.label_accuracy(clf, samples, asked)
+    real = quality.label_accuracy(clf, xv, yv)
+    write_class_grid(demo, gan, ds.labels)
+    return {
+        "summary": {"label_accuracy": {"samples": round(accuracy, 3), "real_val_clips": round(real, 3),
+                                       "chance": round(1 / len(ds.labels), 3)}, "frechet_ratio": round(ratio, 2)},
+        "figures": [
+            Figure("ads: GAN samples showing the asked shape", accuracy, "chance", 1 / len(ds.labels), target=0.9),
+            Figure("ads: the same judge on real held-out clips", real, "chance", 1 / len(ds.labels)),
+            Figure("ads: Frechet distance of samples / real-vs-real", ratio, "real train vs val", 1.0, unit="x",
+                   target=3.0, higher_is_better=False),
+        ],
+    }
+
+
+def write_class_grid(demo: Demo, gan, labels: list[str], per_class: int = 6, scale: int = 4) -> None:
+    """OUT/samples-per-class.png (one row per class: each sample's first, middle and last frame)
+    and OUT/samples-per-class.mp4 (the same samples moving, one row per class)."""
+    from PIL import Image, ImageDraw
+
+    from vidgen import media
+    from vidgen.data.tensors import tile, video_to_frames
+
+    asked = [c for c in range(len(labels)) for _ in range(per_class)]
+    videos = [video_to_frames(v) for v in gan.sample(len(asked), labels=asked, seed=7)]
+    grid = tile(videos, cols=per_class)
+    grid = grid.repeat(scale, 1).repeat(scale, 2)
+    storage.write_bytes(demo.uri("samples-per-class.mp4"), media.encode(grid, fps=8, crf=18, preset="veryfast"))
+    t = videos[0].shape[0]
+    strips = [np.concatenate([v[i] for i in (0, t // 2, t - 1)], 1) for v in videos]  # (H, 3W, 3) each
+    sheet = tile([s[None] for s in strips], cols=per_class, gutter=4)[0]
+    sheet = sheet.repeat(scale, 0).repeat(scale, 1)
+    label_w = 110
+    image = Image.new("RGB", (sheet.shape[1] + label_w, sheet.shape[0]), (17, 17, 17))
+    image.paste(Image.fromarray(sheet), (label_w, 0))
+    draw = ImageDraw.Draw(image)
+    row_h = sheet.shape[0] / len(labels)
+    for i, name in enumerate(labels):
+        draw.text((10, int(row_h * (i + 0.45))), name, fill=(230, 230, 230))
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    storage.write_bytes(demo.uri("samples-per-class.png"), buf.getvalue(), "image/png")
 
 
 def make_assets(demo: Demo) -> None:
@@ -284,11 +374,9 @@ def render(demo: Demo, spec: dict) -> dict:
 
 
 def write_gallery(demo: Demo) -> None:
-    """OUT/index.html: the summary, the loss curves, and the two render galleries' posters."""
+    """OUT/index.html: the figures with their baselines and verdicts, the per-class samples, the
+    two render batches, the loss curves and the stage times."""
     s = demo.summary
-
-    def rows(d: dict) -> str:
-        return "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(json.dumps(v))}</td></tr>" for k, v in d.items())
 
     def posters(batch: str) -> str:
         records = []
@@ -297,7 +385,7 @@ def write_gallery(demo: Demo) -> None:
             records = [json.loads(line) for line in storage.read_text(manifest).splitlines() if line.strip()]
         cells = []
         for r in records:
-            if r.get("status") != "ok":
+            if r["status"] != "ok":
                 continue
             name = f"{r['id']}--compare" if r.get("compare") else r["id"]  # restore: input | output
             width = 512 if r.get("compare") else 256
@@ -306,45 +394,69 @@ def write_gallery(demo: Demo) -> None:
                          f'<figcaption>{html.escape(r["id"])}</figcaption></figure>')
         return "".join(cells)
 
+    def figure_rows() -> str:
+        out = []
+        for f in s.get("figures", []):
+            colour = {True: "#6c6", False: "#f66", None: "#ccc"}[f["met"]]
+            out.append(f"<tr><td>{html.escape(f['figure'])}</td><td>{f['value']:.3f}{html.escape(f['unit'])}</td>"
+                       f"<td>{html.escape(f['baseline'])} {f['baseline_value']:.3f}{html.escape(f['unit'])}</td>"
+                       f"<td style='color:{colour}'>{html.escape(f['verdict'])}</td></tr>")
+        return "".join(out)
+
+    def training_rows() -> str:
+        out = []
+        for name in ("gan", "restore"):
+            t = s.get(name, {})
+            out.append(f"<tr><td>{name}</td><td>{t.get('steps')}</td><td>{t.get('seconds')}</td>"
+                       f"<td>{t.get('clips_per_s')}</td></tr>")
+        return "".join(out)
+
+    stage_rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.0f}</td></tr>" for k, v in demo.stage_seconds.items())
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>vidgen demo</title>
 <style>body{{font-family:sans-serif;margin:2em;background:#111;color:#eee}}a{{color:#8cf}}
-table{{border-collapse:collapse}}th,td{{border:1px solid #444;padding:4px 8px;text-align:left}}
+table{{border-collapse:collapse;margin-bottom:1em}}th,td{{border:1px solid #444;padding:4px 8px;text-align:left}}
 figure{{display:inline-block;margin:8px}}img.plot{{background:#fff;max-width:48%;margin:4px}}</style></head><body>
 <h1>vidgen demo</h1><p>{html.escape(demo.out)} &mdash; {s.get('seconds', 0):.0f} s on this machine</p>
+<h2>What the models learned (held-out clips)</h2>
+<table><tr><th>figure</th><th>value</th><th>baseline</th><th>verdict</th></tr>{figure_rows()}</table>
+<h2>GAN samples, one row per asked class</h2>
+<p><img src="samples-per-class.png" alt="GAN samples per class" style="max-width:100%"></p>
+<p><video controls loop preload="none" src="samples-per-class.mp4" poster="samples-per-class.png" width="600"></video></p>
 <h2>Ad batch (generated by the GAN)</h2><p><a href="renders/ads/index.html">full gallery</a></p>{posters("ads")}
 <h2>Education batch (degraded input | restored)</h2><p><a href="renders/education/index.html">full gallery</a></p>{posters("education")}
-<h2>Training</h2><img class="plot" src="runs/gan/loss.png" alt="GAN losses"><img class="plot" src="runs/restore/loss.png" alt="restore loss">
-<p>Samples during training: <a href="runs/gan/samples/">runs/gan/samples</a>, <a href="runs/restore/samples/">runs/restore/samples</a></p>
-<h2>Summary</h2><table>{rows({k: v for k, v in s.items() if k != 'stage_seconds'})}</table>
-<h2>Stage times (s)</h2><table>{rows(s.get('stage_seconds', {}))}</table></body></html>"""
+<h2>Training</h2><table><tr><th>run</th><th>steps</th><th>seconds</th><th>clips/s</th></tr>{training_rows()}</table>
+<img class="plot" src="runs/gan/loss.png" alt="GAN losses"><img class="plot" src="runs/restore/loss.png" alt="restore loss">
+<p>Samples during training: <a href="runs/gan/samples/">runs/gan/samples</a>, <a href="runs/restore/samples/">runs/restore/samples</a>;
+curves: <code>tensorboard --logdir {html.escape(demo.uri('runs'))}</code></p>
+<h2>Stage times (s)</h2><table>{stage_rows}</table></body></html>"""
     storage.write_text(demo.uri("index.html"), page, "text/html; charset=utf-8")
 
 
 def format_summary(demo: Demo) -> str:
     s = demo.summary
     gan, res = s.get("gan", {}), s.get("restore", {})
-    acc = gan.get("label_accuracy", {})
+    ads, edu = s.get("ads", {}), s.get("education", {})
     lines = [
         "vidgen demo summary",
-        f"  {'stage':52s} {'seconds':>8s}",
-        *(f"  {name[:52]:52s} {sec:8.0f}" for name, sec in demo.stage_seconds.items()),
-        f"  {'total':52s} {s.get('seconds', 0):8.0f}",
         "",
-        f"  GAN (small, ZeRO-2, 2 workers): {gan.get('steps')} steps, {gan.get('clips_per_s')} clips/s, "
-        f"d_loss {gan.get('d_loss')}, g_loss {gan.get('g_loss')}",
-        f"    label accuracy of its samples by a classifier trained on real clips: {acc.get('samples')} "
-        f"(chance {acc.get('chance')}; the classifier scores {acc.get('real_val_clips')} on real clips)",
-        f"  restore (ZeRO-2, 2 workers): {res.get('steps')} steps, {res.get('clips_per_s')} clips/s, loss {res.get('loss')}",
-        f"    PSNR {res.get('val_psnr')} dB vs degraded input {res.get('val_psnr_input')} dB: gain {res.get('val_psnr_gain')} dB",
-        f"  rendered: ads {s.get('ads', {}).get('ok')}/{s.get('ads', {}).get('items')} items "
-        f"({s.get('ads', {}).get('videos')} videos), education {s.get('education', {}).get('ok')}/"
-        f"{s.get('education', {}).get('items')} items ({s.get('education', {}).get('videos')} videos)",
+        "What the models learned, on held-out clips:",
+        table(s.get("figures", [])),
         "",
-        f"  data      {demo.uri('data')}",
-        f"  runs      {demo.uri('runs')}  (checkpoints, metrics.jsonl, samples/, loss.png)",
-        f"  models    {demo.uri('models')}",
+        f"  {'stage':60s} {'seconds':>8s}",
+        *(f"  {name[:60]:60s} {sec:8.0f}" for name, sec in demo.stage_seconds.items()),
+        f"  {'total':60s} {s.get('seconds', 0):8.0f}",
+        "",
+        f"  GAN: {gan.get('steps')} steps at {gan.get('clips_per_s')} clips/s; restore: {res.get('steps')} steps "
+        f"at {res.get('clips_per_s')} clips/s (2 workers, ZeRO-2 each)",
+        f"  rendered: ads {ads.get('ok')}/{ads.get('items')} items ({ads.get('videos')} videos), "
+        f"education {edu.get('ok')}/{edu.get('items')} items ({edu.get('videos')} videos)",
+        "",
+        f"  open      {demo.uri('index.html')}   (figures, samples per class, both batches, curves)",
+        f"  samples   {demo.uri('samples-per-class.png')}",
         f"  renders   {demo.uri('renders')}  (ads/, education/: videos, posters, manifest.jsonl, index.html)",
+        f"  runs      {demo.uri('runs')}  (checkpoints, metrics.jsonl, tb/, samples/, loss.png)",
+        f"  models    {demo.uri('models')}",
+        f"  logs      {demo.uri('logs')}  (this console, and Ray's, DeepSpeed's and the workers' full logs)",
         f"  summary   {demo.uri('summary.json')}",
-        f"  open      {demo.uri('index.html')}",
     ]
     return "\n".join(lines)

@@ -1066,3 +1066,18 @@ def _poster_index(index: int | None, count: int) -> int:
     if not -count <= index < count:
         raise ValueError(f"index={index}: the video has {count} frames")
     return index % count
+
+
+def filter_frames(frames: np.ndarray, vf: str) -> np.ndarray:
+    """uint8 frames (T, H, W, 3) -> the same frames through an ffmpeg video filter graph `vf` that
+    keeps their size and count (e.g. `hqdn3d`, `nlmeans=s=4`): raw rgb24 in and out, no codec."""
+    t, h, w, _ = frames.shape
+    cmd = [ffmpeg_binary(), "-hide_banner", "-nostdin", "-loglevel", "error", "-f", "rawvideo", "-pix_fmt", "rgb24",
+           "-s", f"{w}x{h}", "-framerate", "8", "-i", "pipe:", "-vf", vf, "-f", "rawvideo", "-pix_fmt", "rgb24", "pipe:"]
+    proc = subprocess.run(cmd, input=np.ascontiguousarray(frames).tobytes(), capture_output=True)
+    if proc.returncode:
+        raise MediaError(f"ffmpeg filter {vf!r} failed: {proc.stderr.decode(errors='replace').strip()[-300:]}")
+    out = np.frombuffer(proc.stdout, np.uint8)
+    if out.size != frames.size:
+        raise MediaError(f"ffmpeg filter {vf!r} changed the frames' size or count ({out.size} != {frames.size} bytes)")
+    return out.reshape(frames.shape).copy()

@@ -3,11 +3,16 @@
 `RAY_ADDRESS` (or an explicit address) when given; otherwise a new local Ray bound to 127.0.0.1
 (`ray.init("local")`). A bare `ray.init()` would silently join whatever Ray was last started with
 `ray start` on this machine (NOTES-stack.md); vidgen never does that.
+
+The driver's console: worker output is forwarded (`log_to_driver`, so rank 0's training lines and
+worker tracebacks show), Ray's own driver-side lines only from WARNING up.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+from importlib import resources
 
 
 def _loopback_only() -> None:
@@ -33,15 +38,25 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, object_sto
     address = address or os.environ.get("RAY_ADDRESS") or None
     # DeepSpeed on CPU: choose its accelerator up front (silences a warning on every worker).
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    # The "ray" logger of this process: no "Started a local Ray instance" or dashboard URL lines.
+    quiet = {"log_to_driver": True, "logging_level": logging.WARNING}
     if address and address != "local":
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, **quiet)
         return
     _loopback_only()
+    # Every process of this Ray inherits the variable: Ray Data's INFO lines go to its log file only.
+    os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", str(resources.files("vidgen") / "assets" / "ray-data-logging.yaml"))
     ray.init(
         "local",
         num_cpus=num_cpus,
         object_store_memory=object_store_memory or int(os.environ.get("VIDGEN_OBJECT_STORE_BYTES", 2 * 1024**3)),
-        include_dashboard=False,
+        # Ray's default: the dashboard process serves the State API when its packages are installed
+        # (ray[default], which ray[serve] brings). Ray Train's PlacementGroupCleaner asks that API
+        # every second whether the run's controller is alive; with include_dashboard=False it is
+        # not served, and the cleaner logs "Failed to query Ray Train Controller actor state" on
+        # each try for the whole run (and cannot free a crashed run's placement group).
+        include_dashboard=None,
+        dashboard_host="127.0.0.1",
         _node_ip_address="127.0.0.1",
-        log_to_driver=True,
+        **quiet,
     )

