@@ -38,8 +38,8 @@ RESTORE_MODEL: dict = {}  # the tiny preset: blur + noise, trained on patches
 GAN_SHARE = 0.7           # of the training time left after the fixed costs
 # Seconds on 2 cores that are not training steps: the start and end of each training run (Ray Train
 # workers, DeepSpeed, the last checkpoint and samples), and everything after training.
-FIT_OVERHEAD_S = 20
-AFTER_TRAINING_S = 50
+FIT_OVERHEAD_S = 35    # measured by bench/startup.py: ~25 s to the first step, ~9 s from the last to exit
+AFTER_TRAINING_S = 60
 
 
 @dataclass

@@ -289,13 +289,15 @@ class ImageDiscriminator(nn.Module):
             c_in = c_out
         self.features = nn.Sequential(*layers)
         self.std = cfg.minibatch_std
+        self.sum_pool = cfg.spectral_norm  # see VideoDiscriminator
         self.last = nn.Sequential(nn.Conv2d(c_in + self.std, widths[-1], 3, padding=1), nn.LeakyReLU(0.2))
         self.logit = nn.Linear(widths[-1], 1)
         self.embed = _projection(cfg.num_classes, widths[-1])
         self.classify = nn.Linear(widths[-1], cfg.num_classes) if cfg.aux_weight and cfg.num_classes else None
 
     def forward(self, frames: Tensor, labels: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        h = self.last(_with_batch_std(self.features(frames), self.std)).mean((2, 3))  # (N, W)
+        h = self.last(_with_batch_std(self.features(frames), self.std))
+        h = h.sum((2, 3)) if self.sum_pool else h.mean((2, 3))   # (N, W)
         out = self.logit(h).squeeze(1)                          # (N,)
         if self.embed is not None:
             out = out + (self.embed(labels) * h).sum(1)         # projection term
@@ -316,13 +318,18 @@ class VideoDiscriminator(nn.Module):
             c_in = c_out
         self.features = nn.Sequential(*layers)
         self.std = cfg.minibatch_std
+        # With spectral norm every layer is 1-Lipschitz and a mean over positions leaves features too
+        # small for the unnormalised class heads (projection, AC) to learn in a few hundred steps;
+        # SNGAN and BigGAN sum over positions instead.
+        self.sum_pool = cfg.spectral_norm
         self.last = nn.Sequential(nn.Conv3d(c_in + self.std, widths[-1], 3, padding=1), nn.LeakyReLU(0.2))
         self.logit = nn.Linear(widths[-1], 1)
         self.embed = _projection(cfg.num_classes, widths[-1])
         self.classify = nn.Linear(widths[-1], cfg.num_classes) if cfg.aux_weight and cfg.num_classes else None
 
     def forward(self, video: Tensor, labels: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        h = self.last(_with_batch_std(self.features(video), self.std)).mean((2, 3, 4))  # (B, W)
+        h = self.last(_with_batch_std(self.features(video), self.std))
+        h = h.sum((2, 3, 4)) if self.sum_pool else h.mean((2, 3, 4))  # (B, W)
         out = self.logit(h).squeeze(1)                          # (B,)
         if self.embed is not None:
             out = out + (self.embed(labels) * h).sum(1)
