@@ -59,7 +59,11 @@ def one_run(work: str, family: str, index: int) -> dict:
         raise SystemExit("\n".join(text for _, text in lines[-40:]))
 
     def first(pattern: str) -> tuple[float, str]:
-        return next((t, text) for t, text in lines if re.search(pattern, text))
+        found = [(t, text) for t, text in lines if re.search(pattern, text)]
+        if not found:
+            raise SystemExit(f"`vidgen train` printed no line matching {pattern!r}; its output ends:\n"
+                             + "\n".join(text for _, text in lines[-20:]))
+        return found[0]
 
     ray_t, ray_line = first(r"Ray ready in")
     ray_s = float(re.search(r"Ray ready in ([0-9.]+) s", ray_line).group(1))

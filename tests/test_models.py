@@ -146,7 +146,7 @@ def test_a_few_steps_reduce_the_loss_on_a_fixed_batch(family, overrides, factor)
 # a change in a model's numbers shows up here. Update them on purpose, with the reason in the commit.
 GOLDEN = {
     # (d_loss, g_loss) per iteration; tiny gained the CPU stabilisers (spectral norm, two streams, ...)
-    "gan": [4.00766, -0.02007, 3.96068, -0.01698, 3.89811, -0.02442],
+    "gan": [4.12254, 0.35103, 3.36949, 0.38512, 2.91787, 1.26843],
     "vae": [0.19307, 0.1545, 0.12444],
     "convlstm": [0.11336, 0.10234, 0.06676],  # tiny re-sized for Life (down=1, hidden 64, 2 context frames)
     "restore": [0.04304, 0.05737, 0.04275],   # tiny became a U-Net trained on 4-frame patches
@@ -174,10 +174,12 @@ def test_gan_generator_learns_against_a_fixed_discriminator():
     torch.manual_seed(0)
     model = models.build("gan", "tiny")
     train(model, {"video": moving_square()}, steps=5, only="discriminator")  # a D with an opinion
-    frozen = {k: v.clone() for k, v in model.discriminator.state_dict().items()}
+    frozen = {k: v.clone() for k, v in model.discriminator.named_parameters()}
     history = train(model, {"video": moving_square()}, steps=15, only="generator")
     assert history[-1]["g_loss"] < history[0]["g_loss"] - 0.1, [round(h["g_loss"], 3) for h in history]
-    assert all(torch.equal(v, model.discriminator.state_dict()[k]) for k, v in frozen.items())
+    # D's weights stay; its spectral norm's power-iteration vectors (buffers) move with every
+    # training-mode forward, the G step's included, as in BigGAN
+    assert all(torch.equal(v, dict(model.discriminator.named_parameters())[k]) for k, v in frozen.items())
 
 
 def test_gan_steps_have_the_shape_deepspeed_needs():

@@ -82,7 +82,10 @@ def run_demo(out: str = "demo-out", minutes: float = 10.0) -> dict:
         try:
             return _run_stages(demo)
         finally:
-            save_logs(demo, logs)
+            try:
+                save_logs(demo, logs)
+            except Exception as e:  # never hide the demo's own outcome behind a failed log upload
+                print(f"[demo] could not save the logs under {demo.uri('logs')}: {e}", flush=True)
 
 
 def _run_stages(demo: Demo) -> dict:
@@ -139,6 +142,13 @@ class _Tee(io.TextIOBase):
 
     def isatty(self) -> bool:
         return self.console.isatty()
+
+    def writable(self) -> bool:
+        return True
+
+    @property
+    def encoding(self) -> str:
+        return self.console.encoding
 
     def fileno(self) -> int:
         return self.console.fileno()
@@ -197,7 +207,6 @@ def train_model(demo: Demo, family: str, preset: str, name: str, model: dict, se
         family=family, preset=preset, model=model, data=data, run=demo.uri("runs", name),
         workers=2, zero_stage=2, micro_batch=8, max_steps=100_000, checkpoint_every=100_000,
         max_minutes=seconds / 60, log_every=10, eval_batches=4,
-        lr=1e-3 if family == "restore" else None,
     ))
     result = train(cfg)
     rows = read_metrics(cfg.run)
@@ -224,9 +233,9 @@ def export_and_measure(demo: Demo) -> None:
                unit=" dB", target=3.0).row()]
 
 
-def measure_gan(demo: Demo, samples_per_class: int = 30) -> dict:
-    """A classifier trained on the real train clips judges the GAN's samples; also writes the
-    per-class sample grid (OUT/samples-per-class.png and .mp4)."""
+def measure_gan(demo: Demo, per_class: int = 30) -> dict:
+    """A judge trained on the real train clips scores the GAN's samples; also writes the per-class
+    sample grid (OUT/samples-per-class.png and .mp4)."""
     from vidgen import models, quality
     from vidgen.data.format import open_dataset
     from vidgen.data.tensors import frames_to_video
@@ -235,28 +244,25 @@ def measure_gan(demo: Demo, samples_per_class: int = 30) -> dict:
     rows = list(ds.iter_clips())
     train_rows = [r for r in rows if r["split"] == "train"]
     val_rows = [r for r in rows if r["split"] != "train"] or train_rows[-32:]
-    x = frames_to_video(np.stack([r["frames"] for r in train_rows]))
-    y = torch.tensor([r["label"] for r in train_rows])
-    xv = frames_to_video(np.stack([r["frames"] for r in val_rows]))
-    yv = torch.tensor([r["label"] for r in val_rows])
-    clf = quality.train_classifier(x, y, classes=len(ds.labels))
+
+    def tensors(rows_: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+        return frames_to_video(np.stack([r["frames"] for r in rows_])), torch.tensor([r["label"] for r in rows_])
+
     gan = models.load(demo.uri("models", "gan"))
-    asked = torch.tensor([i % len(ds.labels) for i in range(len(ds.labels) * samples_per_class)])
-    samples = gan.sample(len(asked), num_frames=x.shape[2], labels=asked.tolist(), seed=123)
-    with torch.no_grad():
-        ratio = (quality.frechet_distance(clf.features(samples), clf.features(xv))
-                 / quality.frechet_distance(clf.features(x), clf.features(xv)))
-    accuracy = quality.label_accuracy(clf, samples, asked)
-    real = quality.label_accuracy(clf, xv, yv)
+    frames = ds.clip_shape[0]
+    scores = quality.score_conditional(lambda labels, seed: gan.sample(len(labels), frames, labels, seed),
+                                       tensors(train_rows), tensors(val_rows), len(ds.labels), per_class)
     write_class_grid(demo, gan, ds.labels)
+    chance = 1 / len(ds.labels)
     return {
-        "summary": {"label_accuracy": {"samples": round(accuracy, 3), "real_val_clips": round(real, 3),
-                                       "chance": round(1 / len(ds.labels), 3)}, "frechet_ratio": round(ratio, 2)},
+        "summary": {"label_accuracy": {"samples": round(scores.label_accuracy, 3),
+                                       "real_val_clips": round(scores.judge_on_real, 3), "chance": round(chance, 3)},
+                    "frechet_ratio": round(scores.frechet_ratio, 2)},
         "figures": [
-            Figure("ads: GAN samples showing the asked shape", accuracy, "chance", 1 / len(ds.labels), target=0.9),
-            Figure("ads: the same judge on real held-out clips", real, "chance", 1 / len(ds.labels)),
-            Figure("ads: Frechet distance of samples / real-vs-real", ratio, "real train vs val", 1.0, unit="x",
-                   target=3.0, higher_is_better=False),
+            Figure("ads: GAN samples showing the asked shape", scores.label_accuracy, "chance", chance, target=0.9),
+            Figure("ads: the same judge on real held-out clips", scores.judge_on_real, "chance", chance),
+            Figure("ads: Frechet distance of samples / real-vs-real", scores.frechet_ratio, "real train vs val", 1.0,
+                   unit="x", target=3.0, higher_is_better=False),
         ],
     }
 

@@ -68,7 +68,7 @@ def label_accuracy(clf: ClipClassifier, videos: Tensor, labels: Tensor) -> float
 @torch.no_grad()
 def frechet_distance(a: Tensor, b: Tensor) -> float:
     """Frechet distance between Gaussians fitted to two feature sets (N, D) (Heusel et al. 2017)."""
-    a, b = a.double().numpy(), b.double().numpy()
+    a, b = a.detach().double().cpu().numpy(), b.detach().double().cpu().numpy()
     mu_a, mu_b = a.mean(0), b.mean(0)
     cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
     # tr sqrt(A B) = sum sqrt(eig(A^1/2 B A^1/2)); both are PSD, so symmetric eigensolvers suffice
@@ -76,6 +76,31 @@ def frechet_distance(a: Tensor, b: Tensor) -> float:
     half = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
     cross = np.sqrt(np.clip(np.linalg.eigvalsh(half @ cov_b @ half), 0, None)).sum()
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * cross)
+
+
+@dataclass
+class ConditionalScores:
+    """How well a class-conditional generator's samples match real held-out clips."""
+
+    label_accuracy: float   # share of samples the judge assigns to the asked class
+    judge_on_real: float    # the judge's accuracy on the real held-out clips (its own ceiling)
+    frechet_ratio: float    # Frechet distance samples vs held-out, over real train vs held-out
+
+
+@torch.no_grad()
+def score_conditional(sample, train: tuple[Tensor, Tensor], held_out: tuple[Tensor, Tensor], classes: int,
+                      per_class: int = 50, seed: int = 123) -> ConditionalScores:
+    """Train a judge on the real train clips, then score `sample(labels, seed) -> videos` against the
+    held-out clips. Videos are (N, C, T, H, W) in [-1, 1]; labels (N,) long."""
+    x, y = train
+    xv, yv = held_out
+    with torch.enable_grad():
+        judge = train_classifier(x, y, classes)
+    asked = torch.arange(classes).repeat(per_class)
+    samples = sample(asked.tolist(), seed)
+    fd = frechet_distance(judge.features(samples), judge.features(xv))
+    fd_real = frechet_distance(judge.features(x), judge.features(xv))
+    return ConditionalScores(label_accuracy(judge, samples, asked), label_accuracy(judge, xv, yv), fd / fd_real)
 
 
 @dataclass
@@ -127,6 +152,6 @@ def table(figures: list[dict], width: int = 44) -> str:
     lines = [f"  {'figure':{width}s} {'value':>9s}  {'baseline':>24s}  verdict"]
     for f in figures:
         base = f"{f['baseline']} {f['baseline_value']:g}{f['unit']}"
-        lines.append(f"  {f['figure'][:width]:{width}s} {f['value']:>8.3f}{f['unit'][:1] if f['unit'] else ' '} "
-                     f"{base[:24]:>24s}  {f['verdict']}")
+        value = f"{f['value']:.3f}{f['unit']}"
+        lines.append(f"  {f['figure'][:width]:{width}s} {value:>9s}  {base[:24]:>24s}  {f['verdict']}")
     return "\n".join(lines)

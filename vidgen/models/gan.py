@@ -8,8 +8,11 @@ any number of frames can be rolled out: the clip length is just the length of th
 Discriminators. An image discriminator (2D convs) judges K random frames of each video; a video
 discriminator (3D convs) judges the whole clip. With `num_classes > 0` both are projection
 discriminators (Miyato & Koyama 2018) and the generator gets a label embedding. Loss: hinge
-(default) or non-saturating. No normalisation in D and GroupNorm in G, so nothing depends on
-batch statistics: samples are the same whatever else is in the batch.
+(default) or non-saturating. G normalises per sample (GroupNorm or PixelNorm), so samples are the
+same whatever else is in the batch; D may see the batch's spread (`minibatch_std`). The config's
+optional stabilisers (spectral norm, R1, DiffAugment, an AC-GAN head, mode seeking, VGAN's two
+streams, short training windows) are each described beside their field; `tiny` uses the set that
+bench/quality.py found to learn fastest on a CPU.
 
 The generator used for sampling is an exponential moving average of the trained one
 (`generator_ema`), updated by `after_step("generator")` through the plain function `ema_update`.
@@ -57,11 +60,12 @@ class GANConfig:
     video_weight: float = 1.0   # weight of the video discriminator's loss terms beside the image one's
     mode_seeking: float = 0.0   # > 0: MSGAN's term (Mao et al. 2019): G is rewarded when samples from different
                                 # noise differ, against collapse onto one look per class
-    r1_gamma: float = 0.0       # > 0: R1 penalty gamma/2 |grad_x D(real)|^2 (Mescheder et al. 2018)
+    r1_gamma: float = 0.0       # > 0: R1 penalty gamma/2 |grad_x D(real)|^2 (Mescheder et al. 2018); a double
+                                # backward, tested under ZeRO-0/2 only
     spectral_norm: bool = False # spectral norm on every D layer (Miyato et al. 2018)
     aux_weight: float = 0.0     # > 0: D also classifies real clips, G is pushed towards the asked class (AC-GAN)
-    diffaugment: str = ""       # "translation,color,cutout": the same random augmentation of real and fake
-                                # clips before D (Zhao et al. 2020), so a small dataset does not overfit D
+    diffaugment: str = ""       # "translation,color,cutout": random augmentations (one draw per clip) of real
+                                # and fake clips alike before D (Zhao et al. 2020), so a small set does not overfit D
     lr_g: float = 2e-4
     lr_d: float = 2e-4
     beta1: float = 0.5
@@ -91,7 +95,6 @@ class GANConfig:
 
 
 PRESETS = {
-    # CPU tests: 32x32, G 0.16M and D 0.31M parameters.
     # CPU: 32x32, G 0.23M and D 0.32M parameters, with the stabilisers that moved label accuracy in
     # 2-5 CPU minutes (bench/quality.py): VGAN's static background + masked foreground, PixelNorm in G,
     # spectral norm and an auxiliary classifier in D, DiffAugment translation, TTUR, 4-frame windows.
@@ -287,16 +290,16 @@ class ImageDiscriminator(nn.Module):
         for c_out in widths[:-1]:
             layers += [nn.Conv2d(c_in, c_out, 4, stride=2, padding=1), nn.LeakyReLU(0.2)]
             c_in = c_out
-        self.features = nn.Sequential(*layers)
         self.std = cfg.minibatch_std
+        layers += [nn.Conv2d(c_in + self.std, widths[-1], 3, padding=1), nn.LeakyReLU(0.2)]
+        self.features = nn.Sequential(*layers)  # one Sequential, so models saved before minibatch std still load
         self.sum_pool = cfg.spectral_norm  # see VideoDiscriminator
-        self.last = nn.Sequential(nn.Conv2d(c_in + self.std, widths[-1], 3, padding=1), nn.LeakyReLU(0.2))
         self.logit = nn.Linear(widths[-1], 1)
         self.embed = _projection(cfg.num_classes, widths[-1])
         self.classify = nn.Linear(widths[-1], cfg.num_classes) if cfg.aux_weight and cfg.num_classes else None
 
     def forward(self, frames: Tensor, labels: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        h = self.last(_with_batch_std(self.features(frames), self.std))
+        h = self.features[-2:](_with_batch_std(self.features[:-2](frames), self.std))
         h = h.sum((2, 3)) if self.sum_pool else h.mean((2, 3))   # (N, W)
         out = self.logit(h).squeeze(1)                          # (N,)
         if self.embed is not None:
@@ -316,19 +319,19 @@ class VideoDiscriminator(nn.Module):
             t_stride = 1 if i == 0 else 2  # T -> ceil(T / 2), so any clip length works
             layers += [nn.Conv3d(c_in, c_out, (3, 4, 4), stride=(t_stride, 2, 2), padding=1), nn.LeakyReLU(0.2)]
             c_in = c_out
-        self.features = nn.Sequential(*layers)
         self.std = cfg.minibatch_std
+        layers += [nn.Conv3d(c_in + self.std, widths[-1], 3, padding=1), nn.LeakyReLU(0.2)]
+        self.features = nn.Sequential(*layers)
         # With spectral norm every layer is 1-Lipschitz and a mean over positions leaves features too
         # small for the unnormalised class heads (projection, AC) to learn in a few hundred steps;
         # SNGAN and BigGAN sum over positions instead.
         self.sum_pool = cfg.spectral_norm
-        self.last = nn.Sequential(nn.Conv3d(c_in + self.std, widths[-1], 3, padding=1), nn.LeakyReLU(0.2))
         self.logit = nn.Linear(widths[-1], 1)
         self.embed = _projection(cfg.num_classes, widths[-1])
         self.classify = nn.Linear(widths[-1], cfg.num_classes) if cfg.aux_weight and cfg.num_classes else None
 
     def forward(self, video: Tensor, labels: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        h = self.last(_with_batch_std(self.features(video), self.std))
+        h = self.features[-2:](_with_batch_std(self.features[:-2](video), self.std))
         h = h.sum((2, 3, 4)) if self.sum_pool else h.mean((2, 3, 4))  # (B, W)
         out = self.logit(h).squeeze(1)                          # (B,)
         if self.embed is not None:

@@ -215,7 +215,7 @@ class RestoreNet(nn.Module):
         return out.unflatten(0, (B, T)).transpose(1, 2)          # (B, C, T, h*s, w*s)
 
     def _body(self, x: Tensor) -> Tensor:
-        """The body on a frame padded (reflect) to a multiple of the U-Net's 2**levels, cropped back."""
+        """The body on a frame padded (edge pixels repeated) to a multiple of the U-Net's 2**levels, cropped back."""
         factor = 2**self.cfg.levels
         h, w = x.shape[-2:]
         pad_h, pad_w = -h % factor, -w % factor

@@ -336,7 +336,13 @@ def build_engines(cfg: TrainConfig, model) -> dict:
         )
         engines[part] = engine
         if cfg.precision != "fp32":
-            cast_at_boundary(module, torch.bfloat16 if cfg.precision == "bf16" else torch.float16)
+            dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float16
+            # DeepSpeed casts a part's parameters, not its buffers: spectral norm's power-iteration
+            # vectors would stay float32 beside bf16 weights, and torch.mv refuses mixed dtypes.
+            for buffer in module.buffers():
+                if buffer.is_floating_point():
+                    buffer.data = buffer.data.to(dtype)
+            cast_at_boundary(module, dtype)
     return engines
 
 
