@@ -39,7 +39,8 @@ def test_progress_line_after_resume_counts_only_this_sessions_steps():
 
 def test_progress_line_eta_is_the_time_budget_when_it_ends_first():
     # 0.2 steps/s would need 4950 s for 990 steps; the 2-minute budget has 70 s left
-    assert progress_line(10, 1000, 10, 50.0, 2.0, {}) == "step 10/1000 (1%) 0.2 steps/s ETA 1m10s (time budget)"
+    assert progress_line(10, 1000, 10, 50.0, 2.0, {}) == (
+        "step 10/1000 (41% of 2m00s) 0.2 steps/s ETA 1m10s (time budget)")
     # a budget that outlasts the steps changes nothing
     assert progress_line(10, 20, 10, 50.0, 60.0, {}) == "step 10/20 (50%) 0.2 steps/s ETA 50s"
     # the budget spent (the loop stops at this step): no negative ETA

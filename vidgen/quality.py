@@ -147,7 +147,7 @@ class Figure:
                 f"{self.verdict()}")
 
 
-def table(figures: list[dict], width: int = 44) -> str:
+def table(figures: list[dict], width: int = 52) -> str:
     """Rows from `Figure.row()` as a fixed-width text table."""
     lines = [f"  {'figure':{width}s} {'value':>9s}  {'baseline':>24s}  verdict"]
     for f in figures:

@@ -15,6 +15,9 @@ stage, stage-3 partitions included, with DeepSpeed's own `zero_to_fp32`.
 
 from __future__ import annotations
 
+import contextlib
+import io
+
 import json
 import os
 
@@ -93,7 +96,8 @@ def consolidated_state_dict(directory: str, model: torch.nn.Module, zero_stage: 
         else:
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-            weights = get_fp32_state_dict_from_zero_checkpoint(part_dir, tag=TAG)
+            with contextlib.redirect_stdout(io.StringIO()):  # it prints each file and tensor count it reads
+                weights = get_fp32_state_dict_from_zero_checkpoint(part_dir, tag=TAG)
         for k, v in weights.items():
             key = prefix + k
             if key not in full:

@@ -208,14 +208,16 @@ def progress_line(
 
     The rate is this session's average, `steps_done` in `elapsed_s` with checkpoints and samples
     included, so the ETA counts them too. The ETA is to `max_steps` or to the end of the
-    `max_minutes` budget, whichever comes first; `(time budget)` says the budget ends the run.
+    `max_minutes` budget, whichever comes first; when the budget ends the run, `(time budget)`
+    says so and the share done is of the budget: `step 40/100000 (12% of 5m24s) ... (time budget)`.
     """
     rate = steps_done / elapsed_s if elapsed_s > 0 else 0.0
     eta = (max_steps - step) / rate if rate > 0 else math.inf
-    budget = ""
+    budget, done = "", f"{100 * step // max_steps}%"
     if max_minutes is not None and max_minutes * 60 - elapsed_s < eta:
         eta, budget = max(0.0, max_minutes * 60 - elapsed_s), " (time budget)"
-    head = f"step {step}/{max_steps} ({100 * step // max_steps}%) {rate:.3g} steps/s ETA {format_duration(eta)}{budget}"
+        done = f"{min(100, int(100 * elapsed_s / (max_minutes * 60)))}% of {format_duration(max_minutes * 60)}"
+    head = f"step {step}/{max_steps} ({done}) {rate:.3g} steps/s ETA {format_duration(eta)}{budget}"
     return f"{head} {format_scalars(scalars)}".rstrip()
 
 
