@@ -38,7 +38,7 @@ RESTORE_MODEL: dict = {}  # the tiny preset: blur + noise, trained on patches
 GAN_SHARE = 0.7           # of the training time left after the fixed costs
 # Seconds on 2 cores that are not training steps: the start and end of each training run (Ray Train
 # workers, DeepSpeed, the last checkpoint and samples), and everything after training.
-FIT_OVERHEAD_S = 35    # measured by bench/startup.py: ~25 s to the first step, ~9 s from the last to exit
+FIT_OVERHEAD_S = 35    # bench/startup.py: ~22 s to the first step and ~7 s from the last to exit, plus margin
 AFTER_TRAINING_S = 60
 
 
