@@ -19,6 +19,7 @@ import torch
 
 from vidgen import models, storage
 from vidgen.train import checkpoint
+from vidgen.train.loop import probe_output  # noqa: F401  (callers compare a live model with its export)
 
 
 class ExportError(ValueError):
@@ -72,7 +73,7 @@ def export(run: str, out: str) -> dict:
         raise ExportError(f"{ckpt}: not a complete vidgen checkpoint ({e.filename or e} is missing)") from None
     except (KeyError, ValueError, RuntimeError) as e:  # a config or state dict that no longer fits
         raise ExportError(f"{ckpt}: the checkpoint does not fit its recorded config: {e}".splitlines()[0]) from None
-    from vidgen.train.trainer import read_metrics
+    from vidgen.train.loop import read_metrics
 
     rows = read_metrics(run)
     final = {k: v for r in rows if r["step"] <= state["step"] for k, v in r.items()}
@@ -99,24 +100,6 @@ def build_from_state(state: dict):
 
 
 @torch.no_grad()
-def probe_output(model, family: str) -> torch.Tensor:
-    """The model's output on a fixed input: compares a live model with its export."""
-    cfg = model.config
-    g = torch.Generator().manual_seed(0)
-    size, frames = getattr(cfg, "frame_size", 32), max(getattr(cfg, "num_frames", 8), 6)
-    x = torch.rand(1, cfg.channels, frames, size, size, generator=g) * 2 - 1
-    x = x.to(next(model.parameters()).device)
-    if family in ("gan", "vae"):
-        return model.sample(2, num_frames=4, seed=0).cpu()
-    if family == "convlstm":
-        return model.predict(x[:, :, : cfg.context_frames], 2).cpu()
-    if family == "restore":
-        return model.restore(x).cpu()
-    if family == "style":
-        return model.stylize(x).cpu()
-    raise ValueError(f"unknown family {family!r}")
-
-
 def evaluate_model(model_uri: str, data: str, split: str = "val", batches: int = 8, batch_size: int = 4) -> dict:
     """Validation metrics of an exported model on a dataset split (read in-process, no Ray)."""
     import itertools

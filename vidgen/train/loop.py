@@ -21,13 +21,14 @@ import warnings
 import torch
 
 from vidgen import models, storage
-from vidgen.data.loader import iter_epoch
 from vidgen.train import checkpoint
 from vidgen.train.config import TrainConfig
 
 
 def train_loop_per_worker(payload: dict) -> None:
     import ray.train
+
+    from vidgen.data.loader import iter_epoch  # Ray Data: imported where it runs, not by readers of metrics
 
     cfg = TrainConfig(**payload["config"])
     clock = PhaseClock()
@@ -422,6 +423,7 @@ def sample_and_evaluate(
 
     Every rank enters `gathered` (a collective under ZeRO-3); only rank 0 computes.
     """
+    from vidgen.data.loader import iter_epoch
     from vidgen.train.evaluate import evaluate, sample_grid
 
     val_batches = []
@@ -457,6 +459,31 @@ def write_sample(run: str, step: int, grid, fps: float) -> None:
 
     data = media.encode(grid, fps=fps, crf=20, preset="veryfast", metadata={"title": f"vidgen sample step {step}"})
     storage.write_bytes(storage.join(run, "samples", f"step-{step:06d}.mp4"), data)
+
+
+def read_metrics(run: str) -> list[dict]:
+    uri = storage.join(run, "metrics.jsonl")
+    if not storage.exists(uri):
+        return []
+    return [json.loads(line) for line in storage.read_text(uri).splitlines() if line.strip()]
+
+
+def probe_output(model, family: str) -> torch.Tensor:
+    """The model's output on a fixed input: compares a live model with its export."""
+    cfg = model.config
+    g = torch.Generator().manual_seed(0)
+    size, frames = getattr(cfg, "frame_size", 32), max(getattr(cfg, "num_frames", 8), 6)
+    x = torch.rand(1, cfg.channels, frames, size, size, generator=g) * 2 - 1
+    x = x.to(next(model.parameters()).device)
+    if family in ("gan", "vae"):
+        return model.sample(2, num_frames=4, seed=0).cpu()
+    if family == "convlstm":
+        return model.predict(x[:, :, : cfg.context_frames], 2).cpu()
+    if family == "restore":
+        return model.restore(x).cpu()
+    if family == "style":
+        return model.stylize(x).cpu()
+    raise ValueError(f"unknown family {family!r}")
 
 
 class MetricsLog:
@@ -583,8 +610,6 @@ def _test_probe_hook(cfg: TrainConfig, model, engines: dict, rank: int) -> None:
     if not path:
         return
     from safetensors.torch import save_file
-
-    from vidgen.train.export import probe_output
 
     with gathered(engines):
         if rank == 0:

@@ -29,6 +29,7 @@ import yaml
 
 from vidgen import storage
 from vidgen.train.config import ConfigError, TrainConfig, check_resume, to_yaml
+from vidgen.train.loop import read_metrics  # noqa: F401  (part of this module's surface)
 
 
 @dataclass
@@ -216,13 +217,6 @@ def _worker_env() -> dict[str, str]:
     keep = ("VIDGEN_TEST_KILL_AT_STEP", "VIDGEN_TEST_KILL_SENTINEL", "VIDGEN_TEST_PROBE")
     env = {k: os.environ[k] for k in keep if k in os.environ}
     return env | {k: os.environ.get(k, default) for k, default in WORKER_ENV_DEFAULTS.items()}
-
-
-def read_metrics(run: str) -> list[dict]:
-    uri = storage.join(run, "metrics.jsonl")
-    if not storage.exists(uri):
-        return []
-    return [json.loads(line) for line in storage.read_text(uri).splitlines() if line.strip()]
 
 
 def plot_losses(run: str, rows: list[dict]) -> str | None:
