@@ -123,5 +123,7 @@ def test_figure_prints_its_baseline_and_a_verdict():
     assert not low.met and not low.better
     assert low.line() == ("label accuracy: 0.230 vs chance 0.333: MISSES the target (>= 0.9); "
                           "no better than chance")
+    tie = Figure("label accuracy", float(torch.tensor(50 / 150)), "chance", 1 / 3)  # a float32 share of 150
+    assert not tie.better and tie.verdict() == "no better than chance"
     ratio = Figure("frechet ratio", 2.5, "real vs real", 1.0, unit="x", target=3.0, higher_is_better=False)
     assert ratio.met and ratio.row()["verdict"].startswith("meets the target (<= 3x)")

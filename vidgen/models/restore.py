@@ -100,6 +100,12 @@ def degrade(clean: Tensor, kinds: Sequence[str], seed: int, *, noise_sigma: floa
         raise ValueError(f"unknown degradation(s) {unknown}; expected some of {list(DEGRADATIONS)}")
     if clean.dim() != 5:
         raise ValueError(f"degrade takes videos (B, C, T, H, W), got shape {tuple(clean.shape)}")
+    with torch.autocast(clean.device.type, enabled=False):  # data preparation: in float32 under any autocast
+        return _degrade(clean, kinds, seed, noise_sigma, blur_sigma, crf, fps)
+
+
+def _degrade(clean: Tensor, kinds: Sequence[str], seed: int, noise_sigma: float, blur_sigma: float,
+             crf: tuple[int, int], fps: float) -> Tensor:
     g = torch.Generator().manual_seed(seed)
     B, C, T, H, W = clean.shape
     x = clean.float()
