@@ -169,6 +169,26 @@ def test_probe_and_decode_without_ffprobe(monkeypatch, tmp_path, clip):
     assert media.decode(clip, max_frames=2).shape == (2, H, W, 3)
 
 
+def test_playlists_and_concat_lists_are_refused_not_followed(tmp_path):
+    """An HLS playlist or a concat list makes ffmpeg open the files (or hosts) it names: an input
+    root must not become a way to read other files. Real containers still open."""
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "inputs").mkdir()
+    secret = lavfi_file(str(tmp_path / "outside" / "secret.ts"), "testsrc2", 1, f="mpegts")
+    part = lavfi_file(str(tmp_path / "inputs" / "part.ts"), "testsrc2", 1, f="mpegts")
+    playlist = tmp_path / "inputs" / "lecture.m3u8"
+    playlist.write_text(f"#EXTM3U\n#EXT-X-TARGETDURATION:1\n#EXTINF:1.0,\n{secret}\n#EXT-X-ENDLIST\n")
+    concat = tmp_path / "inputs" / "course.ffconcat"
+    concat.write_text("ffconcat version 1.0\nfile part.ts\n")
+    for path in (playlist, concat):
+        with pytest.raises(media.MediaError, match=f"{path.name}: not a readable video"):
+            media.probe(str(path))
+        with pytest.raises(media.MediaError):
+            media.decode(str(path), max_frames=1)
+    for real in (secret, part):
+        assert media.probe(real).frames == FPS and media.decode(real, max_frames=1).shape == (1, H, W, 3)
+
+
 # --------------------------------------------------------------------------------------------
 # Round trips: encode -> probe -> decode
 

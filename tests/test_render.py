@@ -300,6 +300,44 @@ def test_a_model_that_will_not_load_fails_its_items_only(assets, s3_root, ray_se
     assert broken in records["bad"]["error"] and "sha256" in records["bad"]["error"]
 
 
+def test_an_unreadable_model_json_never_turns_an_ok_record_into_an_error(assets, s3_root, capsys):
+    from vidgen import cli
+
+    model = storage.join(s3_root, "models", "gan")
+    for name in ("model.json", "model.safetensors"):
+        storage.copy(storage.join(assets["gan"], name), storage.join(model, name))
+    spec = {"name": "reexport", "output": storage.join(s3_root, "out"), "model": model,
+            "defaults": {"fps": FPS, "seconds": 1, "size": [SIDE, SIDE], "preset": "ultrafast"},
+            "items": [{"id": f"gen-{i}", "mode": "generate", "seed": i} for i in range(2)]}
+    assert render_batch(parse_batch(spec), workers=0, progress=False).ok
+    before = snapshot(spec["output"])
+    storage.delete(storage.join(model, "model.json"))  # a re-export in progress, or a read that failed
+    result = render_batch(parse_batch(spec), workers=0, progress=False)
+    assert result.failed == ["gen-0", "gen-1"] and "model.json" in result.summary()
+    assert [r["status"] for r in result.records] == ["ok", "ok"]
+    assert snapshot(spec["output"]) == before  # every record, video and poster as it was
+
+    storage.write_text(storage.join(s3_root, "batch.yaml"), yaml.safe_dump(spec))
+    assert cli.main(["render", storage.join(s3_root, "batch.yaml"), "--dry-run"]) == 1
+    assert "earlier ok record kept" in capsys.readouterr().out
+
+
+def test_two_renders_into_one_folder_keep_each_others_items_in_the_index(assets, s3_root):
+    from vidgen.render.batch import write_index
+
+    def spec(name: str, ids: list[str]) -> dict:
+        return {"name": name, "output": storage.join(s3_root, "shared"), "model": assets["gan"],
+                "defaults": {"fps": FPS, "seconds": 1, "size": [SIDE, SIDE], "preset": "ultrafast"},
+                "items": [{"id": i, "mode": "generate", "seed": n} for n, i in enumerate(ids)]}
+
+    first = render_batch(parse_batch(spec("first", ["a-1", "a-2"])), workers=0, progress=False)
+    render_batch(parse_batch(spec("second", ["b-1"])), workers=0, progress=False)
+    write_index(first.output, "first", first.records)  # the first render's index write lands last
+    manifest = [json.loads(line) for line in storage.read_text(storage.join(first.output, "manifest.jsonl")).splitlines()]
+    assert [r["id"] for r in manifest] == ["a-1", "a-2", "b-1"] and all(r["status"] == "ok" for r in manifest)
+    assert "b-1.mp4" in storage.read_text(storage.join(first.output, "index.html"))
+
+
 # --------------------------------------------------------------------------------------------
 # Specs rejected before any work
 
@@ -380,6 +418,14 @@ def test_items_from_csv_beside_the_spec_and_dry_run(assets, s3_root, capsys):
     assert cli.main(["render", spec_uri, "--dry-run"]) == 0
     printed = capsys.readouterr().out
     assert "row-1" in printed and "render 2" in printed
+    assert not storage.list_prefix(storage.join(s3_root, "out"))
+
+    logo = storage.join(s3_root, "brand", "missing.png")  # a dry run checks every file an item reads
+    storage.write_text(spec_uri, yaml.safe_dump({**_base(assets, out=storage.join(s3_root, "out")),
+                                                 "items_from": "rows.csv", "defaults": {"logo": logo}}))
+    assert cli.main(["render", spec_uri, "--dry-run"]) == 1
+    printed = capsys.readouterr().out
+    assert f"logo: {logo}: no such key" in printed and "fail 2" in printed
     assert not storage.list_prefix(storage.join(s3_root, "out"))
 
 

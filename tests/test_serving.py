@@ -1,6 +1,6 @@
 """The render API on a real Ray Serve (127.0.0.1), moto's S3 and the real ffmpeg.
 
-One application serves the whole module (a tiny untrained GAN named `g`); tests talk HTTP to it
+One application serves the whole module (a tiny untrained GAN named `g`, a restorer `r`); tests talk HTTP to it
 like a client would, kill its replicas, and read what landed in S3. Small limits (4 unfinished jobs,
 an ingress queue of 4) make overload cheap to provoke. The last test runs Ray's own `serve run`
 on serve/config.yaml, so it shuts the module's application down first.
@@ -76,8 +76,9 @@ def service(ray_session, s3_bucket):
     base = f"s3://{s3_bucket}/serving-{uuid.uuid4().hex[:8]}"
     torch.manual_seed(0)
     models.save(models.build("gan", "tiny", num_classes=3, label_names=LABELS), storage.join(base, "models", "g"))
+    models.save(models.build("restore", "tiny"), storage.join(base, "models", "r"))
     settings = serving.load_settings({
-        "models": {"g": storage.join(base, "models", "g")},
+        "models": {"g": storage.join(base, "models", "g"), "r": storage.join(base, "models", "r")},
         "output_root": storage.join(base, "renders"),
         "input_roots": [storage.join(base, "inputs")],
         "url_expiry_s": 600,
@@ -167,8 +168,28 @@ def test_submit_poll_done_and_presigned_urls_download(service):
     assert listed[0]["id"] == accepted["id"] and listed[0]["status"] == "done"
 
 
+def test_a_reexported_model_is_reloaded_and_records_name_the_weights_used(service):
+    import torch
+
+    model_uri = storage.join(service.root.rsplit("/", 1)[0], "models", "g")
+    before = service.wait(service.post(batch(1, name="before")).json()["id"])
+    old = storage.read_json(storage.join(before["output"], "items", "ad-00.json"))["model_sha256"]
+    assert model_stats()["sha256"] == old
+    original = models.load(model_uri)
+    torch.manual_seed(7)  # a re-export to the same URI: other weights, same config
+    models.save(models.build("gan", "tiny", num_classes=3, label_names=LABELS), model_uri)
+    try:
+        new = models.read_manifest(model_uri)["weights_sha256"]
+        after = service.wait(service.post(batch(1, name="after")).json()["id"])
+        assert after["status"] == "done" and new != old
+        assert storage.read_json(storage.join(after["output"], "items", "ad-00.json"))["model_sha256"] == new
+        assert model_stats()["sha256"] == new  # the replica rendered with the weights the record names
+    finally:
+        models.save(original, model_uri)  # the module's other tests use the first weights
+
+
 def test_healthz_and_docs_are_public_and_v1_needs_the_token(service):
-    assert requests.get(f"{service.url}/healthz", timeout=30).json()["models"] == ["g"]
+    assert requests.get(f"{service.url}/healthz", timeout=30).json()["models"] == ["g", "r"]
     assert requests.get(f"{service.url}/docs", timeout=30).status_code == 200
     schema = requests.get(f"{service.url}/openapi.json", timeout=30).json()
     assert "/v1/renders" in schema["paths"] and "/v1/renders/{job_id}" in schema["paths"]
@@ -231,6 +252,30 @@ def test_bad_requests_are_422_naming_the_field(service, edit, named):
     _unprocessable(service, body, named)
 
 
+def test_restore_and_stylize_items_count_their_inputs_against_the_limits(service):
+    """The service's limits (4 s an item, 256 pixels a side) hold for what an input makes render."""
+    import numpy as np
+
+    long, wide = (storage.join(service.inputs, "limits", name) for name in ("long.mp4", "wide.mp4"))
+    storage.write_bytes(long, media.encode(np.zeros((40, 64, 64, 3), np.uint8), fps=8, preset="ultrafast"))
+    storage.write_bytes(wide, media.encode(np.zeros((8, 200, 300, 3), np.uint8), fps=8, preset="ultrafast"))
+    body = batch(2)
+    body["model"] = "r"
+    body["items"] = [{"id": "lecture", "mode": "restore", "input": long},
+                     {"id": "banner", "mode": "restore", "input": wide},
+                     {"id": "short-cut", "mode": "restore", "input": long, "seconds": 2}]
+    r = service.post(body)
+    assert r.status_code == 422, r.text
+    errors = {tuple(e["loc"][1:]): e["msg"] for e in r.json()["detail"]}
+    assert errors.keys() == {("items", 0, "input"), ("items", 1, "input")}, errors  # 2 s of it is within the limits
+    assert "5 s long; this service renders at most 4 s" in errors["items", 0, "input"]
+    assert "300x200; this service renders at most 256 pixels a side" in errors["items", 1, "input"]
+    body["items"] = body["items"][2:]
+    accepted = service.post(body)
+    assert accepted.status_code == 202, accepted.text
+    assert service.wait(accepted.json()["id"])["status"] == "done"
+
+
 def test_malformed_json_is_422_and_nothing_is_queued(service):
     before = serving.JobStore(service.root).jobs()
     _unprocessable(service, b'{"name": "x", "items": [', "body")
@@ -255,6 +300,74 @@ def test_retried_post_with_the_same_idempotency_key_is_one_job(service):
     assert service.wait(job_id)["status"] == "done"
     other = service.post(batch(2, name="idem"), **{"Idempotency-Key": key})
     assert other.status_code == 409  # the same key with another request
+
+
+def test_a_crash_between_a_jobs_two_writes_never_leaves_a_job_no_runner_sees(tmp_path, monkeypatch):
+    store = serving.JobStore(str(tmp_path))
+    job = {"id": serving.new_job_id(), "created": "2026-11-29T00:00:00Z", "created_ts": time.time()}
+    real_put = serving.put_json
+
+    def crash_on_the_record(uri, obj, **kw):
+        if uri == store.job_uri(job["id"]):
+            raise ConnectionError("the ingress died here")
+        return real_put(uri, obj, **kw)
+
+    monkeypatch.setattr(serving, "put_json", crash_on_the_record)
+    with pytest.raises(ConnectionError):
+        store.create(job)
+    monkeypatch.setattr(serving, "put_json", real_put)
+    assert store.read(job["id"]) is None and store.queued() == [job["id"]]  # never a record without a marker
+    store.create(job)  # the Idempotency-Key retry creates the job again: a runner finds it
+    assert store.read(job["id"]) == job and store.queued() == [job["id"]]
+    assert not store.drop_orphan_marker(job["id"]) and store.queued() == [job["id"]]  # it has its record: kept
+
+    orphan = serving.new_job_id()  # a marker whose ingress died before the record: a runner drops it
+    serving.put_json(store.queue_uri(orphan), {"id": orphan})
+    runner = bare_runner(store, stale_s=0.3)
+    assert runner._claim(orphan) is None and store.queued() == sorted([job["id"], orphan])  # maybe still coming
+    time.sleep(0.35)
+    assert runner._claim(orphan) is None and store.queued() == [job["id"]]
+
+
+def bare_runner(store, stale_s: float):
+    """A JobRunner's claiming logic without Serve: what `_claim` reads and writes."""
+    runner = serving.JobRunner.__new__(serving.JobRunner)
+    runner.store, runner.runner_id, runner.seen = store, f"test-{uuid.uuid4().hex[:6]}", {}
+    runner.conf = serving.RunnerDeployment(heartbeat_s=stale_s / 2, stale_s=stale_s)
+    return runner
+
+
+@pytest.mark.parametrize("skew_s", [-3600, 3600])
+def test_a_lease_is_judged_by_the_claimers_own_clock_not_the_holders(tmp_path, skew_s):
+    """The holder's clock is an hour behind (its heartbeats look old) or ahead (they look young)."""
+    store = serving.JobStore(str(tmp_path))
+    job = {"id": serving.new_job_id(), "created": "2026-11-29T00:00:00Z", "created_ts": time.time()}
+    store.create(job)
+    lease = {"runner": "holder", "state": "running", "heartbeat": time.time() + skew_s, "beat": 1, "attempt": 1}
+    etag = store.swap_lease(job["id"], lease, None)
+    claimer = bare_runner(store, stale_s=0.4)
+    for beat in range(2, 5):  # the holder keeps beating: never taken over, however old its clock says it is
+        assert claimer._claim(job["id"]) is None
+        time.sleep(0.25)
+        lease = {**lease, "heartbeat": time.time() + skew_s, "beat": beat}
+        etag = store.swap_lease(job["id"], lease, etag)
+    assert claimer._claim(job["id"]) is None
+    time.sleep(0.45)  # the holder stopped: taken over after stale_s of the claimer's own time
+    run = claimer._claim(job["id"])
+    assert run is not None and store.lease(job["id"])[0]["runner"] == claimer.runner_id
+
+
+def test_inputs_under_a_symlinked_root_are_readable_and_links_out_of_a_root_are_not(tmp_path):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "in.mp4").write_bytes(b"x")
+    (tmp_path / "secret.mp4").write_bytes(b"x")
+    (tmp_path / "inputs").symlink_to(tmp_path / "real")           # the root is a link (e.g. /data -> /mnt/disk1)
+    (tmp_path / "real" / "escape.mp4").symlink_to(tmp_path / "secret.mp4")
+    roots = [str(tmp_path / "inputs")]
+    assert serving.readable(str(tmp_path / "inputs" / "in.mp4"), roots)
+    assert not serving.readable(str(tmp_path / "inputs" / "escape.mp4"), roots)
+    assert not serving.readable(str(tmp_path / "inputs" / ".." / "secret.mp4"), roots)
+    assert serving.readable("s3://b/in/x.mp4", ["s3://b/in"]) and not serving.readable("s3://b/inx/x.mp4", ["s3://b/in"])
 
 
 def test_cancel(service):

@@ -147,8 +147,9 @@ def cmd_render(args: argparse.Namespace) -> int:
         if args.dry_run:
             from vidgen.render.batch import format_plan, plan_batch
 
-            print(format_plan(plan_batch(batch)))
-            return 0
+            plan = plan_batch(batch)
+            print(format_plan(plan))
+            return 1 if plan.failing else 0
         from vidgen.render.batch import render_batch
 
         if args.workers is not None and args.workers < 0:

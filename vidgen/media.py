@@ -245,9 +245,16 @@ def probe(src: Source) -> VideoInfo:
         return _probe_file(path, _label(src))
 
 
+# What an input may be: local files (no network or other protocols) in the containers vidgen reads.
+# Not playlists (hls), concat lists or image sequences, which point ffmpeg at other files or hosts.
+INPUT_OPTIONS = {"protocol_whitelist": "file", "format_whitelist": "mov,matroska,avi,mpegts,flv,mpeg,ogg,gif"}
+AUDIO_OPTIONS = {"protocol_whitelist": "file", "format_whitelist": "mov,matroska,mp3,wav,ogg,flac,aac"}
+SUBTITLE_OPTIONS = {"protocol_whitelist": "file", "format_whitelist": "srt,webvtt,ass"}
+
+
 def _probe_file(path: str, label: str) -> VideoInfo:
     try:
-        with av.open(path) as container:
+        with av.open(path, options=INPUT_OPTIONS) as container:
             return _read_info(container, label, os.path.getsize(path))
     except av.FFmpegError as e:
         raise MediaError(f"{label}: not a readable video ({_av_cause(e)})") from None
@@ -518,7 +525,7 @@ class _Decoder:
             info = _probe_file(path, label)
             # noautorotate: frames come out as stored, so their size is the probed one (ffmpeg
             # would otherwise turn a phone video's 1920x1080 into 1080x1920 behind our back).
-            source = ffmpeg.input(path, noautorotate=None)["v:0"]
+            source = ffmpeg.input(path, noautorotate=None, **INPUT_OPTIONS)["v:0"]
             video, (self.width, self.height) = _decode_filters(source, info, self.size, self.fps, self.start_frame)
             options = {"format": "rawvideo", "pix_fmt": "rgb24", "fps_mode": "passthrough"}
             if self.max_frames is not None:
@@ -992,14 +999,14 @@ def _mux_tracks(video_path, path, seconds, spec: _Codec, audio: str | None, subt
     options = {"c:v": "copy", **_final_options(spec, metadata)}
     if audio is not None:
         streams.append(
-            ffmpeg.input(audio)["a:0"]
+            ffmpeg.input(audio, **AUDIO_OPTIONS)["a:0"]
             .filter("asetpts", "PTS-STARTPTS")
             .filter("atrim", duration=f"{seconds:.6f}")
             .filter("apad", whole_dur=f"{seconds:.6f}")
         )
         options.update({"c:a": spec.audio, "b:a": spec.audio_bitrate})
     if subtitles is not None:
-        streams.append(ffmpeg.input(subtitles)["s:0"])
+        streams.append(ffmpeg.input(subtitles, **SUBTITLE_OPTIONS)["s:0"])
         options["c:s"] = spec.subtitles
     out = ffmpeg.output(*streams, path, format=spec.container, **options).overwrite_output()
     with _FFmpeg(out, label) as proc:
@@ -1008,7 +1015,7 @@ def _mux_tracks(video_path, path, seconds, spec: _Codec, audio: str | None, subt
 
 def _check_audio(path: str, label: str) -> None:
     try:
-        with av.open(path) as container:
+        with av.open(path, options=AUDIO_OPTIONS) as container:
             if not container.streams.audio:
                 raise MediaError(f"{label}: no audio stream, expected a sound track")
     except av.FFmpegError as e:
@@ -1041,7 +1048,7 @@ def _frame_at(path: str, label: str, index: int, info: VideoInfo) -> np.ndarray:
     with PyAV: seek to the keyframe before it, then decode forward. No ffmpeg process to start,
     and a poster of a long video reads one GOP, not the first half of the file."""
     try:
-        with av.open(path) as container:
+        with av.open(path, options=INPUT_OPTIONS) as container:
             stream = container.streams.video[0]
             start = stream.start_time or 0
             target = start + int(round(index / info.fps / stream.time_base))

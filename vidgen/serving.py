@@ -30,7 +30,8 @@ any job and a restarted replica loses nothing:
     ROOT/_jobs/<job>.json            the job record: the validated batch, created, request id (written once)
     ROOT/_jobs/<job>/lease.json      the runner's lease: runner, heartbeat, state, attempt (compare-and-swap)
     ROOT/_jobs/<job>/cancel.json     DELETE's mark
-    ROOT/_queue/<job>.json           the job is unfinished; its runner removes it at the end
+    ROOT/_queue/<job>.json           the job is unfinished (written before the job record); its runner
+                                     removes it at the end
     ROOT/_idempotency/<sha256>.json  an Idempotency-Key (hashed) -> the job it created
 
 A job's status: `queued` (no runner yet), `running`, `done` (every item ok), `failed` (every item
@@ -46,6 +47,7 @@ import functools
 import hashlib
 import hmac
 import ipaddress
+import math
 import json
 import logging
 import os
@@ -145,7 +147,7 @@ class RunnerDeployment(_Settings):
     item_attempts: int = Field(3, ge=1)  # tries per item when a model replica or an encoder dies
     job_attempts: int = Field(5, ge=1)  # runners that may take a job before it is failed
     heartbeat_s: float = Field(5.0, gt=0)
-    stale_s: float = Field(30.0, gt=0)  # a lease older than this is taken over
+    stale_s: float = Field(30.0, gt=0)  # a lease unchanged this long (by the claimer's own clock) is taken over
     poll_s: float = Field(2.0, gt=0)  # how often an idle runner looks for queued or orphaned jobs
     encode_cpus: float = Field(0.5, gt=0)  # logical CPUs of one encode task
 
@@ -165,6 +167,7 @@ class Limits(_Settings):
     max_side: int = Field(1920, ge=16, le=MAX_SIDE)  # pixels a side of any output (and of an input)
     max_frames: int = Field(20_000, ge=1)  # frames over all outputs of a request
     max_pixels: int = Field(10_000_000_000, ge=1)  # frames x width x height over all outputs of a request
+    max_input_bytes: int = Field(2 << 30, ge=1)  # an input video's size, checked before it is read
     max_queued_jobs: int = Field(100, ge=1)  # unfinished jobs; beyond it POST answers 429
 
 
@@ -225,6 +228,34 @@ def _normalize(uri: str, where: str) -> str:
         return storage.normalize(uri)
     except storage.StorageError as e:
         raise ValueError(f"{where}: {e}") from None
+
+
+def input_limits(info, item, scale: int, lim: Limits) -> list[str]:
+    """What an input video (`media.VideoInfo`) makes a restore or stylize item render, against the
+    service's limits: one message per limit it passes. Its length (up to the item's `seconds`), its
+    rate (unless the item sets `fps`) and the model's output size (the input's times `scale`)."""
+    problems = []
+    if item.seconds is None and info.seconds > lim.max_seconds:
+        problems.append(f"{info.seconds:g} s long; this service renders at most {lim.max_seconds:g} s an item")
+    if item.fps is None and info.fps > lim.max_fps:
+        problems.append(f"{info.fps:g} fps; this service renders at most {lim.max_fps:g} fps")
+    w, h = info.width * scale, info.height * scale
+    if max(w, h) > lim.max_side:
+        made = f" (x{scale}: {w}x{h})" if scale != 1 else ""
+        problems.append(f"{info.width}x{info.height}{made}; this service renders at most {lim.max_side} pixels a side")
+    return problems
+
+
+def readable(uri: str, roots: list[str]) -> bool:
+    """`uri` lies under one of `roots`, with no `.`/`..` segment (some S3-compatible servers fold
+    them). Local paths are compared after resolving links on both sides, so a symlinked root works
+    and a link out of a root does not."""
+    if any(seg in (".", "..") for seg in re.split(r"[/\\]", uri.split("://", 1)[-1])):
+        return False
+    if storage.is_s3(uri):
+        return any(storage.is_s3(root) and uri.startswith(root + "/") for root in roots)
+    real = os.path.realpath(uri)
+    return any(not storage.is_s3(root) and real.startswith(os.path.realpath(root) + os.sep) for root in roots)
 
 
 def load_settings(args: dict[str, Any] | ServiceSettings | None) -> ServiceSettings:
@@ -354,9 +385,26 @@ class JobStore:
         return sorted(n[:-5] for n in names if n.endswith(".json") and re.fullmatch(JOB_ID, n[:-5]))
 
     def create(self, job: dict) -> None:
-        """The job record (once), then its queue marker: a runner finds it from the marker."""
+        """The queue marker, then the job record (once). A runner finds jobs from their markers, so
+        every record has one; a crash in between leaves a marker without a job, which runners drop
+        once it has stayed so for `stale_s` (`drop_orphan_marker`), and an Idempotency-Key retry
+        creates the job again."""
+        marker = {"id": job["id"], "created": job["created"], "created_ts": job["created_ts"]}
+        put_json(self.queue_uri(job["id"]), marker)
         put_json(self.job_uri(job["id"]), job, if_absent=True)
-        put_json(self.queue_uri(job["id"]), {"id": job["id"], "created": job["created"]})
+        if not storage.exists(self.queue_uri(job["id"])):  # a runner took it for an orphan while the record was slow
+            put_json(self.queue_uri(job["id"]), marker)
+
+    def drop_orphan_marker(self, job_id: str) -> bool:
+        """Remove the queue marker of a job that has no record (its ingress died between the two
+        writes; the caller decides when that is); True if it was removed, False if the record came."""
+        if self.read(job_id) is not None:
+            return False
+        self.finish(job_id)
+        if self.read(job_id) is not None:  # the record landed meanwhile: put its marker back
+            put_json(self.queue_uri(job_id), {"id": job_id, "restored": _now_iso()})
+            return False
+        return True
 
     def read(self, job_id: str) -> dict | None:
         try:
@@ -670,6 +718,8 @@ class _Ingress:
         rid = _request_id(request)
         manifests = await self._manifests({body.model, *(item.model for item in body.items)} - {None})
         errors = self._check(body, manifests)
+        if not errors:  # inputs are probed only for an otherwise valid request
+            errors = self._check(body, manifests, await _io(self.pool, self._input_facts, body))
         if errors:
             raise RequestValidationError(errors)
         batch = self._batch(body, new_job_id(), manifests)  # whole-spec rules (labels, crf), before any write
@@ -818,15 +868,31 @@ class _Ingress:
         return out
 
     def _readable(self, uri: str) -> bool:
-        """Under one of the input roots, with no `.`/`..` segment (some S3-compatible servers fold them)."""
-        if any(seg in (".", "..") for seg in re.split(r"[/\\]", uri.split("://", 1)[-1])):
-            return False
-        real = os.path.realpath(uri) if not storage.is_s3(uri) else uri
-        roots = self.settings.input_roots
-        return any(real.startswith(root + ("/" if storage.is_s3(root) else os.sep)) for root in roots)
+        return readable(uri, self.settings.input_roots)
 
-    def _check(self, body: RenderRequest, manifests: dict[str, dict | None]) -> list[dict]:
-        """The service's rules beyond the spec's: model names, readable inputs, per-request limits."""
+    def _input_facts(self, body: RenderRequest) -> dict:
+        """Each readable input video -> its probed facts, or why it cannot count (too large to read,
+        not a video): what restore and stylize items render is the input's length, rate and size."""
+        from vidgen import media
+
+        limit = self.settings.limits.max_input_bytes
+        def probe(uri: str):
+            try:
+                size = storage.size(uri)
+                if size > limit:
+                    return f"{size} bytes; this service reads inputs of at most {limit} bytes"
+                return media.probe(uri)
+            except (storage.StorageError, media.MediaError) as e:
+                return str(e)
+
+        uris = sorted({item.input for item in body.items if item.input and self._readable(item.input)})
+        with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+            return dict(zip(uris, pool.map(probe, uris), strict=True))
+
+    def _check(self, body: RenderRequest, manifests: dict[str, dict | None],
+               inputs: dict | None = None) -> list[dict]:
+        """The service's rules beyond the spec's: model names, readable inputs, per-request limits
+        (restore and stylize items counted from their inputs' probed facts, `inputs`)."""
         s, lim = self.settings, self.settings.limits
         errors: list[dict] = []
         served = ", ".join(sorted(s.models)) or "none (the service has no models configured)"
@@ -862,11 +928,21 @@ class _Ingress:
             timed = item.mode in ("generate", "predict")
             seconds = item.seconds if item.seconds is not None else (body.defaults.seconds if timed else None)
             fps = item.fps if item.fps is not None else (body.defaults.fps if timed else None)
-            if seconds is not None and seconds > lim.max_seconds:
+            input_size = None
+            info = (inputs or {}).get(item.input)
+            if isinstance(info, str):
+                errors.append(_invalid((*where, "input"), info, item.input))
+            elif info is not None and not timed:  # restore / stylize: what renders is the input's length, rate, size
+                scale = int((manifest or {}).get("config", {}).get("scale", 1)) if item.mode == "restore" else 1
+                errors += [_invalid((*where, "input"), p, item.input) for p in input_limits(info, item, scale, lim)]
+                seconds = min(seconds, info.seconds) if seconds is not None else info.seconds
+                fps = fps if fps is not None else info.fps
+                input_size = (info.width * scale, info.height * scale)
+            if seconds is not None and seconds > lim.max_seconds and (timed or item.seconds is not None):
                 loc = (*where, "seconds") if item.seconds is not None else ("defaults", "seconds")
                 errors.append(_invalid(loc, f"{seconds:g} s; this service renders at most {lim.max_seconds:g} s "
                                             f"an item", seconds))
-            if fps is not None and fps > lim.max_fps:
+            if fps is not None and fps > lim.max_fps and (timed or item.fps is not None):
                 loc = (*where, "fps") if item.fps is not None else ("defaults", "fps")
                 errors.append(_invalid(loc, f"{fps:g} fps; this service renders at most {lim.max_fps:g} fps", fps))
             size = item.size or body.defaults.size
@@ -879,7 +955,7 @@ class _Ingress:
             if seconds is not None and fps is not None:
                 frames = max(1, round(seconds * fps))
                 native = (manifest or {}).get("config", {}).get("frame_size") if item.mode == "generate" else None
-                main = size or ((native, native) if native else None)
+                main = size or input_size or ((native, native) if native else None)
                 outputs = [main, *(r.size for r in item.renditions)]
                 if item.compare and main:
                     outputs.append((2 * main[0], main[1]))
@@ -1030,7 +1106,7 @@ class ModelServer:
         self.use_gpu = settings.num_gpus > 0
         self.infer.set_max_batch_size(settings.max_batch_size)
         self.infer.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
-        self.model = None
+        self.model, self.sha256 = None, None
         self.stats = {"batches": 0, "items": 0, "busy_s": 0.0, "max_batch": 0}
         try:
             self._load()
@@ -1041,16 +1117,19 @@ class ModelServer:
         import torch
 
         from vidgen import models
+        from vidgen.render.engine import ModelInfo
 
         device = "cuda" if self.use_gpu and torch.cuda.is_available() else "cpu"
         self.model = models.load(self.uri, device)
-        logger.info(f"model {self.name} loaded from {self.uri} on {device}")
+        self.sha256 = ModelInfo.from_manifest(self.uri, self.model.manifest).sha256
+        logger.info(f"model {self.name} loaded from {self.uri} on {device} (weights {self.sha256[:12]})")
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
-    async def infer(self, items: list[ResolvedItem]) -> list[dict]:
-        return await asyncio.get_running_loop().run_in_executor(None, self._infer, items)
+    async def infer(self, requests: list[tuple[ResolvedItem, str]]) -> list[dict]:
+        """Each request: (item, the weights digest its job planned with)."""
+        return await asyncio.get_running_loop().run_in_executor(None, self._infer, requests)
 
-    def _infer(self, items: list[ResolvedItem]) -> list[dict]:
+    def _infer(self, requests: list[tuple[ResolvedItem, str]]) -> list[dict]:
         import numpy as np
         import ray
 
@@ -1061,7 +1140,15 @@ class ModelServer:
             try:
                 self._load()
             except Exception as e:  # noqa: BLE001 - every item of the batch records it
-                return [{"error": f"model {self.name} ({self.uri}) cannot be loaded: {e}"}] * len(items)
+                return [{"error": f"model {self.name} ({self.uri}) cannot be loaded: {e}",
+                         "model_trouble": True}] * len(requests)
+        elif any(digest != self.sha256 for _, digest in requests):
+            self._reload_if_reexported({digest for _, digest in requests})
+        stale = {i for i, (_, digest) in enumerate(requests) if digest != self.sha256}
+        items = [item for i, (item, _) in enumerate(requests) if i not in stale]
+        if stale:
+            logger.warning(f"model {self.name}: {len(stale)} item(s) planned with other weights than {self.uri} "
+                           f"holds now ({self.sha256[:12]}): not rendered")
         results: dict[int, dict] = {}
         pending: dict[tuple[int, str], list] = {}
 
@@ -1091,10 +1178,28 @@ class ModelServer:
         self.stats["items"] += len(items)
         self.stats["max_batch"] = max(self.stats["max_batch"], len(items))
         self.stats["busy_s"] += time.monotonic() - started
-        return [results.get(i) or {"error": "the model produced nothing for this item"} for i in range(len(items))]
+        answers = iter([results.get(i) or {"error": "the model produced nothing for this item"}
+                        for i in range(len(items))])
+        changed = {"error": f"model {self.name} ({self.uri}) changed after this job was planned: it holds weights "
+                            f"{self.sha256[:12]} now; submit the job again", "model_trouble": True}
+        return [changed if i in stale else next(answers) for i in range(len(requests))]
+
+    def _reload_if_reexported(self, wanted: set[str]) -> None:
+        """Reload when model.json names other weights than the ones held, and a request asks for
+        them (a re-export to the same URI); a job planned before the re-export is not rendered with
+        weights its records would not name. A failed reload keeps the model it holds."""
+        from vidgen import models
+        from vidgen.render.engine import ModelInfo
+
+        try:
+            current = ModelInfo.from_manifest(self.uri, models.read_manifest(self.uri)).sha256
+            if current != self.sha256 and current in wanted:
+                self._load()
+        except Exception as e:  # noqa: BLE001 - a re-export in progress: the requests that need it fail
+            logger.warning(f"model {self.name}: reloading {self.uri} failed, keeping weights {self.sha256[:12]}: {e}")
 
     def get_stats(self) -> dict:
-        return dict(self.stats, replica=serve.get_replica_context().replica_tag)
+        return dict(self.stats, replica=serve.get_replica_context().replica_tag, sha256=self.sha256)
 
 
 class _Run:
@@ -1105,6 +1210,7 @@ class _Run:
         self.cancelled = False
         self.lost = False  # another runner took the lease: stop
         self.finishing = False
+        self.kept: dict[str, str] = {}  # items whose model could not be read: their stored records stand
         self.lock = asyncio.Lock()  # lease writes, one at a time
 
 
@@ -1121,7 +1227,7 @@ class JobRunner:
         self.pool = _executor()
         self.slots = asyncio.Semaphore(self.conf.max_items_in_flight)
         self.running: dict[str, asyncio.Task] = {}
-        self.fresh: dict[str, float] = {}  # job -> when another runner's lease was last seen fresh
+        self.seen: dict[str, tuple[str, float]] = {}  # job -> (its lease's version, monotonic time it was first seen)
         self.wake = asyncio.Event()
         self.loop_task = asyncio.get_running_loop().create_task(self._poll_loop())
 
@@ -1145,29 +1251,44 @@ class JobRunner:
     async def _poll(self) -> None:
         if len(self.running) >= self.conf.max_jobs:
             return
-        now = time.time()
         queued = await _io(self.pool, self.store.queued)
-        self.fresh = {j: t for j, t in self.fresh.items() if j in set(queued)}
+        self.seen = {j: v for j, v in self.seen.items() if j in set(queued)}
         for job_id in queued:
             if len(self.running) >= self.conf.max_jobs:
                 return
-            if job_id in self.running or now - self.fresh.get(job_id, 0.0) < self.conf.stale_s / 2:
+            changed = self.seen.get(job_id, (None, -math.inf))[1]
+            if job_id in self.running or time.monotonic() - changed < self.conf.stale_s / 2:
                 continue
             run = await _io(self.pool, self._claim, job_id)
             if run is not None:
                 self.running[job_id] = asyncio.get_running_loop().create_task(self._run(run))
                 self.running[job_id].add_done_callback(lambda _t, j=job_id: self.running.pop(j, None))
 
+    def _stale(self, job_id: str, lease: dict, etag: str | None) -> bool:
+        """Whether the lease has stayed the same for `stale_s` of this runner's own monotonic time.
+        Every heartbeat rewrites the lease (a new `beat`, so a new version): no host's wall clock is
+        compared with another's, so clock skew neither takes over a live job nor keeps a dead one."""
+        version = etag or json.dumps(lease, sort_keys=True)
+        seen = self.seen.get(job_id)
+        if seen is None or seen[0] != version:  # first sight, or it changed since: its holder is alive
+            self.seen[job_id] = (version, time.monotonic())
+            return False
+        return time.monotonic() - seen[1] >= self.conf.stale_s
+
     def _claim(self, job_id: str) -> _Run | None:
         """Take the job's lease when it has none, or a stale one; None when another runner holds it."""
         lease, etag = self.store.lease(job_id)
         now = time.time()
+        if lease is None and self.store.read(job_id) is None:  # its record is being written, or never will be
+            marker, marker_etag = read_json_etag(self.store.queue_uri(job_id))
+            if marker is not None and self._stale(job_id, marker, marker_etag) and self.store.drop_orphan_marker(job_id):
+                logger.warning(f"runner {self.runner_id}: dropped the queue marker of job {job_id}: no job record came")
+            return None
         if lease is not None:
             if lease.get("state") in ("finished", "failed", "cancelled"):
                 self.store.finish(job_id)  # its runner died between the lease and the marker
                 return None
-            if now - float(lease.get("heartbeat", 0)) < self.conf.stale_s:
-                self.fresh[job_id] = float(lease["heartbeat"])
+            if not lease.get("released") and not self._stale(job_id, lease, etag):
                 return None
         attempt = int((lease or {}).get("attempt", 0)) + 1
         new = {"runner": self.runner_id, "state": "running", "heartbeat": now, "started": now, "attempt": attempt,
@@ -1182,13 +1303,14 @@ class JobRunner:
             self.store.finish(job_id)
             return None
         if lease is not None:
-            logger.warning(f"runner {self.runner_id}: took over job {job_id} from {lease.get('runner')} "
-                           f"(heartbeat {now - float(lease.get('heartbeat', 0)):.0f} s old), attempt {attempt}")
+            why = "released" if lease.get("released") else f"its lease unchanged for {self.conf.stale_s:g} s"
+            logger.warning(f"runner {self.runner_id}: took over job {job_id} from {lease.get('runner')} ({why}), "
+                           f"attempt {attempt}")
         return _Run(job_id, new, etag)
 
     async def _write_lease(self, run: _Run, **changes) -> bool:
         async with run.lock:
-            lease = {**run.lease, "heartbeat": time.time(), **changes}
+            lease = {**run.lease, "heartbeat": time.time(), "beat": int(run.lease.get("beat", 0)) + 1, **changes}
             try:
                 run.etag = await _io(self.pool, self.store.swap_lease, run.job_id, lease, run.etag)
             except Conflict:
@@ -1233,8 +1355,10 @@ class JobRunner:
                     from vidgen.render.batch import write_index
 
                     await _io(self.pool, write_index, job["batch"]["output"], job["batch"]["name"], records)
-                    failed = sum(r["status"] != "ok" for r in records)
+                    failed = sum(r["status"] != "ok" or r["id"] in run.kept for r in records)
                     state, counts = "finished", {"items": len(records), "ok": len(records) - failed, "failed": failed}
+                    if run.kept:  # their earlier ok records stand; the job says why they were not rendered
+                        error = f"{len(run.kept)} item(s) kept their earlier records: {next(iter(run.kept.values()))}"
         except SpecError as e:  # the models changed since the job was accepted (a label they no longer know)
             state, error = "failed", str(e)
         except Exception:  # noqa: BLE001 - e.g. storage down: release the lease, the job is retried
@@ -1249,12 +1373,12 @@ class JobRunner:
                     await _io(self.pool, self.store.finish, job_id)
                     logger.info(f"runner {self.runner_id}: job {job_id} {state}" + (f": {error}" if error else ""))
             else:
-                await self._write_lease(run, heartbeat=0.0)  # stale at once: the next poll takes it again
+                await self._write_lease(run, released=True)  # the next poll of any runner takes it again
 
     async def _render(self, job: dict, run: _Run) -> list[dict]:
         """Plan the batch (items with an ok record are kept), render the rest; the records, in order."""
         from vidgen.render import engine
-        from vidgen.render.batch import plan_batch
+        from vidgen.render.batch import plan_batch, unwritten_error
 
         batch = parse_batch(job["batch"], source=f"job {job['id']}")
         plan = await _io(self.pool, plan_batch, batch)
@@ -1269,6 +1393,9 @@ class JobRunner:
                 records[entry.item.id] = await _io(self.pool, engine.write_record, out, record, entry.previous)
             elif entry.action == "fail":
                 records[entry.item.id] = await self._error(out, entry, entry.error)
+            elif entry.action == "keep":  # the model could not be read: its stored record stays what it was
+                records[entry.item.id] = entry.previous or unwritten_error(entry)
+                run.kept[entry.item.id] = entry.error
             else:
                 todo.append(entry)
 
@@ -1276,7 +1403,7 @@ class JobRunner:
             async with self.slots:
                 if run.cancelled or run.lost:
                     return
-                records[entry.item.id] = await self._render_item(out, entry)
+                records[entry.item.id] = await self._render_item(out, entry, run)
 
         await asyncio.gather(*(one(e) for e in todo))
         return [records[e.item.id] for e in plan.entries if e.item.id in records]
@@ -1288,20 +1415,23 @@ class JobRunner:
                                      entry.spec_hash, error)
         return await _io(self.pool, engine.write_record, out, record, entry.previous)
 
-    async def _render_item(self, out: str, entry) -> dict:
+    async def _render_item(self, out: str, entry, run: _Run) -> dict:
         """Model, then an encode task; a replica or encoder that dies costs a retry, not the item."""
         item = entry.item
         name = self.names.get(item.model)
         if name is None:
             return await self._error(out, entry, f"model {item.model} is no longer served by this service")
         if item.mode in INPUT_MODES:
-            problem = await _io(self.pool, self._input_problem, item)
+            problem = await _io(self.pool, self._input_problem, item, entry.model.scale if item.mode == "restore" else 1)
             if problem:
                 return await self._error(out, entry, problem)
         last = None
         for attempt in range(1, self.conf.item_attempts + 1):
             try:
-                result = await self.handles[name].infer.remote(item)
+                result = await self.handles[name].infer.remote((item, entry.model.sha256))
+                if "error" in result and result.get("model_trouble") and (entry.previous or {}).get("status") == "ok":
+                    run.kept[item.id] = result["error"]  # the model could not be loaded as planned: keep the ok record
+                    return entry.previous
                 if "error" in result:
                     return await self._error(out, entry, result["error"])
                 task = _encode_task().options(num_cpus=self.conf.encode_cpus)
@@ -1315,23 +1445,17 @@ class JobRunner:
         return await self._error(out, entry, f"gave up after {self.conf.item_attempts} attempts: "
                                              f"{type(last).__name__}")
 
-    def _input_problem(self, item: ResolvedItem) -> str | None:
-        """The service's limits on an input video (its length and size are known only now)."""
+    def _input_problem(self, item: ResolvedItem, scale: int) -> str | None:
+        """The service's limits on an input video, again at render time (it may have changed since
+        the request was checked)."""
         from vidgen import media
 
         try:
             info = media.probe(item.input)
         except Exception:  # noqa: BLE001 - the engine reports a bad input as the item's error
             return None
-        lim = self.settings.limits
-        seconds = item.seconds if item.seconds is not None else info.seconds
-        if seconds > lim.max_seconds:
-            return (f"input: {item.input} is {info.seconds:.1f} s long; this service renders at most "
-                    f"{lim.max_seconds:g} s")
-        if max(info.width, info.height) > lim.max_side:
-            return (f"input: {item.input} is {info.width}x{info.height}; this service takes at most "
-                    f"{lim.max_side} pixels a side")
-        return None
+        problems = input_limits(info, item, scale, self.settings.limits)
+        return f"input: {item.input} is {problems[0]}" if problems else None
 
 
 # --------------------------------------------------------------------------------------------

@@ -186,6 +186,7 @@ def load(uri: str, device: str | torch.device = "cpu") -> nn.Module:
         raise ValueError(f"{storage.join(uri, MANIFEST)}: bad config: {e}") from None
     model = cls(config)
     model.preset = manifest.get("preset")
+    model.manifest = manifest  # what was loaded: a server compares its digest with the one a job planned with
     _set_label_names(model, manifest.get("label_names"))
 
     weights = storage.read_bytes(storage.join(uri, WEIGHTS))

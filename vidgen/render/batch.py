@@ -61,7 +61,8 @@ KILL_ENV = "VIDGEN_TEST_KILL_AFTER_ITEMS"
 @dataclass
 class PlanEntry:
     item: ResolvedItem
-    action: str  # "skip" (an ok record with this spec hash), "adopt", "render" or "fail"
+    action: str  # "skip" (an ok record with this spec hash), "adopt", "render", "fail", or "keep" (the
+                 # model could not be read: an earlier ok record stays as it is, and the item fails this run)
     model: ModelInfo | None = None
     spec_hash: str | None = None
     previous: dict | None = None  # the item's record from an earlier run
@@ -78,6 +79,11 @@ class Plan:
     def count(self, action: str) -> int:
         return sum(e.action == action for e in self.entries)
 
+    @property
+    def failing(self) -> int:
+        """Items that fail before rendering (an earlier ok record kept or not)."""
+        return self.count("fail") + self.count("keep")
+
 
 def plan_batch(batch: RenderBatch) -> Plan:
     """Read the models' manifests and the existing records; decide what each item needs.
@@ -92,14 +98,18 @@ def plan_batch(batch: RenderBatch) -> Plan:
             model_errors[uri] = f"model {uri}: {e}" if uri not in str(e) else str(e)
     items = batch.resolve(manifests)
     out = batch.output
-    previous = _read_records(out, [item.id for item in items])
+    stored = _read_records(out, [item.id for item in items])
+    unreadable = {i for i, r in stored.items() if r is UNREADABLE}
+    previous = {i: r for i, r in stored.items() if r is not UNREADABLE}
     existing = set(storage.list_prefix(out, recursive=False))
-    missing_inputs = _missing_inputs(items)
+    missing = _missing_assets(items)
     entries = []
     for item in items:
         manifest = manifests[item.model]
-        if manifest is None:
-            entries.append(PlanEntry(item, "fail", previous=previous.get(item.id), error=model_errors[item.model]))
+        if manifest is None:  # a failed read says nothing about what was rendered: never overwrite an ok record
+            prev = previous.get(item.id)
+            action = "keep" if (prev and prev.get("status") == "ok") or item.id in unreadable else "fail"
+            entries.append(PlanEntry(item, action, previous=prev, error=model_errors[item.model]))
             continue
         info = ModelInfo.from_manifest(item.model, manifest)
         item_hash = engine.spec_hash(item, info.sha256)
@@ -111,8 +121,8 @@ def plan_batch(batch: RenderBatch) -> Plan:
             entry.action, entry.error = "fail", str(e)
         if prev and prev.get("status") == "ok" and prev.get("spec_hash") == item_hash:
             entry.action = "skip"
-        elif entry.action == "render" and item.input in missing_inputs:
-            entry.action, entry.error = "fail", missing_inputs[item.input]
+        elif entry.action == "render" and any(uri in missing for uri in _assets(item).values()):
+            entry.action, entry.error = "fail", next(missing[u] for u in _assets(item).values() if u in missing)
         elif entry.action == "render":
             outputs = engine.item_outputs(item, out)
             present = [uri for o in outputs for uri in (o.video, o.poster) if uri in existing]
@@ -142,32 +152,48 @@ def read_model_manifest(uri: str) -> dict:
     return manifest
 
 
-def _missing_inputs(items: list[ResolvedItem]) -> dict[str, str]:
-    """Input URIs that do not exist -> the item error, found before any model loads."""
-    uris = list(dict.fromkeys(item.input for item in items if item.input))
+ASSETS = ("input", "logo", "audio", "subtitles")  # the files an item reads besides its model
+
+
+def _assets(item: ResolvedItem) -> dict[str, str]:
+    """role -> URI of each file the item reads."""
+    return {role: getattr(item, role) for role in ASSETS if getattr(item, role)}
+
+
+def _missing_assets(items: list[ResolvedItem]) -> dict[str, str]:
+    """URIs of inputs, logos, audio and subtitles that do not exist -> the item error, found before
+    any model loads."""
+    roles = {uri: role for item in items for role, uri in _assets(item).items()}
 
     def check(uri: str) -> tuple[str, str | None]:
         try:
             if storage.exists(uri):
                 return uri, None
-            return uri, f"input: {uri}: no such {'key' if storage.is_s3(uri) else 'file'}"
+            return uri, f"{roles[uri]}: {uri}: no such {'key' if storage.is_s3(uri) else 'file'}"
         except storage.StorageError as e:
-            return uri, f"input: {e}"
+            return uri, f"{roles[uri]}: {e}"
 
     with ThreadPoolExecutor(max_workers=16) as pool:
-        return {uri: error for uri, error in pool.map(check, uris) if error}
+        return {uri: error for uri, error in pool.map(check, roles) if error}
+
+
+UNREADABLE = {"status": "unreadable"}  # a record that is there but could not be read: maybe ok
 
 
 def _read_records(out: str, ids: list[str]) -> dict[str, dict]:
+    """id -> its stored record; UNREADABLE where one is there but could not be read (rendering
+    again replaces it; a failure must not)."""
     present = set(storage.list_prefix(storage.join(out, "items"), recursive=False))
     wanted = [i for i in ids if engine.record_uri(out, i) in present]
 
     def read(item_id: str) -> tuple[str, dict | None]:
         try:
             record = storage.read_json(engine.record_uri(out, item_id))
-            return item_id, record if isinstance(record, dict) else None
+        except storage.NotFoundError:
+            return item_id, None
         except storage.StorageError:
-            return item_id, None  # unreadable: render again
+            return item_id, UNREADABLE
+        return item_id, record if isinstance(record, dict) else UNREADABLE
 
     with ThreadPoolExecutor(max_workers=16) as pool:
         return {i: r for i, r in pool.map(read, wanted) if r is not None}
@@ -181,11 +207,11 @@ def format_plan(plan: Plan) -> str:
         frames = it.num_frames if it.num_frames is not None else "input's"
         size = f"{it.size[0]}x{it.size[1]}" if it.size else "native"
         what = {"skip": "unchanged", "adopt": "resume (objects already uploaded)", "render": "render",
-                "fail": f"fail: {e.error}"}[e.action]
+                "fail": f"fail: {e.error}", "keep": f"fail, earlier ok record kept: {e.error}"}[e.action]
         extra = f" +{len(it.renditions)} renditions" if it.renditions else ""
         lines.append(f"  {it.id:<24} {it.mode:<9} {frames!s:>7} frames {size:>9}{extra}  {it.model}  [{what}]")
     lines.append(f"render {plan.count('render')}, unchanged {plan.count('skip')}, "
-                 f"resume {plan.count('adopt')}, fail {plan.count('fail')}")
+                 f"resume {plan.count('adopt')}, fail {plan.failing}")
     return "\n".join(lines)
 
 
@@ -202,6 +228,7 @@ class BatchResult:
     resumed: list[str] = field(default_factory=list)
     unchanged: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
+    errors: dict[str, str] = field(default_factory=dict)  # why an item whose record stays ok failed this run
     seconds: float = 0.0
 
     @property
@@ -209,7 +236,7 @@ class BatchResult:
         return not self.failed
 
     def summary(self) -> str:
-        errors = {r["id"]: r["error"] for r in self.records if r["status"] != "ok"}
+        errors = {r["id"]: r["error"] for r in self.records if r["status"] != "ok"} | self.errors
         text = (f"{self.name}: {len(self.records)} items: {len(self.rendered)} rendered, "
                 f"{len(self.resumed)} resumed, {len(self.unchanged)} unchanged, {len(self.failed)} failed "
                 f"in {self.seconds:.1f} s -> {storage.join(self.output, 'index.html')}")
@@ -244,13 +271,15 @@ def render_batch(
     def finish(entry: PlanEntry, record: dict, kind: str) -> None:
         nonlocal written
         records[entry.item.id] = record
-        if record["status"] != "ok":
+        if record["status"] != "ok" or kind == "kept":
             result.failed.append(entry.item.id)
+            if kind == "kept":
+                result.errors[entry.item.id] = entry.error
         else:
             getattr(result, kind).append(entry.item.id)
         bar.update(1)
         bar.set_postfix(failed=len(result.failed), refresh=False)
-        if kind != "unchanged":
+        if kind not in ("unchanged", "kept"):
             written += 1
             if kill_after and written >= kill_after:
                 os.kill(os.getpid(), signal.SIGKILL)  # test hook: a render killed mid-batch
@@ -264,6 +293,8 @@ def render_batch(
             finish(entry, engine.write_record(out, record, entry.previous), "resumed")
         elif entry.action == "fail":
             _fail(out, entry, entry.error, finish)
+        elif entry.action == "keep":  # nothing written: the stored record stays what it was
+            finish(entry, entry.previous or unwritten_error(entry), "kept")
         else:
             todo.append(entry)
     try:
@@ -283,10 +314,32 @@ def render_batch(
 
 
 def write_index(out: str, name: str, records: list[dict]) -> None:
-    """OUT/manifest.jsonl (all records) and OUT/index.html, each written only when it changed."""
-    manifest = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records)
-    _write_if_changed(storage.join(out, "manifest.jsonl"), manifest.encode())
-    _write_if_changed(storage.join(out, "index.html"), gallery.render_html(name, records).encode())
+    """OUT/manifest.jsonl and OUT/index.html, built from every item record stored under OUT (this
+    run's `records` first, in their order, then the folder's other items: another render's, or
+    items an edited spec no longer has, whose outputs are still there), each written only when it
+    changed. Two renders into one folder may finish in any order: the last
+    writer reads the records after its own have landed, and writes again if records changed while
+    it wrote, so neither index drops the other's items or shows an older record."""
+    for _ in range(3):
+        before = _record_versions(out)
+        stored = {i: r for i, r in _read_records(out, [storage.basename(u)[:-5] for u in before]).items()
+                  if r is not UNREADABLE}
+        ids = [r["id"] for r in records] + sorted(set(stored) - {r["id"] for r in records})
+        ours = {r["id"]: r for r in records}
+        merged = [stored.get(i) or ours[i] for i in ids]
+        manifest = "".join(json.dumps(r, sort_keys=True) + "\n" for r in merged)
+        _write_if_changed(storage.join(out, "manifest.jsonl"), manifest.encode())
+        _write_if_changed(storage.join(out, "index.html"), gallery.render_html(name, merged).encode())
+        if _record_versions(out) == before:
+            return
+
+
+def _record_versions(out: str) -> dict[str, tuple]:
+    """OUT/items/<id>.json -> (size, etag, mtime): what changes when a record is rewritten."""
+    uris = [u for u in storage.list_prefix(storage.join(out, "items"), recursive=False) if u.endswith(".json")]
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        stats = dict(zip(uris, pool.map(storage.stat, uris), strict=True))
+    return {u: (st.bytes, st.etag, st.last_modified) for u, st in stats.items() if st is not None}
 
 
 def _write_if_changed(uri: str, data: bytes) -> bool:
@@ -325,17 +378,15 @@ Finish = Callable[[PlanEntry, dict, str], None]
 
 
 def _render_in_process(todo: list[PlanEntry], out: str, chunk_frames: int, max_batch: int, finish: Finish) -> None:
-    from vidgen import models
-
     loaded: tuple[str, object] | None = None
     for group in _groups(todo, max_batch):
         uri = group[0].item.model
         try:
             if loaded is None or loaded[0] != uri:
-                loaded = (uri, models.load(uri))
+                loaded = (uri, _load_planned(uri, group[0].model.sha256))
         except (storage.StorageError, ValueError, KeyError) as e:
             for entry in group:
-                _fail(out, entry, f"model {uri}: {e}", finish)
+                _fail(out, entry, f"model {uri}: {e}", finish, model_trouble=True)
             continue
         info = group[0].model
         records = engine.render_items([e.item for e in group], loaded[1], out, info, chunk_frames,
@@ -345,21 +396,44 @@ def _render_in_process(todo: list[PlanEntry], out: str, chunk_frames: int, max_b
             finish(entry, record, "rendered")
 
 
-def _fail(out: str, entry: PlanEntry, error: str, finish: Finish) -> None:
+def _fail(out: str, entry: PlanEntry, error: str, finish: Finish, model_trouble: bool = False) -> None:
+    """Record the item's error. When its model could not be loaded (`model_trouble`: unreadable,
+    re-exported since the plan), an earlier ok record stays as it is and the item fails this run."""
+    if model_trouble and entry.previous and entry.previous.get("status") == "ok":
+        entry.error = error
+        finish(entry, entry.previous, "kept")
+        return
     record = engine.error_record(entry.item, entry.item.model, entry.model and entry.model.sha256,
                                  entry.spec_hash, error)
     finish(entry, engine.write_record(out, record, entry.previous), "rendered")
 
 
+def unwritten_error(entry: PlanEntry) -> dict:
+    """The error record of an item whose stored record could not be read, for this run's report only."""
+    return engine.error_record(entry.item, entry.item.model, entry.model and entry.model.sha256, entry.spec_hash,
+                               entry.error or "failed")
+
+
+def _load_planned(uri: str, planned_sha256: str, device: str = "cpu"):
+    """The model at `uri`, if its weights are still the ones the batch was planned with (their digest
+    is in every record); ValueError if it was re-exported since."""
+    from vidgen import models
+
+    model = models.load(uri, device)
+    loaded = engine.ModelInfo.from_manifest(uri, model.manifest).sha256
+    if loaded != planned_sha256:
+        raise ValueError(f"re-exported since this batch was planned (weights {loaded[:12]}, planned with "
+                         f"{planned_sha256[:12]}); render again")
+    return model
+
+
 class ModelWorker:
     """A Ray actor holding one loaded model; `infer` leaves each item's frames in the object store."""
 
-    def __init__(self, uri: str):
+    def __init__(self, uri: str, planned_sha256: str):
         import torch
 
-        from vidgen import models
-
-        self.model = models.load(uri, "cuda" if torch.cuda.is_available() else "cpu")
+        self.model = _load_planned(uri, planned_sha256, "cuda" if torch.cuda.is_available() else "cpu")
 
     def infer(self, items: list[ResolvedItem], chunk_frames: int) -> list[dict]:
         """Per item: {"meta": ..., "chunks": {stream: [ObjectRef, ...]}} or {"error": message}."""
@@ -457,7 +531,7 @@ def _render_on_ray(todo, out, workers, address, chunk_frames, max_batch, finish:
                 if len(actors) >= MAX_LIVE_MODELS:
                     break
                 options = {"num_cpus": ACTOR_CPUS, "num_gpus": 1 if gpu else 0}
-                actors[uri] = worker_cls.options(**options).remote(uri)
+                actors[uri] = worker_cls.options(**options).remote(uri, pending[0][0].model.sha256)
             group = pending.popleft()
             inferring[actors[uri].infer.remote([e.item for e in group], chunk_frames)] = (uri, group)
         done, _ = ray.wait([*inferring, *encoding], num_returns=1)
@@ -468,10 +542,10 @@ def _render_on_ray(todo, out, workers, address, chunk_frames, max_batch, finish:
             try:
                 results = ray.get(ref)
             except Exception as e:  # noqa: BLE001 - the worker died (e.g. its model would not load)
-                results = [{"error": f"model {uri}: {_ray_error(e)}"}] * len(group)
+                results = [{"error": f"model {uri}: {_ray_error(e)}", "model_trouble": True}] * len(group)
             for entry, res in zip(group, results, strict=True):
                 if "error" in res:
-                    _fail(out, entry, res["error"], finish)
+                    _fail(out, entry, res["error"], finish, model_trouble=res.get("model_trouble", False))
                 else:
                     encodes_of[uri] += 1
                     waiting.append((entry, uri, res["meta"], res["chunks"]))

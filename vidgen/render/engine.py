@@ -58,14 +58,16 @@ class ModelInfo:
     sha256: str
     label_names: tuple[str, ...] | None = None
     num_classes: int = 0
+    scale: int = 1  # output size / input size (restore)
 
     @classmethod
     def from_manifest(cls, uri: str, manifest: dict) -> ModelInfo:
         digest = manifest.get("weights_sha256") or hashlib.sha256(
             json.dumps(manifest, sort_keys=True).encode()).hexdigest()
         names = manifest.get("label_names")
+        config = manifest.get("config") or {}
         return cls(uri, manifest["family"], digest, tuple(names) if names else None,
-                   int((manifest.get("config") or {}).get("num_classes", 0) or 0))
+                   int(config.get("num_classes", 0) or 0), int(config.get("scale", 1) or 1))
 
 
 def spec_hash(item: ResolvedItem, model_sha256: str) -> str:
