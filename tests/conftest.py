@@ -12,6 +12,12 @@ import uuid
 
 import pytest
 
+# Multipart uploads for objects from 64 KiB (parts of 32 KiB; moto accepts parts from 16 KiB), so
+# the tests' small videos and models take the multipart path real large objects take. Set before
+# any import of moto or vidgen, and inherited by the session's Ray workers and subprocesses.
+os.environ.setdefault("VIDGEN_S3_MULTIPART_BYTES", str(64 * 1024))
+os.environ.setdefault("S3_UPLOAD_PART_MIN_SIZE", str(16 * 1024))
+
 S3_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
     "AWS_SECRET_ACCESS_KEY": "testing",

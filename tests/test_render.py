@@ -233,8 +233,9 @@ def test_killed_render_reruns_with_every_object_uploaded_once(assets, ray_sessio
     client.create_bucket(Bucket=bucket)
     client.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
     out = f"s3://{bucket}/kill-{uuid.uuid4().hex[:8]}"
+    # lossless 480x480 2 s videos: each over the tests' multipart threshold (conftest), so uploads are multipart
     spec = {"name": "kill-test", "output": out, "model": assets["gan"],
-            "defaults": {"fps": FPS, "seconds": 1, "size": [SIDE, SIDE], "preset": "ultrafast"},
+            "defaults": {"fps": FPS, "seconds": 2, "size": [480, 480], "preset": "ultrafast", "crf": 0},
             "items": [{"id": f"gen-{i}", "mode": "generate", "seed": i,
                        "renditions": [{"name": "wide", "size": [96, 54]}]} for i in range(5)]}
     path = tmp_path / "batch.yaml"
@@ -248,11 +249,15 @@ def test_killed_render_reruns_with_every_object_uploaded_once(assets, ray_sessio
     records = [k for k in snapshot(out) if "/items/" in k]
     assert 2 <= len(records) < 5
     assert not any(k.endswith(("manifest.jsonl", "index.html")) for k in snapshot(out))
-    assert not client.list_multipart_uploads(Bucket=bucket).get("Uploads")
     for key in snapshot(out):  # what is visible is whole
         if key.endswith(".mp4"):
-            assert media.probe(f"s3://{bucket}/{key}").frames == FPS
+            assert media.probe(f"s3://{bucket}/{key}").frames == 2 * FPS
     time.sleep(2.0)  # Ray ends the killed driver's workers
+    # what an encoder killed mid-upload leaves: an unfinished multipart upload to an unrendered item
+    unrendered = next(i for i in range(5) if f"{storage.split_s3(out)[1]}/items/gen-{i}.json" not in snapshot(out))
+    left = f"{storage.split_s3(out)[1]}/gen-{unrendered}.mp4"
+    upload = client.create_multipart_upload(Bucket=bucket, Key=left)["UploadId"]
+    client.upload_part(Bucket=bucket, Key=left, UploadId=upload, PartNumber=1, Body=b"x" * 1024)
 
     again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
@@ -264,6 +269,9 @@ def test_killed_render_reruns_with_every_object_uploaded_once(assets, ray_sessio
     for v in versions:
         counts[v["Key"]] = counts.get(v["Key"], 0) + 1
     assert counts == dict.fromkeys(keys, 1)  # every object uploaded exactly once over both runs
+    assert not client.list_multipart_uploads(Bucket=bucket).get("Uploads")  # the rerun cleaned up after the kill
+    main_videos = [v for v in versions if v["Key"].endswith(".mp4") and "--" not in v["Key"]]
+    assert all("-" in v["ETag"] for v in main_videos), main_videos  # each went up as a multipart upload
 
 
 def test_objects_that_landed_before_their_record_are_adopted_not_uploaded_again(assets, s3_root):

@@ -28,7 +28,7 @@ import posixpath
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -38,9 +38,10 @@ import boto3
 import botocore.config
 import botocore.exceptions
 
-# Objects at or above this size go up as multipart uploads, in parts of this size.
-MULTIPART_THRESHOLD = 16 * 1024 * 1024
-PART_SIZE = 8 * 1024 * 1024
+# Objects at or above this size go up as multipart uploads, in parts of half of it (S3 wants parts of
+# at least 5 MiB but the last; VIDGEN_S3_MULTIPART_BYTES lowers it for servers that take less, as tests do).
+MULTIPART_THRESHOLD = int(os.environ.get("VIDGEN_S3_MULTIPART_BYTES") or 16 * 1024 * 1024)
+PART_SIZE = max(1, MULTIPART_THRESHOLD // 2)
 
 CONTENT_TYPES = {
     ".mp4": "video/mp4",
@@ -623,6 +624,25 @@ def size(uri: str) -> int:
             bucket, key = split_s3(uri)
             return int(s3_client().head_object(Bucket=bucket, Key=key)["ContentLength"])
         return os.path.getsize(local_path(uri))
+
+
+def abort_uploads(uris: Iterable[str]) -> int:
+    """Abort the unfinished multipart uploads to these S3 objects (what a killed writer leaves: a
+    process killed mid-upload cannot abort its own); the number aborted. Local URIs have none."""
+    by_bucket: dict[str, set[str]] = {}
+    for uri in uris:
+        if is_s3(uri):
+            bucket, key = split_s3(uri)
+            by_bucket.setdefault(bucket, set()).add(key)
+    aborted = 0
+    for bucket, keys in by_bucket.items():
+        prefix = os.path.commonprefix(sorted(keys))
+        with _translated(f"s3://{bucket}/{prefix}"):
+            pages = s3_client().get_paginator("list_multipart_uploads").paginate(Bucket=bucket, Prefix=prefix)
+            for upload in (u for page in pages for u in page.get("Uploads", []) if u["Key"] in keys):
+                s3_client().abort_multipart_upload(Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+                aborted += 1
+    return aborted
 
 
 def delete(uri: str) -> None:

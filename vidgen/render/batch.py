@@ -297,6 +297,8 @@ def render_batch(
             finish(entry, entry.previous or unwritten_error(entry), "kept")
         else:
             todo.append(entry)
+    if todo:
+        abort_leftover_uploads(todo, out)
     try:
         if todo and workers == 0:
             _render_in_process(todo, out, chunk_frames, max_batch, finish)
@@ -406,6 +408,17 @@ def _fail(out: str, entry: PlanEntry, error: str, finish: Finish, model_trouble:
     record = engine.error_record(entry.item, entry.item.model, entry.model and entry.model.sha256,
                                  entry.spec_hash, error)
     finish(entry, engine.write_record(out, record, entry.previous), "rendered")
+
+
+def abort_leftover_uploads(entries: list[PlanEntry], out: str) -> int:
+    """Abort unfinished multipart uploads to the outputs of the items about to render (what a
+    killed render leaves behind; these items upload their outputs again); the number aborted."""
+    uris = [u for e in entries for o in engine.item_outputs(e.item, out) for u in (o.video, o.poster)]
+    try:
+        return storage.abort_uploads(uris)
+    except storage.StorageError as e:  # the uploads stay; S3's lifecycle rules are the backstop
+        print(f"vidgen: could not clean up unfinished uploads under {out}: {e}", file=sys.stderr)
+        return 0
 
 
 def unwritten_error(entry: PlanEntry) -> dict:
