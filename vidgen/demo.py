@@ -270,7 +270,7 @@ def measure_gan(demo: Demo, per_class: int = 30) -> dict:
 def write_class_grid(demo: Demo, gan, labels: list[str], per_class: int = 6, scale: int = 4) -> None:
     """OUT/samples-per-class.png (one row per class: each sample's first, middle and last frame)
     and OUT/samples-per-class.mp4 (the same samples moving, one row per class)."""
-    from PIL import Image, ImageDraw
+    from PIL import Image, ImageDraw, ImageFont
 
     from vidgen import media
     from vidgen.data.tensors import tile, video_to_frames
@@ -284,13 +284,14 @@ def write_class_grid(demo: Demo, gan, labels: list[str], per_class: int = 6, sca
     strips = [np.concatenate([v[i] for i in (0, t // 2, t - 1)], 1) for v in videos]  # (H, 3W, 3) each
     sheet = tile([s[None] for s in strips], cols=per_class, gutter=4)[0]
     sheet = sheet.repeat(scale, 0).repeat(scale, 1)
-    label_w = 110
+    font = ImageFont.truetype(media.font_path(), 28)  # readable beside rows `scale` times the samples' size
+    label_w = 20 + max(int(font.getlength(name)) for name in labels)
     image = Image.new("RGB", (sheet.shape[1] + label_w, sheet.shape[0]), (17, 17, 17))
     image.paste(Image.fromarray(sheet), (label_w, 0))
     draw = ImageDraw.Draw(image)
     row_h = sheet.shape[0] / len(labels)
     for i, name in enumerate(labels):
-        draw.text((10, int(row_h * (i + 0.45))), name, fill=(230, 230, 230))
+        draw.text((10, int(row_h * (i + 0.5))), name, fill=(230, 230, 230), font=font, anchor="lm")
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     storage.write_bytes(demo.uri("samples-per-class.png"), buf.getvalue(), "image/png")
