@@ -41,6 +41,17 @@ def test_list_exists_delete_copy(root):
     assert storage.list_prefix(storage.join(root, "x")) == []
 
 
+def test_list_info_matches_stat_in_one_listing(root):
+    for name, data in (("a.json", b"{}"), ("b.json", b'{"x": 1}'), ("sub/c.json", b"[]")):
+        storage.write_bytes(storage.join(root, "items", name), data)
+    listed = storage.list_info(storage.join(root, "items"))
+    assert [storage.basename(o.uri) for o in listed] == ["a.json", "b.json"]  # this folder only
+    for o in listed:
+        st = storage.stat(storage.join(root, "items", storage.basename(o.uri)))
+        assert (o.bytes, o.etag, round(o.last_modified)) == (st.bytes, st.etag, round(st.last_modified))
+    assert storage.list_info(storage.join(root, "nothing-here")) == []
+
+
 def test_streaming_multipart_upload_of_20mb(root, tmp_path):
     data = os.urandom(20 * 1024 * 1024 + 123)
     uri = storage.join(root, "big.bin")

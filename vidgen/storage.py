@@ -618,6 +618,23 @@ def stat(uri: str) -> ObjectInfo | None:
     return ObjectInfo(path, st.st_size, None, st.st_mtime, {})
 
 
+def list_info(uri: str) -> list[ObjectInfo]:
+    """What `stat` knows (but user metadata) of every object directly under a folder-like prefix,
+    from one listing (no request per object), sorted by URI. Missing prefix -> []."""
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        prefix = key.rstrip("/") + "/" if key else ""
+        out = []
+        with _translated(uri):
+            for page in s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix,
+                                                                             Delimiter="/"):
+                out += [ObjectInfo(f"s3://{bucket}/{o['Key']}", int(o["Size"]), o.get("ETag"),
+                                   o["LastModified"].timestamp(), {})
+                        for o in page.get("Contents", []) if not o["Key"].endswith("/")]
+        return sorted(out, key=lambda o: o.uri)
+    return [info for info in (stat(u) for u in list_prefix(uri, recursive=False)) if info is not None]
+
+
 def size(uri: str) -> int:
     with _translated(uri):
         if is_s3(uri):

@@ -338,10 +338,8 @@ def write_index(out: str, name: str, records: list[dict]) -> None:
 
 def _record_versions(out: str) -> dict[str, tuple]:
     """OUT/items/<id>.json -> (size, etag, mtime): what changes when a record is rewritten."""
-    uris = [u for u in storage.list_prefix(storage.join(out, "items"), recursive=False) if u.endswith(".json")]
-    with ThreadPoolExecutor(max_workers=16) as pool:
-        stats = dict(zip(uris, pool.map(storage.stat, uris), strict=True))
-    return {u: (st.bytes, st.etag, st.last_modified) for u, st in stats.items() if st is not None}
+    return {o.uri: (o.bytes, o.etag, o.last_modified) for o in storage.list_info(storage.join(out, "items"))
+            if o.uri.endswith(".json")}
 
 
 def _write_if_changed(uri: str, data: bytes) -> bool:
