@@ -234,6 +234,24 @@ def test_ingest_cli_two_good_one_corrupt_from_s3(video_folder, s3_root):
     assert [os.path.basename(f["source"]) for f in facts["failed_sources"]] == ["truncated.mp4"]
 
 
+@pytest.mark.parametrize("stride", [8, 100])
+def test_ingest_stride_longer_than_a_decoded_chunk_starts_clips_stride_apart(tmp_path, monkeypatch, stride):
+    from vidgen import media
+    from vidgen.data import ingest as ingest_mod
+
+    grey = np.arange(300) * 255 // 299  # frame i is a flat grey that grows with i: its index shows
+    frames = np.repeat(grey[:, None, None, None], 32 * 32 * 3).reshape(300, 32, 32, 3).astype(np.uint8)
+    source = tmp_path / "counter.mp4"
+    source.write_bytes(media.encode(frames, fps=25, crf=0, preset="ultrafast"))
+    clips = []
+    monkeypatch.setattr(ingest_mod._NumberedWriter, "add", lambda self, clip: clips.append(clip))
+    ingest_mod.ingest_source(str(tmp_path / "ds"), "v1", str(source), 4, 32, None, stride, 0.0, lambda: 0)
+    starts = list(range(0, 300 - 4 + 1, stride))
+    assert [c.start_frame for c in clips] == starts
+    shown = [float(c.frames[0].mean()) for c in clips]
+    assert np.allclose(shown, grey[starts], atol=2), shown  # each clip's first frame is the frame it claims
+
+
 def test_ingest_with_no_usable_clip_fails_clearly(video_folder, tmp_path):
     from vidgen.data.ingest import ingest
 

@@ -81,12 +81,15 @@ def ingest_source(
             out_fps = media.probe(source).fps
         buffer = None
         start = 0  # frame index (in the decoded stream) of buffer[0]
+        skip = 0  # frames still to drop before the next clip: a stride longer than what was buffered
         for chunk in media.iter_decode(source, chunk_frames=max(64, frames), size=size, fps=fps):
+            cut = min(skip, len(chunk))
+            chunk, skip, start = chunk[cut:], skip - cut, start + cut
             buffer = chunk if buffer is None else np.concatenate([buffer, chunk])
             while len(buffer) >= frames:
                 writer.add(Clip(source, start, np.ascontiguousarray(buffer[:frames]), float(out_fps), split))
                 drop = min(stride, len(buffer))
-                buffer, start = buffer[drop:], start + drop
+                buffer, start, skip = buffer[drop:], start + drop, stride - drop
         stats = writer.close()
         return stats, float(out_fps), None
     except (media.MediaError, storage.StorageError) as e:
