@@ -70,6 +70,40 @@ def test_every_family_trains_through_the_trainer(family, datasets, tmp_path, ray
         assert 0.0 <= rows[-1]["val_life_rule_accuracy"] <= 1.0
 
 
+class _Payload:
+    """What a hostile pickle can do on load: here, create a folder."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return os.makedirs, (self.path,)
+
+
+def test_export_unpickles_only_tensors_and_refuses_keys_leaving_its_folder(datasets, tmp_path, ray_session,
+                                                                           monkeypatch):
+    from vidgen.train import export as export_module
+    from vidgen.train.export import ExportError
+
+    run = str(tmp_path / "run")
+    train(config(datasets, run))  # ZeRO-0: each part's module is one pickle, mp_rank_00_model_states.pt
+    states = os.path.join(run, "checkpoint-step-000002", "generator", "ds", "mp_rank_00_model_states.pt")
+    pwned = tmp_path / "pwned"
+    torch.save({**torch.load(states, weights_only=True), "module": _Payload(str(pwned))}, states)
+    with pytest.raises(ExportError, match="refusing to load it"):
+        export(run, str(tmp_path / "model"))
+    assert not pwned.exists()  # nothing in the run folder ran on the exporting host
+
+    ckpt = "s3://runs/run/checkpoint-step-000002"  # keys an S3 server keeps as written
+    monkeypatch.setattr(export_module.storage, "list_prefix",
+                        lambda uri: [f"{ckpt}/vidgen_state.json", f"{ckpt}/generator/../../../../escape.txt"])
+    fetched = []
+    monkeypatch.setattr(export_module.storage, "download_file", lambda obj, path: fetched.append(path))
+    with pytest.raises(ExportError, match="escape.txt: refusing a checkpoint key that leaves the checkpoint folder"):
+        export_module._download(ckpt, str(tmp_path / "download"))
+    assert fetched == []  # refused before anything was written
+
+
 @pytest.mark.parametrize("family,stage,precision", [("gan", 2, "bf16"), ("gan", 3, "fp32"), ("restore", 2, "fp32"),
                                                      ("restore", 3, "fp32")])
 def test_two_workers_zero_stages_on_s3(family, stage, precision, datasets, s3_root, ray_session, tmp_path, monkeypatch):

@@ -84,19 +84,43 @@ def restore(directory: str, engines: dict, model: torch.nn.Module, rank: int) ->
     return state
 
 
+@contextlib.contextmanager
+def weights_only_loads():
+    """Inside, every `torch.load` (ours, and DeepSpeed's zero_to_fp32, which asks for
+    weights_only=False) unpickles only tensors, containers and the few plain record types
+    DeepSpeed's checkpoint files hold: a checkpoint in a run folder that someone else could write
+    cannot run code on the host that reads it (pickle.UnpicklingError instead)."""
+    from unittest import mock
+
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    real = torch.load
+
+    def load(*args, **kwargs):
+        return real(*args, **{**kwargs, "weights_only": True})
+
+    records = [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]  # all that zero 0-3, fp32/bf16 write
+    with torch.serialization.safe_globals(records), mock.patch.object(torch, "load", load):
+        yield
+
+
 def consolidated_state_dict(directory: str, model: torch.nn.Module, zero_stage: int) -> dict[str, torch.Tensor]:
-    """The full fp32 family state_dict from a checkpoint folder of any ZeRO stage."""
+    """The full fp32 family state_dict from a checkpoint folder of any ZeRO stage, read without
+    unpickling anything but tensors and DeepSpeed's records (`weights_only_loads`)."""
     full = {k: v.clone() for k, v in model.state_dict().items()}
     for part, prefix in part_prefixes(model).items():
         part_dir = os.path.join(directory, part)
-        if zero_stage == 0:
-            # Stage 0: rank 0 wrote the whole module; this is our own run's file, not user input.
-            states = torch.load(os.path.join(part_dir, TAG, "mp_rank_00_model_states.pt"), map_location="cpu", weights_only=False)
+        if zero_stage == 0:  # rank 0 wrote the whole module
+            with weights_only_loads():
+                states = torch.load(os.path.join(part_dir, TAG, "mp_rank_00_model_states.pt"), map_location="cpu")
             weights = states["module"]
         else:
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-            with contextlib.redirect_stdout(io.StringIO()):  # it prints each file and tensor count it reads
+            # it prints each file and tensor count it reads
+            with weights_only_loads(), contextlib.redirect_stdout(io.StringIO()):
                 weights = get_fp32_state_dict_from_zero_checkpoint(part_dir, tag=TAG)
         for k, v in weights.items():
             key = prefix + k

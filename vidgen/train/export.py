@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 
 import torch
 
@@ -42,10 +43,17 @@ def newest_checkpoint(run: str) -> str:
 
 
 def _download(uri: str, local: str) -> None:
+    """Every object under `uri` into the folder `local`; a key that would land outside it (a `..`
+    or `.` segment, an absolute part) is refused, before anything is downloaded."""
     prefix = uri.rstrip("/")
+    files = []
     for obj in storage.list_prefix(uri):
-        rel = obj[len(prefix) + 1 :].replace("\\", "/")
-        storage.download_file(obj, os.path.join(local, *rel.split("/")))
+        parts = obj[len(prefix) + 1 :].replace("\\", "/").split("/")
+        if any(p in ("", ".", "..") for p in parts) or os.path.isabs(os.path.join(*parts)):
+            raise ExportError(f"{obj}: refusing a checkpoint key that leaves the checkpoint folder")
+        files.append((obj, os.path.join(local, *parts)))
+    for obj, path in files:
+        storage.download_file(obj, path)
 
 
 def export(run: str, out: str) -> dict:
@@ -71,6 +79,9 @@ def export(run: str, out: str) -> dict:
         raise
     except FileNotFoundError as e:
         raise ExportError(f"{ckpt}: not a complete vidgen checkpoint ({e.filename or e} is missing)") from None
+    except pickle.UnpicklingError as e:  # weights_only_loads refused an object: not a checkpoint vidgen wrote
+        raise ExportError(f"{ckpt}: refusing to load it: it holds objects other than tensors and DeepSpeed's "
+                          f"records ({str(e).splitlines()[-1][:200] if str(e) else e})") from None
     except (KeyError, ValueError, RuntimeError) as e:  # a config or state dict that no longer fits
         raise ExportError(f"{ckpt}: the checkpoint does not fit its recorded config: {e}".splitlines()[0]) from None
     from vidgen.train.loop import read_metrics
