@@ -52,6 +52,35 @@ def test_list_info_matches_stat_in_one_listing(root):
     assert storage.list_info(storage.join(root, "nothing-here")) == []
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_local_writes_are_synced_before_and_after_the_rename_and_honour_the_umask(tmp_path, monkeypatch, umask):
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", "folder" if os.path.isdir(f"/proc/self/fd/{fd}") else "file"))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("rename", os.path.basename(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(storage.os, "fsync", fsync)
+    monkeypatch.setattr(storage.os, "replace", replace)
+    old = os.umask(umask)
+    try:
+        storage.write_bytes(str(tmp_path / "record.json"), b"{}")
+        with storage.open_write(str(tmp_path / "video.mp4")) as f:
+            f.write(b"x" * 1000)
+    finally:
+        os.umask(old)
+    expected = [("fsync", "file"), ("rename", "record.json"), ("fsync", "folder"),
+                ("fsync", "file"), ("rename", "video.mp4"), ("fsync", "folder")]
+    assert events == expected  # a power cut never leaves a name for a file whose data is not on disk
+    for name in ("record.json", "video.mp4"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask
+
+
 def test_streaming_multipart_upload_of_20mb(root, tmp_path):
     data = os.urandom(20 * 1024 * 1024 + 123)
     uri = storage.join(root, "big.bin")

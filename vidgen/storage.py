@@ -370,10 +370,39 @@ def _atomic_local_write(path: str, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-        os.replace(tmp, path)
+            _publish(f, tmp, path)
     except BaseException:
         _silent_unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    """This process's umask, read without changing it (os.umask sets it: a race with other threads)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        return 0o022
+
+
+def _publish(f: IO[bytes], tmp: str, path: str) -> None:
+    """Put the temp file `tmp` (open as `f`) in place at `path` so that it survives a power cut:
+    its data on disk first (fsync), the mode a plain open() would give (0666 less the umask;
+    mkstemp makes 0600), then the rename, then the folder's entry on disk. After a crash `path` is
+    the whole new file or what was there before, never a name for a file of zero length."""
+    f.flush()
+    os.fsync(f.fileno())
+    os.fchmod(f.fileno(), 0o666 & ~_umask())
+    os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(path))
+
+
+def _fsync_dir(folder: str) -> None:
+    fd = os.open(folder or ".", os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _silent_unlink(path: str) -> None:
@@ -466,9 +495,14 @@ class _LocalWriter(io.RawIOBase):
     def close(self) -> None:
         if self.closed:
             return
-        self.f.close()
-        os.replace(self.tmp, self.path)
-        super().close()
+        try:
+            _publish(self.f, self.tmp, self.path)
+        except BaseException:
+            _silent_unlink(self.tmp)
+            raise
+        finally:
+            self.f.close()
+            super().close()
 
 
 class _S3Writer(io.RawIOBase):
