@@ -154,6 +154,28 @@ def run_cli(*argv: str) -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
+@pytest.mark.parametrize("csv_on_s3", [False, True])
+def test_an_edited_items_csv_gives_a_new_submission_id(gan_model, s3_root, tmp_path, csv_on_s3):
+    spec = tiny_batch(tmp_path / "spec" / "tiny.yaml", f"{s3_root}/out", gan_model)
+    if csv_on_s3:  # the job reads it in place: its content must still name the job
+        csv = f"{s3_root}/rows/items.csv"
+        storage.write_text(csv, (spec.parent / "items.csv").read_text())
+        spec.write_text(spec.read_text().replace("items_from: items.csv", f"items_from: {csv}"))
+
+    def submission_id() -> str:
+        bundle, name = jobs.read_spec("render", str(spec))
+        return jobs.spec_submission_id("render", name, bundle, [])
+
+    first = submission_id()
+    assert submission_id() == first  # the same content: the same job
+    edited = "id,mode,seed,label\nad-1,generate,1,a\nad-2,generate,7,b\n"
+    if csv_on_s3:
+        storage.write_text(csv, edited)
+    else:
+        (spec.parent / "items.csv").write_text(edited)
+    assert submission_id() != first
+
+
 def test_submit_render_waits_and_outputs_land_in_s3(ray_head, gan_model, s3_root, tmp_path):
     out = f"{s3_root}/out"
     spec = tiny_batch(tmp_path / "spec" / "tiny.yaml", out, gan_model)

@@ -90,15 +90,18 @@ class SpecBundle:
     kind: str
     name: str  # the spec's file name, e.g. ads.yaml
     files: dict[str, str]  # relative path -> text; files[name] is the spec itself
+    read_there: dict[str, str] = field(default_factory=dict)  # s3:// files the job reads in place -> their sha256
 
     def encode(self) -> str:
-        raw = json.dumps({"kind": self.kind, "name": self.name, "files": self.files}, sort_keys=True).encode()
+        raw = json.dumps({"kind": self.kind, "name": self.name, "files": self.files, "read_there": self.read_there},
+                         sort_keys=True).encode()
         return base64.b64encode(zlib.compress(raw, 9)).decode("ascii")
 
     @classmethod
     def decode(cls, text: str) -> SpecBundle:
         data = json.loads(zlib.decompress(base64.b64decode(text)))
-        return cls(kind=data["kind"], name=data["name"], files=dict(data["files"]))
+        return cls(kind=data["kind"], name=data["name"], files=dict(data["files"]),
+                   read_there=dict(data.get("read_there") or {}))
 
     def write(self, folder: str) -> str:
         """Write the files under `folder`; returns the spec's path."""
@@ -128,6 +131,7 @@ def read_spec(kind: str, uri: str, out: str | None = None, model: str | None = N
         raise JobsError(f"{uri}: not a text file (expected a YAML or JSON {kind} spec)") from None
     spec_file = posixpath.basename(str(uri).rstrip("/").replace("\\", "/")) or f"{kind}.yaml"
     files = {spec_file: text}
+    read_there: dict[str, str] = {}
     if kind == "render":
         from vidgen.render.spec import SpecError, load_batch
 
@@ -138,8 +142,8 @@ def read_spec(kind: str, uri: str, out: str | None = None, model: str | None = N
         name = batch.name
         if batch.items_from is not None:
             ref = batch.items_from
-            if storage.is_s3(ref):
-                pass  # the cluster reads it there
+            if storage.is_s3(ref):  # the cluster reads it there; its content still names the job
+                read_there[ref] = hashlib.sha256(storage.read_bytes(ref)).hexdigest()
             elif "://" in ref or ref.startswith(("/", "~")) or ".." in ref.replace("\\", "/").split("/"):
                 raise JobsError(f"{uri}: items_from {ref!r}: only a file beside the spec (or below it) or an "
                                 "s3:// URI travels with a job")
@@ -156,7 +160,7 @@ def read_spec(kind: str, uri: str, out: str | None = None, model: str | None = N
         except ConfigError as e:
             raise JobsError(str(e)) from None
         name = Path(spec_file).stem
-    return SpecBundle(kind=kind, name=spec_file, files=files), name
+    return SpecBundle(kind=kind, name=spec_file, files=files, read_there=read_there), name
 
 
 # --------------------------------------------------------------------------------------------
@@ -208,9 +212,12 @@ def slug(text: str, limit: int = 40) -> str:
 
 
 def spec_submission_id(kind: str, name: str, bundle: SpecBundle, args: Sequence[str]) -> str:
-    """`vidgen-KIND-NAME-HASH`: the same spec content and arguments give the same id."""
-    digest = hashlib.sha256(json.dumps({"kind": kind, "spec": bundle.name, "files": bundle.files, "args": list(args)},
-                                       sort_keys=True).encode()).hexdigest()
+    """`vidgen-KIND-NAME-HASH`: the same spec content (an items_from CSV's too, beside the spec or on
+    S3) and arguments give the same id; an edited CSV gives a new job, not the old finished one."""
+    content = {"kind": kind, "spec": bundle.name, "files": bundle.files, "args": list(args)}
+    if bundle.read_there:  # absent from ids made before it existed, so they stay the same
+        content["read_there"] = bundle.read_there
+    digest = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
     return f"vidgen-{kind}-{slug(name)}-{digest[:12]}"
 
 
