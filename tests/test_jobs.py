@@ -311,6 +311,41 @@ def test_schedule_submits_each_slot_once(ray_head, gan_model, s3_root, tmp_path)
                 client.stop_job(job.submission_id)
 
 
+def test_the_schedule_daemon_rides_out_faults_and_submits_each_slot_once(ray_head, gan_model, s3_root, tmp_path):
+    spec = tiny_batch(tmp_path / "batches" / "ads.yaml", f"{s3_root}/unused", gan_model)
+    sched = schedule_file(tmp_path, spec, f"{s3_root}/daemon")
+    bucket = f"vidgen-state-{uuid.uuid4().hex[:8]}"  # not there yet: the state cannot be written
+    log = io.StringIO()
+    daemon = jobs.ScheduleDaemon(str(sched), f"http://127.0.0.1:{free_port()}", f"s3://{bucket}/state.json", log)
+    other = jobs.ScheduleDaemon(str(sched), ray_head, None, io.StringIO())  # a second scheduler, no state
+    client = jobs.connect(ray_head)
+
+    def at(berlin: str) -> dt.datetime:
+        return dt.datetime.fromisoformat(f"2026-12-01T{berlin}:00+01:00")
+
+    def slot_jobs() -> list:
+        return [j for j in client.list_jobs() if (j.metadata or {}).get("vidgen_slot") == "2026-12-01T05:00:00+00:00"]
+
+    try:
+        assert daemon.step(at("06:00")) == 1  # the job server is down at the slot: back off, do not exit
+        assert "cannot reach the Ray job server" in log.getvalue() and not slot_jobs()
+        daemon.address = ray_head  # it is back; the state's bucket is still missing
+        assert daemon.step(at("06:05")) == 2 and "pass failed" in log.getvalue()
+        storage.s3_client().create_bucket(Bucket=bucket)
+        sched.write_text("entries: [{name: ads-daily, cron: every day}]\n")  # an invalid edit, picked up at reload
+        assert daemon.step(at("06:10")) >= 1
+        assert "keeping the last valid schedule" in log.getvalue()
+        assert storage.read_json(f"s3://{bucket}/state.json")["entries"]["ads-daily"]["last_slot"].startswith(
+            "2026-12-01T05:00")
+        daemon.step(at("05:10"))  # the clock jumps back an hour
+        other.step(at("06:20"))
+        assert len(slot_jobs()) == 1  # the slot was submitted once over every pass of both
+    finally:
+        for job in client.list_jobs():
+            if (job.metadata or {}).get("vidgen_schedule") and job.status.value not in jobs.TERMINAL:
+                client.stop_job(job.submission_id)
+
+
 @pytest.mark.parametrize(("field", "value", "message"), [
     ("cron", "0 25 * * *", "'0 25 * * *' is not a valid cron expression"),
     ("cron", "every day", "is not a cron expression: expected 5 fields"),

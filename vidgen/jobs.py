@@ -351,6 +351,8 @@ def submit(client, sub: Submission) -> bool:
         if "already exists" in str(e):
             return False
         raise JobsError(f"submitting {sub.submission_id}: {_one_line(e)}") from None
+    except OSError as e:  # requests' connection errors: the job server went away (a dashboard restart)
+        raise JobsError(f"submitting {sub.submission_id}: cannot reach the job server: {_one_line(e)}") from None
 
 
 @dataclass
@@ -727,22 +729,69 @@ def format_results(schedules: ScheduleFile, results: list[SlotResult], now: dt.d
 def run_schedule(schedule_uri: str, address: str | None, *, once: bool = False, now: dt.datetime | None = None,
                  state_uri: str | None = None, dry_run: bool = False, out=None) -> int:
     """`vidgen schedule`: one pass (--once or --now), or passes at each next slot until Ctrl-C.
-    Exit code of a single pass: 0, or 1 when a submission failed."""
+    Exit code of a single pass: 0, or 1 when a submission failed. As a daemon it never exits on a
+    cluster, storage or schedule-file fault: `ScheduleDaemon.step` says what it does instead."""
     out = out or sys.stdout
-    schedules = load_schedules(schedule_uri)
-    client = None if dry_run else connect(address)
-    while True:
+    if once or now is not None or dry_run:
+        schedules = load_schedules(schedule_uri)
+        client = None if dry_run else connect(address)
         moment = now or dt.datetime.now(dt.UTC)
         results = run_pass(schedule_uri, schedules, moment, client=client, state_uri=state_uri, dry_run=dry_run)
         print(format_results(schedules, results, moment), file=out, flush=True)
-        failed = any(r.outcome == "failed" for r in results)
-        if once or now is not None or dry_run:
-            return 1 if failed else 0
-        upcoming = min(next_slot(e, moment) for e in schedules.entries if not e.suspend) if any(
-            not e.suspend for e in schedules.entries) else moment + dt.timedelta(hours=1)
+        return 1 if any(r.outcome == "failed" for r in results) else 0
+    daemon = ScheduleDaemon(schedule_uri, address, state_uri, out)
+    while True:
+        time.sleep(daemon.step())
+
+
+class ScheduleDaemon:
+    """The `vidgen schedule` loop, one pass per `step`. A job server that cannot be reached (a
+    dashboard restart), state that cannot be read or written, or an invalid edit of the schedule
+    file never ends it: it logs the fault once per pass, keeps the last valid schedule, and tries
+    again after a back-off (1 s doubling to 5 min). Slots missed meanwhile are caught up by the next
+    good pass inside each entry's look-back, exactly once: slot ids are fixed per slot, so the Jobs
+    API refuses a second submission of a slot, whichever scheduler or clock makes it."""
+
+    MAX_BACKOFF_S = 300.0
+
+    def __init__(self, schedule_uri: str, address: str | None, state_uri: str | None, out=None):
+        self.schedule_uri, self.address, self.state_uri = schedule_uri, address, state_uri
+        self.out = out or sys.stdout
+        self.schedules = load_schedules(schedule_uri)  # the first must be valid: a typo fails at once
+        self.client = None
+        self.backoff = 1.0
+
+    def say(self, text: str) -> None:
+        print(f"vidgen schedule: {text}", file=self.out, flush=True)
+
+    def step(self, now: dt.datetime | None = None) -> float:
+        """One pass at `now` (default: the clock); the seconds to wait before the next."""
+        try:
+            self.schedules = load_schedules(self.schedule_uri)
+        except JobsError as e:
+            self.say(f"keeping the last valid schedule: {e}")
+        moment = now or dt.datetime.now(dt.UTC)
+        try:
+            if self.client is None:
+                self.client = connect(self.address)
+            results = run_pass(self.schedule_uri, self.schedules, moment, client=self.client, state_uri=self.state_uri)
+        except (JobsError, storage.StorageError, OSError) as e:
+            self.client = None  # reconnect next time: the job server may have moved or restarted
+            return self._retry(f"pass failed: {e}")
+        print(format_results(self.schedules, results, moment), file=self.out, flush=True)
+        if any(r.outcome == "failed" for r in results):
+            self.client = None
+            return self._retry("some slots were not submitted")
+        self.backoff = 1.0
+        live = [e for e in self.schedules.entries if not e.suspend]
+        upcoming = min(next_slot(e, moment) for e in live) if live else moment + dt.timedelta(hours=1)
         # Wake at the next slot (re-checking at least every 5 minutes: clocks jump, files change).
-        time.sleep(min(max((upcoming - dt.datetime.now(dt.UTC)).total_seconds() + 1, 1), 300))
-        schedules = load_schedules(schedule_uri)
+        return min(max((upcoming - dt.datetime.now(dt.UTC)).total_seconds() + 1, 1), self.MAX_BACKOFF_S)
+
+    def _retry(self, why: str) -> float:
+        wait, self.backoff = self.backoff, min(self.backoff * 2, self.MAX_BACKOFF_S)
+        self.say(f"{why}; trying again in {wait:g} s (missed slots are caught up inside the look-back)")
+        return wait
 
 
 def schedule_status(schedule_uri: str, address: str | None, state_uri: str | None, now: dt.datetime | None = None,
