@@ -39,6 +39,8 @@ import os
 import posixpath
 import re
 import shlex
+import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -971,8 +973,6 @@ def run_job(argv: Sequence[str]) -> int:
     of EXPR's newest slot at or before now (a RayCronJob's slot, even when the job starts late)."""
     import argparse
 
-    from vidgen import cli
-
     p = argparse.ArgumentParser(prog="python -m vidgen.jobs run")
     p.add_argument("kind", choices=KINDS)
     p.add_argument("--spec", default=None)
@@ -996,12 +996,29 @@ def run_job(argv: Sequence[str]) -> int:
         args += ["--out", job_output(ns.out_template, ns.timezone, ns.cron, dt.datetime.now(dt.UTC))]
     print(f"vidgen job: vidgen {shlex.join(args)}", flush=True)
     try:
-        return cli.main(args)
+        return _run_cli(args)
     finally:
         if folder:
             import shutil
 
             shutil.rmtree(folder, ignore_errors=True)
+
+
+def _run_cli(args: list[str]) -> int:
+    """`vidgen ARGS` in a child process, its exit code. The CLI sits above this module, so it is run,
+    not imported; SIGTERM and SIGINT are passed on, so a job that is stopped or preempted stops the
+    command as it would stop `vidgen` itself."""
+    child = subprocess.Popen([sys.executable, "-m", "vidgen.cli", *args])
+
+    def forward(signum, _frame) -> None:
+        child.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return child.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
