@@ -24,7 +24,6 @@ Results: bench/results/gpu.json and the report on stdout.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -37,7 +36,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from vidgen import models, quality  # noqa: E402
 from vidgen.data.synth import synth_clip  # noqa: E402
 from vidgen.data.tensors import frames_to_video  # noqa: E402
+from vidgen.models.contract import optimizer_step  # noqa: E402
 from vidgen.quality import Figure  # noqa: E402
+
+from families import run_families  # noqa: E402 - bench/ is this script's folder, first on sys.path
 
 PEAK_BF16 = 989e12
 MATMUL_BF16 = 790e12
@@ -66,30 +68,14 @@ def train(model, data, batch: int, seconds: float, device) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
     model.to(device).train()
-    parts = model.parts()
-    opts = {p: torch.optim.AdamW(m.parameters(), **model.optimizer_settings(p)) for p, m in parts.items()}
+    opts = {p: torch.optim.AdamW(m.parameters(), **model.optimizer_settings(p)) for p, m in model.parts().items()}
     x, y = data["train"]
     generator = torch.Generator().manual_seed(0)
 
     def step():
         idx = torch.randint(len(x), (batch,), generator=generator).to(device)
-        b = {"video": x[idx]} | ({"label": y[idx]} if y is not None else {})
-        scalars = {}
-        for ts in model.train_steps():
-            others = [m for p, m in parts.items() if p != ts.part]
-            for m in others:
-                m.requires_grad_(False)
-            with torch.autocast(device.type, dtype=torch.bfloat16):
-                loss, s = ts.loss(b, parts)
-            opts[ts.part].zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(parts[ts.part].parameters(), 1.0)
-            opts[ts.part].step()
-            for m in others:
-                m.requires_grad_(True)
-            model.after_step(ts.part)
-            scalars |= s
-        return scalars
+        return optimizer_step(model, opts, {"video": x[idx]} | ({"label": y[idx]} if y is not None else {}),
+                              autocast=device.type)
 
     for _ in range(3):  # warm-up: allocator, cuDNN autotuning
         step()
@@ -186,25 +172,16 @@ def main() -> None:
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("bench/gpu.py needs a CUDA GPU (--device cpu runs a smoke test)")
     torch.backends.cudnn.benchmark = True
-    report = {"gpu": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__, "seconds": args.seconds, "families": {}}
-    for name in args.only or BENCHES:
-        print(f"\n=== {name} ===", flush=True)
-        started = time.perf_counter()
-        try:
-            result = BENCHES[name](args, device)
-        except Exception as e:  # one family's failure must not cost the others' figures
-            import traceback
+    report = {"gpu": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
+              "seconds": args.seconds, "families": {}}
 
-            traceback.print_exc()
-            print(f"!! {name} failed: {e}", flush=True)
-            continue
-        result["figures"] = [f.row() for f in result["figures"]]
+    def run(name: str) -> dict:
+        started = time.perf_counter()
+        result = BENCHES[name](args, device)
         result["wall_s"] = round(time.perf_counter() - started, 1)
-        report["families"][name] = result
-        print(quality.table(result["figures"]), flush=True)
-        os.makedirs(os.path.dirname(args.out_json), exist_ok=True)
-        with open(args.out_json, "w") as f:
-            json.dump(report, f, indent=2, default=float)
+        return result
+
+    run_families(args.only or BENCHES, run, report, args.out_json)
     print(f"\n{report['gpu']}, torch {report['torch']}, bf16, in-process, {args.seconds:.0f} s of training each")
     for name, r in report["families"].items():
         run = r["run"]

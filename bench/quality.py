@@ -49,6 +49,8 @@ from vidgen.data.format import open_dataset  # noqa: E402
 from vidgen.data.tensors import frames_to_video  # noqa: E402
 from vidgen.quality import Figure  # noqa: E402
 
+from families import run_families  # noqa: E402 - bench/ is this script's folder, first on sys.path
+
 # The recipes: what a user gets from the example configs jobs/train/*-cpu.yaml and from `vidgen demo`.
 GAN_RECIPE = dict(micro_batch=8)
 RESTORE_RECIPE = dict(micro_batch=8)
@@ -244,25 +246,12 @@ def main() -> None:
     report: dict = {"settings": {"scale": args.scale, "startup_minutes": args.startup_minutes}, "families": {}}
     if os.path.exists(args.out_json) and args.only:  # keep the other families' last figures
         report["families"] = json.load(open(args.out_json)).get("families", {})
-    with tempfile.TemporaryDirectory(prefix="vidgen-quality-") as work:
-        for name in args.only or BENCHES:
-            print(f"\n=== {name} ===", flush=True)
-            try:
-                result = BENCHES[name](work, args)
-            except Exception as e:  # one family's failure must not cost the others' figures
-                import traceback
+    def describe(name: str, result: dict) -> str:
+        run = result.get("run") or {}
+        return f"{name}: {run.get('wall_minutes')} min, {run.get('steps')} steps, {run.get('steps_per_s')} steps/s"
 
-                traceback.print_exc()
-                print(f"!! {name} failed: {e}", flush=True)
-                continue
-            result["figures"] = [f.row() for f in result["figures"]]
-            report["families"][name] = result
-            run = result.get("run") or {}
-            print(f"{name}: {run.get('wall_minutes')} min, {run.get('steps')} steps, {run.get('steps_per_s')} steps/s")
-            print(quality.table(result["figures"]), flush=True)
-            os.makedirs(os.path.dirname(args.out_json), exist_ok=True)
-            with open(args.out_json, "w") as f:
-                json.dump(report, f, indent=2, default=float)
+    with tempfile.TemporaryDirectory(prefix="vidgen-quality-") as work:
+        run_families(args.only or BENCHES, lambda name: BENCHES[name](work, args), report, args.out_json, describe)
     print("\nquality after training through vidgen train (2 workers, ZeRO-2) on held-out clips")
     for name, result in report["families"].items():
         run = result.get("run") or {}

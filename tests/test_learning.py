@@ -15,6 +15,7 @@ import torch
 from vidgen import metrics, models, quality
 from vidgen.data.synth import synth_clip
 from vidgen.data.tensors import frames_to_video
+from vidgen.models.contract import optimizer_step
 from vidgen.train.evaluate import life_grid
 
 
@@ -32,18 +33,7 @@ def train(model, videos: torch.Tensor, labels: torch.Tensor | None, steps: int, 
     for _ in range(steps):
         idx = torch.randint(len(videos), (batch,))
         batch_ = {"video": videos[idx]} | ({"label": labels[idx]} if labels is not None else {})
-        for step in model.train_steps():
-            others = [m for p, m in parts.items() if p != step.part]
-            for m in others:
-                m.requires_grad_(False)
-            loss, _ = step.loss(batch_, parts)
-            optimizers[step.part].zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(parts[step.part].parameters(), 1.0)
-            optimizers[step.part].step()
-            for m in others:
-                m.requires_grad_(True)
-            model.after_step(step.part)
+        optimizer_step(model, optimizers, batch_)
     model.eval()
 
 

@@ -30,6 +30,34 @@ class TrainStep:
     loss: LossFn
 
 
+def optimizer_step(model, optimizers: Mapping[str, Any], batch: Batch, autocast: str | None = None,
+                   clip: float = 1.0) -> dict[str, float]:
+    """One step of each of the family's TrainSteps, in order, the way vidgen.train.loop runs them but
+    in this process, without DeepSpeed: the other parts frozen during a part's backward, gradients
+    clipped at `clip`, then `after_step`. `optimizers`: part -> torch optimizer. `autocast`: a device
+    type whose bf16 autocast the losses run under. Returns the steps' scalars."""
+    import contextlib
+
+    import torch
+
+    parts, scalars = model.parts(), {}
+    for step in model.train_steps():
+        others = [m for p, m in parts.items() if p != step.part]
+        for m in others:
+            m.requires_grad_(False)
+        with torch.autocast(autocast, dtype=torch.bfloat16) if autocast else contextlib.nullcontext():
+            loss, values = step.loss(batch, parts)
+        optimizers[step.part].zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parts[step.part].parameters(), clip)
+        optimizers[step.part].step()
+        for m in others:
+            m.requires_grad_(True)
+        model.after_step(step.part)
+        scalars |= values
+    return scalars
+
+
 def config_from_preset(cls: type, presets: Mapping[str, Mapping[str, Any]], name: str,
                        overrides: Mapping[str, Any]):
     """`cls(**presets[name], **overrides)`, with a ValueError naming an unknown preset or key."""

@@ -1,0 +1,37 @@
+"""Running a benchmark's families one after another (bench/quality.py, bench/gpu.py).
+
+Each family's failure is printed and costs only its own figures; after each family its figure rows
+go into `report["families"]` and the report is rewritten, so an interrupted run keeps what it measured.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import traceback
+from collections.abc import Callable, Iterable
+
+from vidgen import quality
+
+
+def run_families(names: Iterable[str], run: Callable[[str], dict], report: dict, out_json: str,
+                 describe: Callable[[str, dict], str | None] = lambda name, result: None) -> None:
+    """`run(name)` -> {"figures": [Figure, ...], ...} for each name; `describe` gives an optional
+    line printed above the family's table."""
+    for name in names:
+        print(f"\n=== {name} ===", flush=True)
+        try:
+            result = run(name)
+        except Exception as e:  # noqa: BLE001 - one family's failure must not cost the others' figures
+            traceback.print_exc()
+            print(f"!! {name} failed: {e}", flush=True)
+            continue
+        result["figures"] = [f.row() for f in result["figures"]]
+        report["families"][name] = result
+        line = describe(name, result)
+        if line:
+            print(line)
+        print(quality.table(result["figures"]), flush=True)
+        os.makedirs(os.path.dirname(out_json), exist_ok=True)
+        with open(out_json, "w") as f:
+            json.dump(report, f, indent=2, default=float)
