@@ -329,6 +329,17 @@ def test_a_crash_between_a_jobs_two_writes_never_leaves_a_job_no_runner_sees(tmp
     assert runner._claim(orphan) is None and store.queued() == [job["id"]]
 
 
+def test_a_conditional_write_retried_after_it_landed_is_not_a_conflict(s3_root):
+    """botocore retries a PUT whose answer was lost; if the first try landed, the retry's condition
+    fails on our own write. That must not read as another runner taking the lease."""
+    uri = f"{s3_root}/leases/lease.json"
+    first = serving.put_json(uri, {"runner": "a", "beat": 0}, if_absent=True)
+    landed = serving.put_json(uri, {"runner": "a", "beat": 1}, if_match=first)
+    assert serving.put_json(uri, {"runner": "a", "beat": 1}, if_match=first) == landed  # the retried request
+    with pytest.raises(serving.Conflict):  # someone else's write: still a conflict
+        serving.put_json(uri, {"runner": "b", "beat": 1}, if_match=first)
+
+
 def bare_runner(store, stale_s: float):
     """A JobRunner's claiming logic without Serve: what `_claim` reads and writes."""
     runner = serving.JobRunner.__new__(serving.JobRunner)

@@ -314,6 +314,9 @@ def put_json(uri: str, obj: Any, *, if_match: str | None = None, if_absent: bool
             code = _s3_code(e)
             if code in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409") or (
                     if_match and code in ("NoSuchKey", "404")):
+                landed = _landed(bucket, key, data)
+                if landed:  # botocore retried a write that had landed: the condition failed on our own write
+                    return landed
                 raise Conflict(uri) from None
             raise _s3_error(uri, e) from None
     if not (if_absent or if_match):
@@ -332,6 +335,16 @@ def put_json(uri: str, obj: Any, *, if_match: str | None = None, if_absent: bool
             raise Conflict(uri)
         storage.write_bytes(uri, data, "application/json")  # temp file + rename
     return hashlib.md5(data).hexdigest()
+
+
+def _landed(bucket: str, key: str, data: bytes) -> str | None:
+    """The object's etag if it holds exactly `data`, else None. Every conditional write of ours is
+    unique (a lease names its runner and heartbeat count), so equal bytes mean our write landed."""
+    try:
+        got = storage.s3_client().get_object(Bucket=bucket, Key=key)
+        return got["ETag"] if got["Body"].read() == data else None
+    except botocore.exceptions.ClientError:
+        return None
 
 
 def _s3_code(e: botocore.exceptions.ClientError) -> str:
