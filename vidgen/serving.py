@@ -1218,9 +1218,8 @@ class ModelServer:
 class _Run:
     """A job this runner holds: its lease (and etag), and what the heartbeat has learnt."""
 
-    def __init__(self, job_id: str, lease: dict, etag: str, job: dict | None = None):
+    def __init__(self, job_id: str, lease: dict, etag: str):
         self.job_id, self.lease, self.etag = job_id, lease, etag
-        self.job = job  # the job record, when claiming it read it already
         self.cancelled = False
         self.lost = False  # another runner took the lease: stop
         self.finishing = False
@@ -1293,8 +1292,7 @@ class JobRunner:
         """Take the job's lease when it has none, or a stale one; None when another runner holds it."""
         lease, etag = self.store.lease(job_id)
         now = time.time()
-        job = self.store.read(job_id) if lease is None else None
-        if lease is None and job is None:  # its record is being written, or never will be
+        if lease is None and self.store.read(job_id) is None:  # its record is being written, or never will be
             marker, marker_etag = read_json_etag(self.store.queue_uri(job_id))
             if marker is not None and self._stale(job_id, marker, marker_etag) and self.store.drop_orphan_marker(job_id):
                 logger.warning(f"runner {self.runner_id}: dropped the queue marker of job {job_id}: no job record came")
@@ -1321,7 +1319,7 @@ class JobRunner:
             why = "released" if lease.get("released") else f"its lease unchanged for {self.conf.stale_s:g} s"
             logger.warning(f"runner {self.runner_id}: took over job {job_id} from {lease.get('runner')} ({why}), "
                            f"attempt {attempt}")
-        return _Run(job_id, new, etag, job)
+        return _Run(job_id, new, etag)
 
     async def _write_lease(self, run: _Run, **changes) -> bool:
         async with run.lock:
@@ -1354,7 +1352,7 @@ class JobRunner:
         heartbeat = asyncio.get_running_loop().create_task(self._heartbeat(run))
         state, error, counts = None, None, None  # state None: not ended here; release the lease for a retry
         try:
-            job = run.job or await _io(self.pool, self.store.read, job_id)
+            job = await _io(self.pool, self.store.read, job_id)
             run.cancelled = await _io(self.pool, self.store.cancelled, job_id)
             if job is None:
                 state, error = "failed", "the job record is missing"
