@@ -8,12 +8,14 @@ on serve/config.yaml, so it shuts the module's application down first.
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import hashlib
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -346,6 +348,39 @@ def bare_runner(store, stale_s: float):
     runner.store, runner.runner_id, runner.seen = store, f"test-{uuid.uuid4().hex[:6]}", {}
     runner.conf = serving.RunnerDeployment(heartbeat_s=stale_s / 2, stale_s=stale_s)
     return runner
+
+
+def test_a_heartbeat_in_flight_when_the_job_ends_does_not_lose_the_lease(tmp_path, monkeypatch):
+    """The job ends while a heartbeat's write is on its way: that write lands, and the final write
+    (state finished) must follow it, not fail its condition as if another runner held the job."""
+    store = serving.JobStore(str(tmp_path / "renders"))
+    job = {"id": serving.new_job_id(), "created": "2026-11-29T00:00:00Z", "created_ts": time.time(),
+           "batch": {"output": str(tmp_path / "out"), "name": "ads"}}
+    store.create(job)
+    runner = bare_runner(store, stale_s=0.2)
+    runner.pool = serving._executor()
+    writing = threading.Event()
+    real_swap = store.swap_lease
+
+    def slow_swap(job_id, lease, etag):
+        etag = real_swap(job_id, lease, etag)
+        if lease["state"] == "running" and "beat" in lease:  # a heartbeat whose answer is slow to come
+            writing.set()
+            time.sleep(0.3)
+        return etag
+
+    async def render_until_a_heartbeat_is_writing(_job, _run):
+        while not writing.is_set():
+            await asyncio.sleep(0.01)
+        return []
+
+    monkeypatch.setattr(store, "swap_lease", slow_swap)
+    monkeypatch.setattr(runner, "_render", render_until_a_heartbeat_is_writing)
+    run = runner._claim(job["id"])
+    asyncio.run(runner._run(run))
+    lease = store.lease(job["id"])[0]
+    assert not run.lost and lease["state"] == "finished" and lease["attempt"] == 1, lease
+    assert store.queued() == []
 
 
 @pytest.mark.parametrize("skew_s", [-3600, 3600])

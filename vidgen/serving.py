@@ -1223,6 +1223,7 @@ class _Run:
         self.cancelled = False
         self.lost = False  # another runner took the lease: stop
         self.finishing = False
+        self.stop = asyncio.Event()  # wakes the heartbeat to end (never cancelled: a write may be on its way)
         self.kept: dict[str, str] = {}  # items whose model could not be read: their stored records stand
         self.lock = asyncio.Lock()  # lease writes, one at a time
 
@@ -1336,7 +1337,10 @@ class JobRunner:
     async def _heartbeat(self, run: _Run) -> None:
         last_ok = time.monotonic()
         while not (run.lost or run.finishing):
-            await asyncio.sleep(self.conf.heartbeat_s)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(run.stop.wait(), timeout=self.conf.heartbeat_s)
+            if run.finishing:
+                return
             try:
                 run.cancelled = run.cancelled or await _io(self.pool, self.store.cancelled, run.job_id)
                 if run.finishing or not await self._write_lease(run):
@@ -1377,8 +1381,11 @@ class JobRunner:
         except Exception:  # noqa: BLE001 - e.g. storage down: release the lease, the job is retried
             logger.exception(f"runner {self.runner_id}: job {job_id} stopped")
         finally:  # also on cancellation (the replica stopping): then the lease is released
+            # Cancelling the heartbeat mid-write would lose the etag of a write that lands anyway, and
+            # the final write would then fail its condition on our own lease: let it finish instead.
             run.finishing = True
-            heartbeat.cancel()
+            run.stop.set()
+            await asyncio.gather(heartbeat, return_exceptions=True)
             if run.lost:
                 pass
             elif state is not None:
