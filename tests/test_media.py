@@ -280,6 +280,16 @@ def test_decode_fps_and_frame_window(clip):
     assert media.decode(clip, max_frames=0).shape == (0, H, W, 3)
 
 
+def test_an_encode_with_one_thread_is_the_same_video(tmp_path):
+    """The pipeline gives each of its parallel encodes one x264 thread: the frames come back the same
+    as with ffmpeg's own thread count, and ffmpeg is asked for one."""
+    frames = static_frames(12)
+    one = media.decode(media.encode(frames, FPS, threads=1))
+    auto = media.decode(media.encode(frames, FPS))
+    assert one.shape == auto.shape == frames.shape and np.abs(one.astype(int) - auto.astype(int)).mean() < 1.0
+    assert media._video_options(media._codec("h264"), 23, "medium", 1)["threads"] == 1
+
+
 def test_decode_reads_a_file_the_cli_wrote(cli_mp4):
     info = media.probe(cli_mp4)
     assert (info.frames, info.audio, info.audio_codec) == (48, True, "aac")
@@ -295,7 +305,8 @@ def test_decode_rejects_bad_options(clip, kwargs):
         media.decode(clip, **kwargs)
 
 
-@pytest.mark.parametrize("kwargs", [{"codec": "h265"}, {"crf": 99}, {"preset": "warp"}, {"fps": 0}, {"metadata": {"a=b": "x"}}])
+@pytest.mark.parametrize("kwargs", [{"codec": "h265"}, {"crf": 99}, {"preset": "warp"}, {"fps": 0}, {"metadata": {"a=b": "x"}},
+                                    {"threads": 0}, {"threads": 1.5}])
 def test_encode_rejects_bad_options(kwargs):
     args = {"fps": FPS, **kwargs}
     with pytest.raises(ValueError):

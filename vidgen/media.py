@@ -773,6 +773,7 @@ def encode(
     overlays: Overlays | None = None,
     size: tuple[int, int] | None = None,
     fit: str = "crop",
+    threads: int | None = None,
 ) -> bytes:
     """Encode uint8 frames (T, H, W, 3), or an iterable of such chunks, to mp4 or webm bytes.
 
@@ -781,10 +782,12 @@ def encode(
     metadata: container tags, e.g. {"title": ..., "comment": ...}.
     size: (width, height), even, to scale the frames to in ffmpeg before the overlays are drawn;
         fit: "crop" (fill, centre-crop the excess), "pad" (fit inside, black bars) or "stretch".
+    threads: the encoder's threads (None: ffmpeg's choice, about 1.5 per core). When several
+        encodes share the cores, 1 each gets more videos/s: small frames gain little from threads.
     """
     with tempfile.TemporaryDirectory(prefix="vidgen-encode-") as tmp:
         path = os.path.join(tmp, "out." + _codec(codec).container)
-        _encode_file(frames, fps, path, codec, crf, preset, metadata, overlays, "<frames>", size, fit)
+        _encode_file(frames, fps, path, codec, crf, preset, metadata, overlays, "<frames>", size, fit, threads)
         with open(path, "rb") as f:
             return f.read()
 
@@ -813,12 +816,13 @@ def encode_to(
     size: tuple[int, int] | None = None,
     fit: str = "crop",
     object_metadata: dict[str, str] | None = None,
+    threads: int | None = None,
 ) -> EncodedVideo:
     """`encode` straight to a storage URI (local or s3), with the video's content type.
 
     codec defaults from the extension (.webm -> vp9, else h264). Memory stays bounded for chunked
     input: frames stream into ffmpeg, the result lands in a temporary file and is uploaded from it.
-    size, fit: as for `encode`. object_metadata: S3 user metadata of the uploaded object.
+    size, fit, threads: as for `encode`. object_metadata: S3 user metadata of the uploaded object.
     """
     ext = os.path.splitext(str(uri))[1].lower()
     codec = codec or ("vp9" if ext == ".webm" else "h264")
@@ -828,7 +832,7 @@ def encode_to(
     content_type = f"video/{container}"
     with tempfile.TemporaryDirectory(prefix="vidgen-encode-") as tmp:
         path = os.path.join(tmp, "out." + container)
-        count = _encode_file(frames, fps, path, codec, crf, preset, metadata, overlays, str(uri), size, fit)
+        count = _encode_file(frames, fps, path, codec, crf, preset, metadata, overlays, str(uri), size, fit, threads)
         digest = hashlib.sha256()
         with open(path, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
@@ -857,8 +861,11 @@ def _frame_chunks(frames: Frames) -> Iterator[np.ndarray]:
 FITS = ("crop", "pad", "stretch")
 
 
-def _check_encode_args(fps, codec: str, crf, preset: str, metadata, size=None, fit: str = "crop") -> _Codec:
+def _check_encode_args(fps, codec: str, crf, preset: str, metadata, size=None, fit: str = "crop",
+                       threads=None) -> _Codec:
     spec = _codec(codec)
+    if threads is not None and not (_is_int(threads) and threads >= 1):
+        raise ValueError(f"threads={threads!r}: expected an int >= 1, or None for ffmpeg's choice")
     if size is not None:
         pair = isinstance(size, (tuple, list)) and len(size) == 2
         if not pair or any(not _is_int(v) or v < 2 or v % 2 for v in size):
@@ -877,9 +884,10 @@ def _check_encode_args(fps, codec: str, crf, preset: str, metadata, size=None, f
     return spec
 
 
-def _encode_file(frames, fps, path, codec, crf, preset, metadata, overlays, label, size=None, fit="crop") -> int:
+def _encode_file(frames, fps, path, codec, crf, preset, metadata, overlays, label, size=None, fit="crop",
+                 threads=None) -> int:
     """Encode into the file `path`; returns the number of frames."""
-    spec = _check_encode_args(fps, codec, crf, preset, metadata, size, fit)
+    spec = _check_encode_args(fps, codec, crf, preset, metadata, size, fit, threads)
     overlays = overlays or Overlays()
     chunks = _frame_chunks(frames)
     first = next(chunks, None)
@@ -914,7 +922,7 @@ def _encode_file(frames, fps, path, codec, crf, preset, metadata, overlays, labe
         # it exactly; `-shortest` overshot by up to 0.7 s with VP9's encoder delay.
         two_pass = audio is not None or muxed_subtitles is not None
         video_path = os.path.join(tmp, "video." + spec.container) if two_pass else path
-        options = _video_options(spec, crf, preset)
+        options = _video_options(spec, crf, preset, threads)
         if not two_pass:
             options.update(_final_options(spec, metadata))
         out = video.output(video_path, **options).overwrite_output()
@@ -971,8 +979,10 @@ def _overlay_graph(video, overlays: Overlays, width: int, height: int, tmp: str)
 _BT709 = {"colorspace": "bt709", "color_primaries": "bt709", "color_trc": "bt709", "color_range": "tv"}
 
 
-def _video_options(spec: _Codec, crf: int, preset: str) -> dict:
+def _video_options(spec: _Codec, crf: int, preset: str, threads: int | None = None) -> dict:
     options = {"format": spec.container, "c:v": spec.video, "crf": crf, "pix_fmt": "yuv420p", **_BT709}
+    if threads is not None:
+        options["threads"] = threads
     if spec.video == "libx264":
         options["preset"] = preset
     else:  # VP9 constant quality needs b:v 0; row-mt spreads one frame over the cores

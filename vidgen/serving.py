@@ -1071,40 +1071,13 @@ def _url(uri: str | None, expiry: int) -> str | None:
     return None if uri is None else storage.presign(uri, expiry)
 
 
-class FramesLostError(Exception):
-    """An item's frames are gone from the object store (the model replica that held them died)."""
-
-
-class _FramesLost(BaseException):
-    # Raised inside encode_item's frame iterator. Not an Exception, so encode_item's per-item
-    # error handling lets it through: lost frames are a reason to render the item again, not its error.
-    pass
-
-
-def encode_frames(item, out, meta, refs, model, item_hash, previous, resume) -> dict:
-    """An encode task: the item's frames (object refs, fetched one chunk at a time) -> its outputs and record."""
-    import ray
-
-    from vidgen.render import engine
-
-    def chunks(stream: str):
-        for ref in refs.get(stream, []):
-            try:
-                yield ray.get(ref)
-            except ray.exceptions.RayError as e:
-                raise _FramesLost(f"{type(e).__name__}") from None
-
-    try:
-        return engine.encode_item(item, out, meta, chunks, model, item_hash, previous, resume)
-    except _FramesLost as e:
-        raise FramesLostError(f"item {item.id}: its frames were lost ({e})") from None
-
-
 @functools.cache
 def _encode_task():
     import ray
 
-    return ray.remote(max_retries=0)(encode_frames)
+    from vidgen.render.batch import encode_task
+
+    return ray.remote(max_retries=0)(encode_task)  # the runner retries an item itself
 
 
 class ModelServer:
@@ -1459,7 +1432,8 @@ class JobRunner:
                     return await self._error(out, entry, result["error"])
                 task = _encode_task().options(num_cpus=self.conf.encode_cpus)
                 return await task.remote(item, out, result["meta"], result["chunks"], entry.model, entry.spec_hash,
-                                         entry.previous, entry.resume or attempt > 1)
+                                         entry.previous, entry.resume or attempt > 1,
+                                         threads=max(1, int(self.conf.encode_cpus)))
             except Exception as e:  # noqa: BLE001 - a model replica or an encoder died: try again
                 last = e
                 logger.warning(f"runner {self.runner_id}: item {item.id} attempt {attempt} failed: "

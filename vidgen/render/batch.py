@@ -478,20 +478,40 @@ class ModelWorker:
         return [results.get(i) or {"error": "the model produced nothing for this item"} for i in range(len(items))]
 
 
-def _encode_task(item, out, meta, refs, model, item_hash, previous, resume) -> dict:
+class FramesLostError(Exception):
+    """An item's frames are gone from the object store (the model worker that held them died)."""
+
+
+class _FramesLost(BaseException):
+    # Raised inside encode_item's frame iterator. Not an Exception, so encode_item's per-item
+    # error handling lets it through: lost frames are a reason to infer the item again, not its error.
+    pass
+
+
+def encode_task(item, out, meta, refs, model, item_hash, previous, resume, threads=None) -> dict:
+    """The encode stage as a Ray task, for batches and the endpoint alike: the item's frames (object
+    refs, fetched one chunk at a time) -> its outputs and record. FramesLostError when the frames
+    are gone (their model worker died): the caller infers the item again."""
     import ray
 
     def chunks(stream: str):
-        return (ray.get(ref) for ref in refs.get(stream, []))  # one chunk in memory at a time
+        for ref in refs.get(stream, []):
+            try:
+                yield ray.get(ref)
+            except ray.exceptions.RayError as e:
+                raise _FramesLost(type(e).__name__) from None
 
-    return engine.encode_item(item, out, meta, chunks, model, item_hash, previous, resume)
+    try:
+        return engine.encode_item(item, out, meta, chunks, model, item_hash, previous, resume, threads)
+    except _FramesLost as e:
+        raise FramesLostError(f"item {item.id}: its frames were lost ({e})") from None
 
 
 @functools.cache
 def _remote():
     import ray
 
-    return ray.remote(max_restarts=0)(ModelWorker), ray.remote(max_retries=2)(_encode_task)
+    return ray.remote(max_restarts=0)(ModelWorker), ray.remote(max_retries=2)(encode_task)
 
 
 def _ray_error(e: BaseException) -> str:
@@ -513,6 +533,9 @@ def _render_on_ray(todo, out, workers, address, chunk_frames, max_batch, finish:
     if workers is None:
         workers = max(1, min(8, int(resources.get("CPU", 1))))
     gpu = resources.get("GPU", 0) >= 1
+    # Each encode gets its share of the cores: x264's own threads (1.5 per core by default) cost
+    # 20% more CPU per video at these sizes, and `workers` encodes already keep the cores busy.
+    threads = max(1, int(resources.get("CPU", 1)) // workers)
     worker_cls, encode = _remote()
 
     pending = deque(_groups(todo, max_batch, first=workers))
@@ -531,7 +554,7 @@ def _render_on_ray(todo, out, workers, address, chunk_frames, max_batch, finish:
         while waiting and len(encoding) < workers:
             entry, uri, meta, refs = waiting.popleft()
             ref = encode.options(num_cpus=ENCODE_CPUS).remote(
-                entry.item, out, meta, refs, entry.model, entry.spec_hash, entry.previous, entry.resume)
+                entry.item, out, meta, refs, entry.model, entry.spec_hash, entry.previous, entry.resume, threads)
             encoding[ref] = (entry, uri)
         # Backpressure: inferred-or-inferring items stay under workers + max_batch, so the model
         # works on the next group while the encoders drain this one, and memory stays bounded.

@@ -378,19 +378,21 @@ def encode_item(
     item_hash: str,
     previous: dict | None = None,
     resume: bool = False,
+    threads: int | None = None,
 ) -> dict:
     """Encode, poster and upload every output of one item, then write its record; returns the record.
 
     `chunks(stream)` gives the item's frames again for each output (renditions are separate
     encodes of the same frames). With `resume` (some outputs exist: a killed run), objects already
     on S3 with this spec hash are kept, not uploaded again. An error becomes the item's error record.
+    `threads`: the encoder's threads (see `media.encode`); the pipeline gives each encode its share.
     """
     started = time.monotonic()
     try:
         results = {}
         for output in item_outputs(item, out):
             results[output.name] = (resume and adopt(output, item_hash)) or _encode_output(
-                item, output, meta, chunks, model, item_hash, resume)
+                item, output, meta, chunks, model, item_hash, resume, threads)
         record = ok_record(item, model, item_hash, results, time.monotonic() - started)
     except Exception as e:  # noqa: BLE001 - one item's failure is recorded, never the batch's
         record = error_record(item, model.uri, model.sha256, item_hash, _describe(e))
@@ -398,7 +400,7 @@ def encode_item(
 
 
 def _encode_output(item: ResolvedItem, output: Output, meta: dict, chunks: Chunks, model: ModelInfo,
-                   item_hash: str, resume: bool = False) -> dict:
+                   item_hash: str, resume: bool = False, threads: int | None = None) -> dict:
     if resume:  # the video landed before a kill but its poster did not: make the poster from it
         facts = _video_facts(output, item_hash)
         if facts is not None:
@@ -421,7 +423,7 @@ def _encode_output(item: ResolvedItem, output: Output, meta: dict, chunks: Chunk
     with tempfile.TemporaryDirectory(prefix="vidgen-render-") as tmp:
         path = os.path.join(tmp, f"out.{ext}")
         encoded = media.encode_to(path, frames, meta["fps"], item.codec, item.crf, item.preset, tags, overlays,
-                                  size=output.size, fit=output.fit)
+                                  size=output.size, fit=output.fit, threads=threads)
         poster = media.poster_jpeg(path)
         width, height = output.size or _native_size(output, meta)
         facts = {"uri": output.video, "poster": output.poster, "bytes": encoded.bytes, "frames": encoded.frames,
