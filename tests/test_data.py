@@ -84,11 +84,53 @@ def test_rewrite_killed_before_manifest_leaves_old_dataset(root, monkeypatch):
     ds = open_dataset(out)
     assert ds.manifest == first
     assert [r["frames"].tobytes() for r in ds.iter_clips()] == before
-    # A completed rewrite replaces it atomically and cleans the old version up.
+    # A completed rewrite replaces it atomically and cleans the old version up (once nothing may use it).
+    monkeypatch.setenv(fmt.GRACE_ENV, "0")
     second = synth.synthesize("shapes", 12, 4, 16, out, seed=2, progress=False)
     assert open_dataset(out).manifest["rows"] == 12
     versions = {u.replace(os.sep, "/").split("/ds/")[1].split("/")[0] for u in storage.list_prefix(out)}
     assert versions == {second["version"], fmt.MANIFEST}
+
+
+def test_two_ingests_into_one_uri_at_once_both_stay_readable(root, monkeypatch):
+    """B starts and commits while A is between its shards: B's commit must not delete what A has
+    written (a version written to within the grace period may be another ingest's)."""
+    out = storage.join(root, "ds")
+    real_write = synth._write_range
+    state = {"b": None}
+
+    def write_then_let_b_commit(*args, **kwargs):
+        stats = real_write(*args, **kwargs)
+        if state["b"] is None:
+            state["b"] = "running"
+            state["b"] = synth.synthesize("shapes", 6, 4, 16, out, seed=7, progress=False)
+        return stats
+
+    monkeypatch.setattr(synth, "_write_range", write_then_let_b_commit)
+    a = synth.synthesize("shapes", 12, 4, 16, out, seed=1, shard_bytes=4 * 16 * 16 * 3 * 4, progress=False)
+    b = state["b"]
+    assert a["shard_count"] == 3 and a["version"] != b["version"]
+    assert open_dataset(out).manifest == a  # the last commit is the dataset
+    assert len(list(open_dataset(out).iter_clips())) == 12  # every shard A wrote before B's commit is there
+    assert len(list(open_dataset(out, version=b["version"]).iter_clips())) == 6  # and B's own version too
+
+
+def test_a_pinned_version_outlives_newer_commits_and_an_expired_pin_does_not(root, monkeypatch):
+    out = storage.join(root, "ds")
+    first = synth.synthesize("shapes", 6, 4, 16, out, seed=1, progress=False)
+    monkeypatch.setenv(fmt.GRACE_ENV, "0")
+    fmt.pin(out, first["version"], holder="s3://runs/a")
+    synth.synthesize("shapes", 6, 4, 16, out, seed=2, progress=False)
+    third = synth.synthesize("shapes", 6, 4, 16, out, seed=3, progress=False)
+    assert len(list(open_dataset(out, version=first["version"]).iter_clips())) == 6  # pinned: kept
+    fmt.pin(out, first["version"], holder="s3://runs/a", ttl_s=-1)  # its holder died long ago: expired
+    fourth = synth.synthesize("shapes", 6, 4, 16, out, seed=4, progress=False)
+    with pytest.raises(DatasetError, match=f"version {first['version']} is gone"):
+        open_dataset(out, version=first["version"])
+    versions = {u.replace(os.sep, "/").split("/ds/")[1].split("/")[0] for u in storage.list_prefix(out)}
+    assert versions == {fourth["version"], fmt.MANIFEST, fmt.PINS} and third["version"] not in versions
+    with pytest.raises(DatasetError, match="not a version name"):
+        open_dataset(out, version="../other")
 
 
 def test_missing_manifest_is_a_clear_error(root):

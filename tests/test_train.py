@@ -147,6 +147,46 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(datasets, tmp_path, r
             assert ra[key] == pytest.approx(rb[key], abs=1e-4), (ra["step"], key)
 
 
+def test_a_reingest_while_a_run_trains_keeps_the_version_it_reads(tmp_path, ray_session, monkeypatch):
+    """Each epoch reads the run's shards again: a re-ingest into the same URI mid-run must not delete
+    them (the run pins its version), and the run records the version it started with."""
+    import threading
+    import time
+
+    from vidgen.data import format as fmt
+
+    data = str(tmp_path / "shapes")
+    first = synth.synthesize("shapes", 40, 8, 32, data, seed=0, val_fraction=0.2, progress=False)
+    monkeypatch.setenv(fmt.GRACE_ENV, "0")  # nothing but the pin keeps the run's version
+    run = str(tmp_path / "run")
+    reingested = []
+
+    def reingest_once_the_run_has_started():
+        deadline = time.monotonic() + 120
+        while not read_metrics(run) and time.monotonic() < deadline:  # in its first epoch
+            time.sleep(0.2)
+        reingested.append(fmt.live_pins(data))
+        for seed in (1, 2):  # two commits: the run's version is neither the current nor the previous one
+            reingested.append(synth.synthesize("shapes", 40, 8, 32, data, seed=seed, val_fraction=0.2, progress=False))
+        reingested.append(read_metrics(run))
+
+    thread = threading.Thread(target=reingest_once_the_run_has_started)
+    thread.start()
+    try:  # 32 training clips, 4 a step: 8 steps an epoch, so steps 9-20 read the shards again
+        train(config(tmp_path, run, data=data, max_steps=20, checkpoint_every=20, val_split=""))
+    finally:
+        thread.join()
+    pins, *_, metrics_then = reingested
+    assert [p["version"] for p in pins] == [first["version"]] and len(metrics_then) < 20  # while it ran
+    assert [r["step"] for r in read_metrics(run)] == list(range(1, 21))
+    assert storage.read_json(storage.join(run, "dataset.json"))["version"] == first["version"]
+    assert not fmt.live_pins(data)  # the run is over: its pin is gone
+    third = synth.synthesize("shapes", 40, 8, 32, data, seed=3, val_fraction=0.2, progress=False)
+    with pytest.raises(Exception, match=f"version {first['version']} is gone"):  # a resume reads the same clips or none
+        train(config(tmp_path, run, data=data, max_steps=22, checkpoint_every=22, val_split=""))
+    assert third["version"] != first["version"]
+
+
 def test_worker_killed_mid_run_recovers_from_checkpoint(datasets, tmp_path, ray_session, monkeypatch):
     sentinel = tmp_path / "killed"
     monkeypatch.setenv("VIDGEN_TEST_KILL_AT_STEP", "3")

@@ -5,6 +5,16 @@ A dataset is a prefix `URI` holding `URI/v-<UTC timestamp>/part-NNNNN.parquet` s
 shards. Readers read the manifest, then exactly the shards it lists, never a listing of the prefix:
 a half-written version is invisible, and a rewrite replaces the dataset atomically.
 
+Versions under concurrent use. A commit also leaves a copy of its manifest in its version folder
+(`URI/v-.../_manifest.json`), so a reader can open the version it started with after newer ones
+were committed, and then removes the other versions, except those that may still be in use:
+  - a version written to within the grace period (VIDGEN_DATASET_GRACE_S, default 3600 s, counted
+    from its newest object): another ingest still writing, or a reader that has just opened it;
+  - a version pinned by a live pin, `URI/_pins/<holder>.json` (`pin`/`unpin`): `vidgen train` pins
+    the version a run starts with for the run's length (and records it in RUN/dataset.json, so a
+    resumed run reads the same clips); a pin whose holder died expires after its TTL (7 days).
+Removed versions go at the next commit after that; nothing else deletes them.
+
 One row per clip; `frames` holds raw uint8 frames (T, H, W, C), row-major, zstd-compressed by
 Parquet. Splits are assigned by a hash of the clip's source, so one video never straddles splits.
 """
@@ -13,6 +23,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
+import os
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -23,7 +36,14 @@ import pyarrow.parquet as pq
 
 from vidgen import __version__, storage
 
+logger = logging.getLogger("vidgen.data")
+
 MANIFEST = "_vidgen_dataset.json"
+VERSION_MANIFEST = "_manifest.json"  # the copy of a version's manifest inside its folder
+PINS = "_pins"
+GRACE_ENV = "VIDGEN_DATASET_GRACE_S"
+DEFAULT_GRACE_S = 3600.0
+PIN_TTL_S = 7 * 24 * 3600.0
 FORMAT_VERSION = 1
 FRAME_ENCODING = "raw-uint8-THWC"
 DEFAULT_SHARD_BYTES = 64 * 1024 * 1024  # of raw frame bytes per shard, before compression
@@ -249,18 +269,80 @@ def commit(
         "vidgen_version": __version__,
         **(extra or {}),
     }
+    storage.write_json(storage.join(root, version, VERSION_MANIFEST), manifest)
     storage.write_json(storage.join(root, MANIFEST), manifest)
     remove_old_versions(root, keep=version)
     return manifest
 
 
-def remove_old_versions(root: str, keep: str) -> None:
-    """Delete version folders other than `keep` (after its manifest has landed)."""
+def grace_s() -> float:
+    value = os.environ.get(GRACE_ENV, "")
+    try:
+        grace = float(value) if value else DEFAULT_GRACE_S
+    except ValueError:
+        raise DatasetError(f"{GRACE_ENV}={value!r}: expected seconds, e.g. 3600") from None
+    if grace < 0:
+        raise DatasetError(f"{GRACE_ENV}={value!r}: expected seconds >= 0")
+    return grace
+
+
+def remove_old_versions(root: str, keep: str, now: float | None = None) -> list[str]:
+    """Delete the version folders other than `keep` that nothing may still use (see the module
+    docstring): not written to within the grace period and not pinned. Returns the versions removed."""
+    now = time.time() if now is None else now
+    root = root.rstrip("/")
+    folders: dict[str, list[str]] = {}
     for uri in storage.list_prefix(root):
-        rel = uri[len(root.rstrip("/")) + 1 :].replace("\\", "/")
-        folder = rel.split("/", 1)[0]
-        if folder.startswith("v-") and folder != keep and "/" in rel:
+        rel = uri[len(root) + 1 :].replace("\\", "/")
+        if "/" in rel and rel.startswith("v-"):
+            folders.setdefault(rel.split("/", 1)[0], []).append(uri)
+    pinned = {p["version"] for p in live_pins(root, now)}
+    if "*" in pinned:
+        return []
+    grace = grace_s()
+    removed = []
+    for folder, uris in sorted(folders.items()):
+        if folder == keep or folder in pinned:
+            continue
+        newest = max((o.last_modified for o in storage.list_info(storage.join(root, folder))), default=0.0)
+        if now - newest < grace:
+            continue  # another ingest may still be writing it, or a reader has just opened it
+        for uri in uris:
             storage.delete(uri)
+        removed.append(folder)
+    return removed
+
+
+def _pin_uri(root: str, holder: str) -> str:
+    return storage.join(root, PINS, hashlib.sha256(holder.encode()).hexdigest()[:24] + ".json")
+
+
+def pin(root: str, version: str, holder: str, ttl_s: float = PIN_TTL_S) -> None:
+    """Keep `version` from being removed while `holder` (e.g. a run's URI) uses it, for at most ttl_s."""
+    storage.write_json(_pin_uri(root, holder), {"version": version, "holder": holder,
+                                                "pinned_at": datetime.now(UTC).isoformat(timespec="seconds"),
+                                                "expires": time.time() + ttl_s})
+
+
+def unpin(root: str, holder: str) -> None:
+    storage.delete(_pin_uri(root, holder))
+
+
+def live_pins(root: str, now: float | None = None) -> list[dict]:
+    """The pins of `root` that have not expired (an unreadable pin counts as live: keep, don't guess)."""
+    now = time.time() if now is None else now
+    pins = []
+    for uri in storage.list_prefix(storage.join(root, PINS)):
+        try:
+            pin_ = storage.read_json(uri)
+            if float(pin_["expires"]) > now:
+                pins.append(pin_)
+        except storage.NotFoundError:
+            continue  # unpinned meanwhile
+        except (KeyError, TypeError, ValueError):
+            logger.warning(f"{uri}: unreadable dataset pin; kept, and every version it could name is kept")
+            pins.append({"version": "*"})
+    return pins
 
 
 # --------------------------------------------------------------------------------------------
@@ -309,14 +391,23 @@ class ClipDataset:
 REQUIRED_MANIFEST_KEYS = ("format_version", "version", "shards", "clip_shape", "frame_encoding", "rows")
 
 
-def open_dataset(uri: str, validate_shards: bool = True) -> ClipDataset:
-    """Open a committed dataset: read and validate its manifest and its shards' schemas."""
+def open_dataset(uri: str, validate_shards: bool = True, version: str | None = None) -> ClipDataset:
+    """Open a committed dataset: read and validate its manifest and its shards' schemas. `version`:
+    that committed version (e.g. the one a run started with) rather than the current one."""
     root = storage.normalize(uri)
+    if version is not None and not (version.startswith("v-") and "/" not in version and ".." not in version):
+        raise DatasetError(f"{uri}: version {version!r} is not a version name (v-<timestamp>)")
     try:
-        manifest = storage.read_json(storage.join(root, MANIFEST))
+        if version is None:
+            manifest = storage.read_json(storage.join(root, MANIFEST))
+        else:
+            manifest = storage.read_json(storage.join(root, version, VERSION_MANIFEST))
     except storage.NoSuchBucketError as e:
         raise DatasetError(str(e)) from None
     except storage.NotFoundError:
+        if version is not None:
+            raise DatasetError(f"{uri}: version {version} is gone (removed after newer versions were committed "
+                               f"and its pin expired)") from None
         raise DatasetError(f"{uri}: no dataset here (no {MANIFEST}; an unfinished write is not a dataset)") from None
     missing = [k for k in REQUIRED_MANIFEST_KEYS if k not in manifest]
     if missing:

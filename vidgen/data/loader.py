@@ -36,14 +36,15 @@ TRAIN_COLUMNS = ["frames", "num_frames", "height", "width", "channels", "label"]
 SHUFFLE_BUFFER = 256  # rows kept for the local shuffle: bounds memory at ~256 clips per worker
 
 
-def read_split(uri: str, split: str = "train", columns: list[str] | None = None):
-    """A Ray Data dataset of one split's clips, read from the manifest's shards (no listing)."""
+def read_split(uri: str, split: str = "train", columns: list[str] | None = None, version: str | None = None):
+    """A Ray Data dataset of one split's clips, read from the manifest's shards (no listing); of
+    `version` when given (each epoch reads those shards again: pin the version while it runs)."""
     import ray.data
     from ray.data.expressions import col
 
     from vidgen.runtime import init_ray
 
-    ds = open_dataset(uri)
+    ds = open_dataset(uri, version=version)
     counts = ds.manifest["splits"]
     if not counts.get(split):
         raise DatasetError(f"{uri}: split {split!r} has no clips (splits: {counts})")

@@ -19,6 +19,7 @@ Data, DeepSpeed and torch show their warnings and errors only (see `_worker_env`
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -58,14 +59,15 @@ def dataset_overrides(cfg: TrainConfig, manifest: dict) -> dict:
     return {k: v for k, v in implied.items() if k in fields} | cfg.model
 
 
-def prepare(cfg: TrainConfig) -> dict:
-    """Everything that can fail before Ray starts: dataset, model config, resume compatibility.
+def prepare(cfg: TrainConfig, data_version: str | None = None) -> dict:
+    """Everything that can fail before Ray starts: dataset (at `data_version`, default the current
+    one), model config, resume compatibility.
 
     Returns the payload each worker receives.
     """
     from vidgen.data.format import open_dataset
 
-    ds = open_dataset(cfg.data)
+    ds = open_dataset(cfg.data, version=data_version)
     splits = ds.manifest["splits"]
     if not splits.get(cfg.split):
         raise ConfigError(f"data {cfg.data}: split {cfg.split!r} has no clips (splits: {splits})")
@@ -99,7 +101,19 @@ def prepare(cfg: TrainConfig) -> dict:
         "has_val": bool(cfg.val_split and splits.get(cfg.val_split)),
         "fps": ds.manifest["fps"],
         "life_cell": life["cell"] if life else None,
+        "data_version": ds.manifest["version"],
     }
+
+
+DATASET_RECORD = "dataset.json"  # RUN/dataset.json: the dataset version a run started with
+
+
+def run_data_version(cfg: TrainConfig) -> str | None:
+    """The dataset version an existing run started with (a resume reads the same clips), or None."""
+    try:
+        return storage.read_json(storage.join(cfg.run, DATASET_RECORD))["version"]
+    except storage.NotFoundError:
+        return None
 
 
 def check_existing_run(cfg: TrainConfig) -> bool:
@@ -114,6 +128,25 @@ def check_existing_run(cfg: TrainConfig) -> bool:
 
 def train(cfg: TrainConfig, address: str | None = None) -> TrainResult:
     """Run (or resume) training; blocks until Ray Train finishes."""
+    from vidgen.data import format as data_format
+
+    resuming = check_existing_run(cfg)
+    payload = prepare(cfg, run_data_version(cfg) if resuming else None)
+    version = payload["data_version"]
+    # Pinned for the run's length: a re-ingest into the same URI keeps the shards every epoch reads.
+    try:
+        data_format.pin(cfg.data, version, holder=cfg.run)
+    except storage.StorageError as e:  # e.g. read-only access to the data: train, but say what is at risk
+        print(f"[vidgen train] could not pin {cfg.data} version {version} ({e}); a re-ingest into that URI "
+              f"may remove the shards this run reads", flush=True)
+    try:
+        return _fit(cfg, payload, resuming, address)
+    finally:
+        with contextlib.suppress(storage.StorageError):
+            data_format.unpin(cfg.data, holder=cfg.run)
+
+
+def _fit(cfg: TrainConfig, payload: dict, resuming: bool, address: str | None) -> TrainResult:
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -121,9 +154,9 @@ def train(cfg: TrainConfig, address: str | None = None) -> TrainResult:
     from vidgen.runtime import init_ray
     from vidgen.train.loop import train_loop_per_worker
 
-    payload = prepare(cfg)
-    resuming = check_existing_run(cfg)
+    version = payload["data_version"]
     storage.write_text(storage.join(cfg.run, "config.yaml"), to_yaml(cfg), "application/yaml")
+    storage.write_json(storage.join(cfg.run, DATASET_RECORD), {"data": cfg.data, "version": version})
     # Ray Train's controller polls the worker group every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (default
     # 2 s): each state change (group started, training done) waits up to a poll. 0.5 s cuts seconds from
     # the start and the end of every run at no measurable cost to the steps (bench/startup.py).
@@ -144,9 +177,9 @@ def train(cfg: TrainConfig, address: str | None = None) -> TrainResult:
     data_context.enable_progress_bars = False
     data_context.print_on_execution_start = False
     cpus = worker_cpus(cfg, ray.cluster_resources().get("CPU", 0))
-    datasets = {"train": read_split(cfg.data, cfg.split)}
+    datasets = {"train": read_split(cfg.data, cfg.split, version=version)}
     if payload["has_val"]:
-        datasets["val"] = read_split(cfg.data, cfg.val_split)
+        datasets["val"] = read_split(cfg.data, cfg.val_split, version=version)
     fs, parent_path = storage.pyarrow_filesystem(storage.parent(cfg.run))
     trainer = TorchTrainer(
         train_loop_per_worker,
