@@ -187,6 +187,52 @@ def test_a_reingest_while_a_run_trains_keeps_the_version_it_reads(tmp_path, ray_
     assert third["version"] != first["version"]
 
 
+def test_sigterm_saves_a_checkpoint_and_the_resumed_run_matches_an_uninterrupted_one(datasets, tmp_path, ray_session):
+    """A spot node's notice: SIGTERM to `vidgen train` mid-run. It checkpoints after the current step
+    and exits with 143 well within the notice; the same command resumes and reproduces the losses."""
+    import signal
+    import time
+
+    import ray
+    import yaml
+
+    common = dict(family="gan", workers=2, zero_stage=2, micro_batch=4, checkpoint_every=1000, val_split="",
+                  eval_batches=1)
+    preempted = str(tmp_path / "preempted")
+    spec = tmp_path / "train.yaml"
+    spec.write_text(yaml.safe_dump({"preset": "tiny", "data": str(datasets / "shapes"), "run": preempted,
+                                    "max_steps": 1000, **common}))
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    proc = subprocess.Popen([sys.executable, "-m", "vidgen.cli", "train", str(spec)], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 180
+        while len(read_metrics(preempted)) < 3:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-3000:]
+            time.sleep(0.2)
+        told = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    seconds = time.monotonic() - told
+    stopped_at = read_metrics(preempted)[-1]["step"]
+    assert proc.returncode == 128 + signal.SIGTERM, output[-3000:]
+    assert f"stopped by SIGTERM at step {stopped_at}" in output and seconds < 30, (seconds, output[-2000:])
+    assert 3 <= stopped_at < 1000 and os.path.isdir(os.path.join(preempted, f"checkpoint-step-{stopped_at:06d}"))
+    assert not os.path.exists(os.path.join(preempted, "_stop_requested"))
+
+    total = stopped_at + 3
+    train(config(datasets, preempted, **{**common, "max_steps": total}))  # the same run, resumed
+    whole = str(tmp_path / "whole")
+    train(config(datasets, whole, **{**common, "max_steps": total}))
+    a, b = read_metrics(whole), read_metrics(preempted)
+    assert [r["step"] for r in b] == list(range(1, total + 1))  # each step once
+    for ra, rb in zip(a, b, strict=True):
+        for key in ("d_loss", "g_loss"):
+            assert ra[key] == pytest.approx(rb[key], abs=1e-4), (ra["step"], key)
+
+
 def test_worker_killed_mid_run_recovers_from_checkpoint(datasets, tmp_path, ray_session, monkeypatch):
     sentinel = tmp_path / "killed"
     monkeypatch.setenv("VIDGEN_TEST_KILL_AT_STEP", "3")

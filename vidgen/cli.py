@@ -111,6 +111,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     except ConfigError as e:
         raise UserError(str(e)) from None
     print(format_result(result))
+    if result.stopped_by:  # checkpointed but not finished: a job runner should run it again
+        import signal
+
+        return 128 + signal.Signals[result.stopped_by].value
     return 0
 
 

@@ -67,6 +67,7 @@ def train_loop_per_worker(payload: dict) -> None:
         log.say(f"resuming from the checkpoint at step {step}")
     clips_per_step = cfg.micro_batch * cfg.grad_accum * world
     started = t0 = time.perf_counter()
+    stop_check = StopCheck(cfg, rank, device)
     scalars_acc, last = {}, False
     while step < cfg.max_steps and not last:
         seen = 0
@@ -84,7 +85,8 @@ def train_loop_per_worker(payload: dict) -> None:
             if clock.mark("first step", once=True):
                 log.say(f"set-up in this worker: {clock.summary()}")
             _test_kill_hook(step, rank, world)
-            last = step == cfg.max_steps or out_of_time(cfg, started)
+            stop = stop_check()
+            last = step == cfg.max_steps or stop is not None
             if step % cfg.log_every == 0 or last:
                 log.step(step, epoch, scalars_acc, step_time, clips_per_step / step_time, lr_of(engines))
                 elapsed = time.perf_counter() - started
@@ -93,7 +95,9 @@ def train_loop_per_worker(payload: dict) -> None:
             at_checkpoint = step % cfg.checkpoint_every == 0 or last
             if last:
                 clock.restart()  # from here: the fixed cost of the end of a run
-            if at_checkpoint or (cfg.sample_every and step % cfg.sample_every == 0):
+            if stop == STOP_REQUESTED:  # preempted: within the notice, only the checkpoint counts
+                log.say(f"stop requested at step {step}: saving a checkpoint; `vidgen train` again resumes here")
+            elif at_checkpoint or (cfg.sample_every and step % cfg.sample_every == 0):
                 log.extra(step, sample_and_evaluate(cfg, model, engines, val_shard, step, rank, payload, log))
                 clock.mark("samples and validation")
             if at_checkpoint:
@@ -165,17 +169,38 @@ def gathered(engines: dict, parts: list[str] | None = None):
         yield
 
 
-def out_of_time(cfg: TrainConfig, started: float) -> bool:
-    """Whether the `max_minutes` budget is spent: rank 0 decides and every rank follows, so all
-    ranks stop at the same step (a collective under a time budget only)."""
-    if cfg.max_minutes is None:
-        return False
-    import torch.distributed as dist
+STOP_MARKER = "_stop_requested"  # RUN/_stop_requested: the driver was told to stop (SIGTERM, Ctrl-C)
+STOP_REQUESTED, TIME_BUDGET = "stop requested", "time budget"
+STOP_CHECK_S = 0.5  # rank 0 looks for the marker at most this often (a HEAD request on S3)
 
-    flag = torch.tensor([float(time.perf_counter() - started > cfg.max_minutes * 60)])
-    if dist.is_initialized():
-        dist.broadcast(flag, src=0)
-    return bool(flag.item())
+
+class StopCheck:
+    """Whether to stop after this step: the `max_minutes` budget is spent, or the driver was told to
+    stop (its marker in RUN). Rank 0 decides and every rank follows, so all ranks stop at the same
+    step and save one checkpoint together (a broadcast of one number per step)."""
+
+    def __init__(self, cfg: TrainConfig, rank: int, device):
+        self.cfg, self.rank, self.device = cfg, rank, device
+        self.started = time.perf_counter()
+        self.checked_at, self.requested = -math.inf, False
+
+    def __call__(self) -> str | None:
+        import torch.distributed as dist
+
+        code = 0.0
+        if self.rank == 0:
+            now = time.perf_counter()
+            if not self.requested and now - self.checked_at >= STOP_CHECK_S:
+                self.checked_at = now
+                self.requested = storage.exists(storage.join(self.cfg.run, STOP_MARKER))
+            if self.requested:
+                code = 2.0
+            elif self.cfg.max_minutes is not None and now - self.started > self.cfg.max_minutes * 60:
+                code = 1.0
+        flag = torch.tensor([code], device=self.device)
+        if dist.is_initialized():
+            dist.broadcast(flag, src=0)
+        return {0: None, 1: TIME_BUDGET, 2: STOP_REQUESTED}[int(flag.item())]
 
 
 class PhaseClock:

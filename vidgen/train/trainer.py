@@ -30,7 +30,7 @@ import yaml
 
 from vidgen import storage
 from vidgen.train.config import ConfigError, TrainConfig, check_resume, to_yaml
-from vidgen.train.loop import read_metrics  # noqa: F401  (part of this module's surface)
+from vidgen.train.loop import STOP_MARKER, read_metrics  # noqa: F401  (read_metrics: part of this module's surface)
 
 
 @dataclass
@@ -40,6 +40,7 @@ class TrainResult:
     seconds: float
     last: dict
     checkpoint: str | None
+    stopped_by: str | None = None  # "SIGTERM"/"SIGINT" when told to stop: checkpointed, not finished
 
 
 def dataset_overrides(cfg: TrainConfig, manifest: dict) -> dict:
@@ -210,12 +211,47 @@ def _fit(cfg: TrainConfig, payload: dict, resuming: bool, address: str | None) -
           f"{'resuming' if resuming else 'starting'} {cfg.family}/{cfg.preset} run {cfg.run} "
           f"on {cfg.workers} worker(s), ZeRO-{cfg.zero_stage}, {cfg.precision}", flush=True)
     started = time.perf_counter()
-    result = trainer.fit()
+    with stop_on_signal(cfg.run) as stopped_by:
+        result = trainer.fit()
     seconds = time.perf_counter() - started
     rows = read_metrics(cfg.run)
     plot_losses(cfg.run, rows)
     last = rows[-1] if rows else {}
-    return TrainResult(cfg.run, int(last.get("step", 0)), seconds, last, result.checkpoint.path if result.checkpoint else None)
+    return TrainResult(cfg.run, int(last.get("step", 0)), seconds, last,
+                       result.checkpoint.path if result.checkpoint else None, stopped_by[0] if stopped_by else None)
+
+
+@contextlib.contextmanager
+def stop_on_signal(run: str):
+    """While inside: SIGTERM (a spot node's notice, a stopped job) or Ctrl-C asks the workers to save
+    a checkpoint after their current step and stop (RUN/_stop_requested, which rank 0 polls); a
+    second signal stops at once. Yields a list that gets the signal's name."""
+    import signal
+    import threading
+
+    marker = storage.join(run, STOP_MARKER)
+    storage.delete(marker)  # left by a driver killed while stopping: it must not stop this run
+    got: list[str] = []
+    if threading.current_thread() is not threading.main_thread():  # handlers live in the main thread only
+        yield got
+        return
+
+    def handler(signum, _frame):
+        name = signal.Signals(signum).name
+        if got:
+            raise KeyboardInterrupt(f"{name} again: stopping without a checkpoint")
+        got.append(name)
+        print(f"[vidgen train] {name}: saving a checkpoint after the current step, then stopping "
+              f"(send it again to stop at once)", flush=True)
+        storage.write_json(marker, {"signal": name, "at": time.time()})
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield got
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+        storage.delete(marker)
 
 
 def worker_cpus(cfg: TrainConfig, cluster_cpus: float) -> float:
@@ -284,6 +320,9 @@ def plot_losses(run: str, rows: list[dict]) -> str | None:
 
 def format_result(r: TrainResult) -> str:
     metrics = " ".join(f"{k}={v}" for k, v in r.last.items() if k not in ("step", "epoch"))
+    if r.stopped_by:
+        return (f"stopped by {r.stopped_by} at step {r.steps} after {r.seconds:.1f} s; checkpoint: {r.checkpoint}\n"
+                f"the same `vidgen train` command resumes from it")
     return (f"trained {r.run} to step {r.steps} in {r.seconds:.1f} s\n"
             f"last: {metrics}\ncheckpoint: {r.checkpoint}\n"
             f"curves: tensorboard --logdir {r.run}")
