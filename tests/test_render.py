@@ -274,6 +274,56 @@ def test_killed_render_reruns_with_every_object_uploaded_once(assets, ray_sessio
     assert all("-" in v["ETag"] for v in main_videos), main_videos  # each went up as a multipart upload
 
 
+@pytest.mark.parametrize("grace", ["20", "0"])
+def test_sigterm_finishes_the_items_in_flight_leaves_no_partial_object_and_the_rerun_completes(
+        assets, ray_session, s3_root, tmp_path, grace):
+    """A spot node's notice to `vidgen render`: no new item starts, the encodes in flight land (grace
+    20 s) or are cancelled and their uploads aborted (grace 0), the exit code says it was stopped,
+    and the same command renders the rest."""
+    import signal
+
+    import ray
+
+    out = f"{s3_root}/sigterm-{grace}"
+    bucket, prefix = storage.split_s3(out)
+    spec = {"name": "sigterm-test", "output": out, "model": assets["gan"],  # multipart-sized videos (conftest)
+            "defaults": {"fps": FPS, "seconds": 2, "size": [480, 480], "preset": "ultrafast", "crf": 0},
+            "items": [{"id": f"gen-{i}", "mode": "generate", "seed": i} for i in range(10)]}
+    path = tmp_path / "batch.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    command = [sys.executable, "-m", "vidgen.cli", "render", str(path), "--workers", "2"]
+    proc = subprocess.Popen(command, env={**env, "VIDGEN_RENDER_STOP_GRACE_S": grace}, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 180
+        while not any("/items/" in k for k in snapshot(out)):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-3000:]
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, output[-3000:]
+    assert "stopped by SIGTERM" in output, output[-2000:]
+    keys = snapshot(out)
+    records = [k for k in keys if "/items/" in k]
+    assert 1 <= len(records) < 10, records
+    time.sleep(1.0)  # a cancelled encoder's process is gone before its upload is looked for
+    assert not storage.s3_client().list_multipart_uploads(Bucket=bucket, Prefix=prefix).get("Uploads")
+    for key in keys:  # what is visible is whole
+        if key.endswith(".mp4"):
+            assert media.probe(f"s3://{bucket}/{key}").frames == 2 * FPS
+    for record in records:
+        assert storage.read_json(f"s3://{bucket}/{record}")["status"] == "ok"
+
+    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"{len(records)} unchanged" in again.stdout, again.stdout  # nothing rendered twice
+    final = records_by_id(out)
+    assert len(final) == 10 and all(r["status"] == "ok" for r in final.values())
+
+
 def test_objects_that_landed_before_their_record_are_adopted_not_uploaded_again(assets, s3_root):
     """What a kill between an item's uploads and its record leaves: outputs, no record."""
     spec = {"name": "adopt", "output": s3_root, "model": assets["gan"],

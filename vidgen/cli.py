@@ -112,9 +112,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise UserError(str(e)) from None
     print(format_result(result))
     if result.stopped_by:  # checkpointed but not finished: a job runner should run it again
-        import signal
+        from vidgen.runtime import signal_exit_code
 
-        return 128 + signal.Signals[result.stopped_by].value
+        return signal_exit_code(result.stopped_by)
     return 0
 
 
@@ -164,8 +164,11 @@ def cmd_render(args: argparse.Namespace) -> int:
     print(result.summary())
     if result.failed:
         print(f"vidgen: {len(result.failed)} item(s) failed: {', '.join(result.failed)}", file=sys.stderr)
-        return 1
-    return 0
+    if result.stopped_by:  # a job runner should run it again: the rerun renders what is left
+        from vidgen.runtime import signal_exit_code
+
+        return signal_exit_code(result.stopped_by)
+    return 1 if result.failed else 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

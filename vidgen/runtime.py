@@ -10,6 +10,7 @@ worker tracebacks show), Ray's own driver-side lines only from WARNING up.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from importlib import resources
@@ -60,3 +61,56 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, object_sto
         _node_ip_address="127.0.0.1",
         **quiet,
     )
+
+
+class StopRequest:
+    """What `stop_on_signal` learnt: `by` is the first signal's name ("SIGTERM", "SIGINT") or None."""
+
+    def __init__(self):
+        self.by: str | None = None
+        self.at: float | None = None  # time.monotonic() of the first signal
+
+    def __bool__(self) -> bool:
+        return self.by is not None
+
+
+
+def signal_exit_code(name: str) -> int:
+    """128 + the signal's number, as a shell reports a process the signal ended: the exit code of a
+    command that stopped early on a signal, so a job runner (a RayJob, a Kubernetes Job) runs it
+    again, and the rerun resumes."""
+    import signal
+
+    return 128 + signal.Signals[name].value
+
+
+@contextlib.contextmanager
+def stop_on_signal(what: str, on_stop=None):
+    """While inside: the first SIGTERM (a spot node's notice, a stopped job) or Ctrl-C asks for a
+    graceful stop (the yielded StopRequest becomes true, then `on_stop()` runs); a second one stops
+    at once (KeyboardInterrupt). Outside the main thread, where Python keeps no handlers, nothing
+    is installed. Install after ray.init, which sets its own handler."""
+    import signal
+    import threading
+    import time
+
+    stop = StopRequest()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def handler(signum, _frame):
+        name = signal.Signals(signum).name
+        if stop:
+            raise KeyboardInterrupt(f"{name} again: stopping at once")
+        stop.by, stop.at = name, time.monotonic()
+        print(f"[vidgen] {name}: {what} (send it again to stop at once)", flush=True)
+        if on_stop is not None:
+            on_stop()
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield stop
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)

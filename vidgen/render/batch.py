@@ -51,6 +51,8 @@ ACTOR_CPUS = 0.5  # logical CPUs of a model worker: torch and ffmpeg share the c
 ENCODE_CPUS = 0.5
 MAX_LIVE_MODELS = 2
 MAX_BATCH = 8  # generate/predict items inferred in one call
+STOP_GRACE_ENV = "VIDGEN_RENDER_STOP_GRACE_S"  # told to stop: encodes in flight get this long to land (default
+STOP_GRACE_S = 20.0                             # 20 s, within a spot notice), then are cancelled, uploads aborted
 KILL_ENV = "VIDGEN_TEST_KILL_AFTER_ITEMS"
 
 
@@ -230,6 +232,8 @@ class BatchResult:
     failed: list[str] = field(default_factory=list)
     errors: dict[str, str] = field(default_factory=dict)  # why an item whose record stays ok failed this run
     seconds: float = 0.0
+    stopped_by: str | None = None  # "SIGTERM"/"SIGINT": told to stop; `left` were not rendered
+    left: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -242,6 +246,9 @@ class BatchResult:
                 f"in {self.seconds:.1f} s -> {storage.join(self.output, 'index.html')}")
         for item_id in self.failed:
             text += f"\n  failed {item_id}: {errors.get(item_id)}"
+        if self.stopped_by:
+            text += (f"\nstopped by {self.stopped_by}: {len(self.left)} item(s) not rendered; the same command "
+                     f"renders them (the others are kept)")
         return text
 
 
@@ -299,14 +306,23 @@ def render_batch(
             todo.append(entry)
     if todo:
         abort_leftover_uploads(todo, out)
+    from vidgen.runtime import init_ray, stop_on_signal
+
+    if todo and workers != 0:
+        init_ray(address)  # before the signal handlers: ray.init installs its own
     try:
-        if todo and workers == 0:
-            _render_in_process(todo, out, chunk_frames, max_batch, finish)
-        elif todo:
-            _render_on_ray(todo, out, workers, address, chunk_frames, max_batch, finish)
+        grace = _stop_grace_s()
+        with stop_on_signal(f"finishing the items in flight (at most {grace:g} s), then stopping") as stop:
+            if todo and workers == 0:
+                _render_in_process(todo, out, chunk_frames, max_batch, finish, stop)
+            elif todo:
+                _render_on_ray(todo, out, workers, address, chunk_frames, max_batch, finish, stop, grace)
     finally:
         bar.close()
-    result.records = [records[e.item.id] for e in plan.entries]
+    if stop:
+        result.stopped_by = stop.by
+        result.left = [e.item.id for e in plan.entries if e.item.id not in records]
+    result.records = [records[e.item.id] for e in plan.entries if e.item.id in records]
     order = {e.item.id: i for i, e in enumerate(plan.entries)}
     for ids in (result.rendered, result.resumed, result.unchanged, result.failed):
         ids.sort(key=order.__getitem__)
@@ -377,9 +393,12 @@ def _groups(entries: list[PlanEntry], max_batch: int, first: int | None = None) 
 Finish = Callable[[PlanEntry, dict, str], None]
 
 
-def _render_in_process(todo: list[PlanEntry], out: str, chunk_frames: int, max_batch: int, finish: Finish) -> None:
+def _render_in_process(todo: list[PlanEntry], out: str, chunk_frames: int, max_batch: int, finish: Finish,
+                       stop=None) -> None:
     loaded: tuple[str, object] | None = None
     for group in _groups(todo, max_batch):
+        if stop:  # the group in flight has finished; the rest are left for the next run
+            return
         uri = group[0].item.model
         try:
             if loaded is None or loaded[0] != uri:
@@ -523,7 +542,19 @@ def _ray_error(e: BaseException) -> str:
     return lines[-1] if lines else type(e).__name__
 
 
-def _render_on_ray(todo, out, workers, address, chunk_frames, max_batch, finish: Finish) -> None:
+def _stop_grace_s() -> float:
+    value = os.environ.get(STOP_GRACE_ENV, "")
+    try:
+        grace = float(value) if value else STOP_GRACE_S
+    except ValueError:
+        grace = -1.0
+    if not grace >= 0:
+        raise ValueError(f"{STOP_GRACE_ENV}={value!r}: expected seconds >= 0")
+    return grace
+
+
+def _render_on_ray(todo, out, workers, address, chunk_frames, max_batch, finish: Finish, stop=None,
+                   grace: float = STOP_GRACE_S) -> None:
     import ray
 
     from vidgen.runtime import init_ray
@@ -551,6 +582,15 @@ def _render_on_ray(todo, out, workers, address, chunk_frames, max_batch, finish:
             ray.kill(actors.pop(uri))
 
     while pending or inferring or encoding or waiting:
+        if stop and (pending or inferring or waiting):  # told to stop: no new work; what is inferred is dropped
+            pending.clear(), inferring.clear(), waiting.clear()
+            if not encoding:
+                break
+        if stop and time.monotonic() - stop.at >= grace:  # the encodes in flight ran out of time
+            for ref in encoding:
+                ray.cancel(ref, force=True)
+            abort_leftover_uploads([entry for entry, _ in encoding.values()], out)
+            break
         while waiting and len(encoding) < workers:
             entry, uri, meta, refs = waiting.popleft()
             ref = encode.options(num_cpus=ENCODE_CPUS).remote(
@@ -568,7 +608,9 @@ def _render_on_ray(todo, out, workers, address, chunk_frames, max_batch, finish:
                 actors[uri] = worker_cls.options(**options).remote(uri, pending[0][0].model.sha256)
             group = pending.popleft()
             inferring[actors[uri].infer.remote([e.item for e in group], chunk_frames)] = (uri, group)
-        done, _ = ray.wait([*inferring, *encoding], num_returns=1)
+        done, _ = ray.wait([*inferring, *encoding], num_returns=1, timeout=0.5)
+        if not done:
+            continue
         ref = done[0]
         if ref in inferring:
             uri, group = inferring.pop(ref)
@@ -593,4 +635,5 @@ def _render_on_ray(todo, out, workers, address, chunk_frames, max_batch, finish:
             else:
                 finish(entry, record, "rendered")
         retire_idle_workers()
-    retire_idle_workers()
+    for actor in actors.values():  # all done, or told to stop
+        ray.kill(actor)

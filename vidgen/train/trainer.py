@@ -218,39 +218,25 @@ def _fit(cfg: TrainConfig, payload: dict, resuming: bool, address: str | None) -
     plot_losses(cfg.run, rows)
     last = rows[-1] if rows else {}
     return TrainResult(cfg.run, int(last.get("step", 0)), seconds, last,
-                       result.checkpoint.path if result.checkpoint else None, stopped_by[0] if stopped_by else None)
+                       result.checkpoint.path if result.checkpoint else None, stopped_by.by)
 
 
 @contextlib.contextmanager
 def stop_on_signal(run: str):
     """While inside: SIGTERM (a spot node's notice, a stopped job) or Ctrl-C asks the workers to save
-    a checkpoint after their current step and stop (RUN/_stop_requested, which rank 0 polls); a
-    second signal stops at once. Yields a list that gets the signal's name."""
-    import signal
-    import threading
+    a checkpoint after their current step and stop (RUN/_stop_requested, which rank 0 polls)."""
+    from vidgen.runtime import stop_on_signal as on_signal
 
     marker = storage.join(run, STOP_MARKER)
     storage.delete(marker)  # left by a driver killed while stopping: it must not stop this run
-    got: list[str] = []
-    if threading.current_thread() is not threading.main_thread():  # handlers live in the main thread only
-        yield got
-        return
 
-    def handler(signum, _frame):
-        name = signal.Signals(signum).name
-        if got:
-            raise KeyboardInterrupt(f"{name} again: stopping without a checkpoint")
-        got.append(name)
-        print(f"[vidgen train] {name}: saving a checkpoint after the current step, then stopping "
-              f"(send it again to stop at once)", flush=True)
-        storage.write_json(marker, {"signal": name, "at": time.time()})
+    def ask_the_workers() -> None:
+        storage.write_json(marker, {"at": time.time()})
 
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        yield got
+        with on_signal("saving a checkpoint after the current step, then stopping", ask_the_workers) as stop:
+            yield stop
     finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
         storage.delete(marker)
 
 
