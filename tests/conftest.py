@@ -104,3 +104,53 @@ def ray_session(s3_server):
     yield
     ray.shutdown()
 
+
+
+class MultiNode:
+    """A Ray cluster of several nodes on this machine (`ray.cluster_utils.Cluster`, what Ray's own
+    multi-node tests use), every node on 127.0.0.1: a head with 1 CPU, a "cpu" node with 2 CPUs
+    and a "gpu" node with 2 CPUs and one logical GPU. Tests drive it through `vidgen` processes
+    given its address (this process stays on the session's own Ray); `replace` is a node's
+    SIGKILL followed by the node an autoscaler would add in its place."""
+
+    SHAPES = {"cpu": {"num_cpus": 2}, "gpu": {"num_cpus": 2, "num_gpus": 1}}
+
+    def __init__(self):
+        from ray.cluster_utils import Cluster
+
+        self.cluster = Cluster(initialize_head=True, connect=False,
+                               head_node_args={"num_cpus": 1, "node_ip_address": "127.0.0.1"})
+        self.nodes = {name: self._add(name) for name in self.SHAPES}
+        assert self.cluster.address.startswith("127.0.0.1:"), self.cluster.address
+
+    def _add(self, name: str):
+        node = self.cluster.add_node(node_ip_address="127.0.0.1", **self.SHAPES[name])
+        assert node.node_ip_address == "127.0.0.1"
+        return node
+
+    @property
+    def env(self) -> dict[str, str]:
+        """The environment of a `vidgen` process that joins this cluster."""
+        return {**os.environ, "RAY_ADDRESS": self.cluster.address, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+                "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
+
+    def replace(self, name: str, after_s: float = 2.0):
+        """Kill the node (no graceful shutdown) and, after_s later, add a new one of its shape."""
+        import time
+
+        self.cluster.remove_node(self.nodes[name], allow_graceful=False)
+        time.sleep(after_s)
+        self.nodes[name] = self._add(name)
+        return self.nodes[name]
+
+
+@pytest.fixture(scope="session")
+def multinode(s3_server):
+    """One multi-node cluster for the session (started by the first test that asks for it)."""
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # every node and driver on 127.0.0.1 (NOTES-stack.md)
+    import ray._private.ray_constants as ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    cluster = MultiNode()
+    yield cluster
+    cluster.cluster.shutdown()

@@ -51,6 +51,7 @@ ACTOR_CPUS = 0.5  # logical CPUs of a model worker: torch and ffmpeg share the c
 ENCODE_CPUS = 0.5
 MAX_LIVE_MODELS = 2
 MAX_BATCH = 8  # generate/predict items inferred in one call
+ITEM_ATTEMPTS = 3  # an item whose model worker or encoder dies is inferred again, up to this many times in all
 STOP_GRACE_ENV = "VIDGEN_RENDER_STOP_GRACE_S"  # told to stop: encodes in flight get this long to land (default
 STOP_GRACE_S = 20.0                             # 20 s, within a spot notice), then are cancelled, uploads aborted
 KILL_ENV = "VIDGEN_TEST_KILL_AFTER_ITEMS"
@@ -461,9 +462,12 @@ class ModelWorker:
     """A Ray actor holding one loaded model; `infer` leaves each item's frames in the object store."""
 
     def __init__(self, uri: str, planned_sha256: str):
+        import ray
         import torch
 
         self.model = _load_planned(uri, planned_sha256, "cuda" if torch.cuda.is_available() else "cpu")
+        # Where it runs, for the driver's log: the node, and whether Ray gave it a GPU
+        self.where = ray.get_runtime_context().get_node_id()[:12] + (" (GPU)" if ray.get_gpu_ids() else "")
 
     def infer(self, items: list[ResolvedItem], chunk_frames: int) -> list[dict]:
         """Per item: {"meta": ..., "chunks": {stream: [ObjectRef, ...]}} or {"error": message}."""
@@ -489,7 +493,7 @@ class ModelWorker:
             elif isinstance(event, engine.Done):
                 for stream in ("video", "input"):
                     put(event.index, stream)
-                slot["meta"] = event.meta
+                slot["meta"] = {**event.meta, "node": self.where}
             else:
                 for stream in ("video", "input"):
                     held.pop((event.index, stream), None)
@@ -530,7 +534,8 @@ def encode_task(item, out, meta, refs, model, item_hash, previous, resume, threa
 def _remote():
     import ray
 
-    return ray.remote(max_restarts=0)(ModelWorker), ray.remote(max_retries=2)(encode_task)
+    # No retries by Ray: the pipeline infers an item again when its encoder died (its frames may be gone too)
+    return ray.remote(max_restarts=0)(ModelWorker), ray.remote(max_retries=0)(encode_task)
 
 
 def _ray_error(e: BaseException) -> str:
@@ -560,80 +565,175 @@ def _render_on_ray(todo, out, workers, address, chunk_frames, max_batch, finish:
     from vidgen.runtime import init_ray
 
     init_ray(address)
-    resources = ray.cluster_resources()
     if workers is None:
-        workers = max(1, min(8, int(resources.get("CPU", 1))))
-    gpu = resources.get("GPU", 0) >= 1
-    # Each encode gets its share of the cores: x264's own threads (1.5 per core by default) cost
-    # 20% more CPU per video at these sizes, and `workers` encodes already keep the cores busy.
-    threads = max(1, int(resources.get("CPU", 1)) // workers)
-    worker_cls, encode = _remote()
+        workers = max(1, min(8, int(ray.cluster_resources().get("CPU", 1))))
+    _RayPipeline(todo, out, workers, chunk_frames, max_batch, finish, stop, grace).run()
 
-    pending = deque(_groups(todo, max_batch, first=workers))
-    actors: dict[str, object] = {}
-    groups_left = {uri: sum(g[0].item.model == uri for g in pending) for uri in {g[0].item.model for g in pending}}
-    encodes_of = dict.fromkeys(groups_left, 0)  # per model: items inferred and not yet encoded
-    inferring: dict = {}  # ObjectRef -> (model uri, group)
-    encoding: dict = {}  # ObjectRef -> (entry, model uri)
-    waiting: deque = deque()  # (entry, uri, meta, refs): inferred, waiting for an encode slot
 
-    def retire_idle_workers() -> None:
-        for uri in [u for u in actors if groups_left[u] == 0 and encodes_of[u] == 0]:
-            ray.kill(actors.pop(uri))
+class _RayPipeline:
+    """The stages of one batch on Ray: model workers infer groups, encode tasks encode and upload.
 
-    while pending or inferring or encoding or waiting:
-        if stop and (pending or inferring or waiting):  # told to stop: no new work; what is inferred is dropped
-            pending.clear(), inferring.clear(), waiting.clear()
-            if not encoding:
-                break
-        if stop and time.monotonic() - stop.at >= grace:  # the encodes in flight ran out of time
-            for ref in encoding:
+    A model worker or an encoder that dies (its process, or its node) costs the items it held one
+    attempt each: they are inferred again (their frames may have gone with the node) by a new
+    worker, up to ITEM_ATTEMPTS; a model that cannot be loaded fails its items at once."""
+
+    def __init__(self, todo, out, workers, chunk_frames, max_batch, finish: Finish, stop, grace: float):
+        import ray
+
+        self.out, self.workers, self.chunk_frames, self.finish = out, workers, chunk_frames, finish
+        self.stop, self.grace, self.max_batch = stop, grace, max_batch
+        # Each encode gets its share of the cores: x264's own threads (1.5 per core by default) cost
+        # 20% more CPU per video at these sizes, and `workers` encodes already keep the cores busy.
+        self.threads = max(1, int(ray.cluster_resources().get("CPU", 1)) // workers)
+        self.worker_cls, self.encode = _remote()
+        self.pending = deque(_groups(todo, max_batch, first=workers))
+        models_ = {g[0].item.model for g in self.pending}
+        self.groups_left = {uri: sum(g[0].item.model == uri for g in self.pending) for uri in models_}
+        self.encodes_of = dict.fromkeys(models_, 0)  # per model: items inferred and not yet encoded
+        self.actors: dict[str, object] = {}
+        self.inferring: dict = {}  # ObjectRef -> (model uri, group, the worker inferring it)
+        self.encoding: dict = {}  # ObjectRef -> (entry, model uri, the worker holding its frames)
+        self.waiting: deque = deque()  # (entry, uri, meta, refs, worker): inferred, waiting for an encode slot
+        self.attempts: dict[str, int] = {}  # item id -> attempts its worker or encoder died in
+        self.retried: list[PlanEntry] = []  # their dead attempts may have left unfinished uploads
+        self.placed: set = set()  # (model uri, node) already reported
+
+    def run(self) -> None:
+        import ray
+
+        try:
+            while self.pending or self.inferring or self.encoding or self.waiting:
+                if self.stop and not self._stopping():
+                    break
+                self._start_encodes()
+                self._start_inference()
+                done, _ = ray.wait([*self.inferring, *self.encoding], num_returns=1, timeout=0.5)
+                if done and done[0] in self.inferring:
+                    self._inferred(done[0])
+                elif done:
+                    self._encoded(done[0])
+                self._retire_idle_workers()
+        finally:
+            for actor in self.actors.values():  # all done, or told to stop
+                ray.kill(actor)
+        if self.retried:
+            abort_leftover_uploads(self.retried, self.out)
+
+    def _stopping(self) -> bool:
+        """Told to stop: no new work, what is inferred is dropped, the encodes in flight get the
+        grace period. False once nothing is left to wait for."""
+        import ray
+
+        self.pending.clear(), self.inferring.clear(), self.waiting.clear()
+        if self.encoding and time.monotonic() - self.stop.at >= self.grace:  # out of time
+            for ref in self.encoding:
                 ray.cancel(ref, force=True)
-            abort_leftover_uploads([entry for entry, _ in encoding.values()], out)
-            break
-        while waiting and len(encoding) < workers:
-            entry, uri, meta, refs = waiting.popleft()
-            ref = encode.options(num_cpus=ENCODE_CPUS).remote(
-                entry.item, out, meta, refs, entry.model, entry.spec_hash, entry.previous, entry.resume, threads)
-            encoding[ref] = (entry, uri)
+            abort_leftover_uploads([entry for entry, _, _ in self.encoding.values()], self.out)
+            self.encoding.clear()
+        return bool(self.encoding)
+
+    def _start_encodes(self) -> None:
+        while self.waiting and len(self.encoding) < self.workers:
+            entry, uri, meta, refs, worker = self.waiting.popleft()
+            ref = self.encode.options(num_cpus=ENCODE_CPUS).remote(
+                entry.item, self.out, meta, refs, entry.model, entry.spec_hash, entry.previous,
+                entry.resume or entry.item.id in self.attempts, self.threads)
+            self.encoding[ref] = (entry, uri, worker)
+
+    def _start_inference(self) -> None:
         # Backpressure: inferred-or-inferring items stay under workers + max_batch, so the model
         # works on the next group while the encoders drain this one, and memory stays bounded.
-        while (pending and len(inferring) < 2
-               and len(waiting) + sum(len(g) for _, g in inferring.values()) < workers + max_batch):
-            uri = pending[0][0].item.model
-            if uri not in actors:
-                if len(actors) >= MAX_LIVE_MODELS:
+        while (self.pending and len(self.inferring) < 2 and len(self.waiting) + sum(
+                len(g) for _, g, _ in self.inferring.values()) < self.workers + self.max_batch):
+            first = self.pending[0][0]
+            uri = first.item.model
+            if uri not in self.actors:
+                if len(self.actors) >= MAX_LIVE_MODELS:
                     break
-                options = {"num_cpus": ACTOR_CPUS, "num_gpus": 1 if gpu else 0}
-                actors[uri] = worker_cls.options(**options).remote(uri, pending[0][0].model.sha256)
-            group = pending.popleft()
-            inferring[actors[uri].infer.remote([e.item for e in group], chunk_frames)] = (uri, group)
-        done, _ = ray.wait([*inferring, *encoding], num_returns=1, timeout=0.5)
-        if not done:
-            continue
-        ref = done[0]
-        if ref in inferring:
-            uri, group = inferring.pop(ref)
-            groups_left[uri] -= 1
-            try:
-                results = ray.get(ref)
-            except Exception as e:  # noqa: BLE001 - the worker died (e.g. its model would not load)
-                results = [{"error": f"model {uri}: {_ray_error(e)}", "model_trouble": True}] * len(group)
-            for entry, res in zip(group, results, strict=True):
-                if "error" in res:
-                    _fail(out, entry, res["error"], finish, model_trouble=res.get("model_trouble", False))
-                else:
-                    encodes_of[uri] += 1
-                    waiting.append((entry, uri, res["meta"], res["chunks"]))
+                self.actors[uri] = self._new_worker(uri, first.model.sha256)
+            group, worker = self.pending.popleft(), self.actors[uri]
+            self.inferring[worker.infer.remote([e.item for e in group], self.chunk_frames)] = (uri, group, worker)
+
+    def _new_worker(self, uri: str, sha256: str):
+        """A model worker on a GPU when the cluster has one now (a pending worker waits for one, as
+        for a node the autoscaler is adding), else on CPUs."""
+        import ray
+
+        gpu = ray.cluster_resources().get("GPU", 0) >= 1
+        return self.worker_cls.options(num_cpus=ACTOR_CPUS, num_gpus=1 if gpu else 0).remote(uri, sha256)
+
+    def _inferred(self, ref) -> None:
+        import ray
+
+        uri, group, worker = self.inferring.pop(ref)
+        self.groups_left[uri] -= 1
+        try:
+            results = ray.get(ref)
+        except Exception as e:  # noqa: BLE001 - the worker died
+            if _lost_worker(e):  # its process or node, not the model: a new worker infers the group again
+                self._forget(uri, worker)
+                for entry in group:
+                    self._again(entry, uri, _ray_error(e))
+                return
+            results = [{"error": f"model {uri}: {_ray_error(e)}", "model_trouble": True}] * len(group)
+        for entry, res in zip(group, results, strict=True):
+            if "error" in res:
+                _fail(self.out, entry, res["error"], self.finish, model_trouble=res.get("model_trouble", False))
+                continue
+            self.encodes_of[uri] += 1
+            self.waiting.append((entry, uri, res["meta"], res["chunks"], worker))
+            where = res["meta"].get("node")
+            if where and (uri, where) not in self.placed:
+                self.placed.add((uri, where))
+                print(f"vidgen: model {uri} infers on node {where}", file=sys.stderr, flush=True)
+
+    def _encoded(self, ref) -> None:
+        import ray
+
+        entry, uri, worker = self.encoding.pop(ref)
+        self.encodes_of[uri] -= 1
+        try:
+            record = ray.get(ref)
+        except Exception as e:  # noqa: BLE001 - the encoder died, or the frames went with their node
+            if isinstance(e, FramesLostError):  # their owner, the model worker that inferred them, is gone
+                self._forget(uri, worker)
+            self._again(entry, uri, _ray_error(e))
         else:
-            entry, uri = encoding.pop(ref)
-            encodes_of[uri] -= 1
-            try:
-                record = ray.get(ref)
-            except Exception as e:  # noqa: BLE001 - the encoder died; the item records why
-                _fail(out, entry, _ray_error(e), finish)
-            else:
-                finish(entry, record, "rendered")
-        retire_idle_workers()
-    for actor in actors.values():  # all done, or told to stop
-        ray.kill(actor)
+            self.finish(entry, record, "rendered")
+
+    def _again(self, entry: PlanEntry, uri: str, why: str) -> None:
+        """Infer and encode the item again, or record why not after ITEM_ATTEMPTS."""
+        attempts = self.attempts[entry.item.id] = self.attempts.get(entry.item.id, 1) + 1
+        self.retried.append(entry)
+        if attempts > ITEM_ATTEMPTS:
+            _fail(self.out, entry, f"gave up after {ITEM_ATTEMPTS} attempts: {why}", self.finish)
+            return
+        print(f"vidgen: item {entry.item.id}: {why}; attempt {attempts} of {ITEM_ATTEMPTS}", file=sys.stderr,
+              flush=True)
+        self.pending.append([entry])
+        self.groups_left[uri] += 1
+
+    def _forget(self, uri: str, worker) -> None:
+        """A model worker that died: the model's next group goes to a new one (unless one was made
+        already, after an earlier item of the dead one failed)."""
+        import ray
+
+        if self.actors.get(uri) is worker:
+            ray.kill(self.actors.pop(uri))
+
+    def _retire_idle_workers(self) -> None:
+        import ray
+
+        for uri in [u for u in self.actors if self.groups_left[u] == 0 and self.encodes_of[u] == 0]:
+            ray.kill(self.actors.pop(uri))
+
+
+def _lost_worker(e: BaseException) -> bool:
+    """Whether a model worker's call failed because the worker (its process or its node) died,
+    rather than because its model could not be loaded."""
+    import ray
+
+    if isinstance(e, ray.exceptions.ActorDiedError):
+        return not e.actor_init_failed
+    return isinstance(e, (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError,
+                          ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError))

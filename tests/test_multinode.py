@@ -1,0 +1,91 @@
+"""Several Ray nodes on one machine: a render and a training run each lose a node mid-way and finish.
+
+The cluster (conftest.MultiNode) is a head and two worker nodes on 127.0.0.1, one of them with a
+logical GPU; `vidgen` runs as a separate process joined to it, as on a real cluster, and a node is
+removed with SIGKILL while it works, then replaced as an autoscaler would.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+
+import yaml
+
+from vidgen import media, models, storage
+from vidgen.data import synth
+from vidgen.train.trainer import read_metrics
+
+LABELS = ["circle", "square", "triangle"]
+
+
+def _wait_for(what, condition, proc, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None, f"vidgen ended before {what}:\n{proc.stdout.read()[-4000:]}"
+        assert time.monotonic() < deadline, f"no {what} in {timeout} s"
+        time.sleep(0.1)
+
+
+def test_a_render_over_two_nodes_finishes_every_item_once_when_its_gpu_node_dies(multinode, s3_server, tmp_path):
+    """The model worker goes to the node with the (logical) GPU; that node is killed mid-batch and
+    a new GPU node joins: every item ends ok, each record written once, no partial object."""
+    client = storage.s3_client()
+    bucket = f"multinode-{uuid.uuid4().hex[:6]}"
+    client.create_bucket(Bucket=bucket)
+    client.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    model_uri = f"s3://{bucket}/models/g"
+    models.save(models.build("gan", "tiny", num_classes=3, label_names=LABELS), model_uri)
+    out = f"s3://{bucket}/out"
+    spec = {"name": "multinode", "output": out, "model": model_uri,  # multipart-sized videos (conftest)
+            "defaults": {"fps": 8, "seconds": 2, "size": [480, 480], "preset": "ultrafast", "crf": 0},
+            "items": [{"id": f"gen-{i:02d}", "mode": "generate", "seed": i} for i in range(12)]}
+    path = tmp_path / "batch.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    gpu_node = multinode.nodes["gpu"].node_id[:12]
+    proc = subprocess.Popen([sys.executable, "-m", "vidgen.cli", "render", str(path), "--workers", "4"],
+                            env=multinode.env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        _wait_for("first record", lambda: storage.list_prefix(f"{out}/items"), proc)
+        replacement = multinode.replace("gpu").node_id[:12]
+        output, _ = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, output[-4000:]
+    assert f"infers on node {gpu_node} (GPU)" in output and f"infers on node {replacement} (GPU)" in output, \
+        output[-4000:]
+    records = [storage.read_json(f"{out}/items/gen-{i:02d}.json") for i in range(12)]
+    assert all(r["status"] == "ok" for r in records)
+    versions = client.list_object_versions(Bucket=bucket, Prefix="out/items/")["Versions"]
+    assert sorted(v["Key"] for v in versions) == [f"out/items/gen-{i:02d}.json" for i in range(12)]  # once each
+    assert not client.list_multipart_uploads(Bucket=bucket).get("Uploads")
+    for record in records:
+        assert media.probe(record["uri"]).frames == 16  # whole
+
+
+def test_training_over_two_nodes_resumes_on_what_is_left_when_a_node_dies(multinode, tmp_path):
+    """Two workers, one per worker node (2 CPUs each); the "cpu" node is killed after the step-4
+    checkpoint and a replacement joins: Ray Train restarts the group from that checkpoint and the
+    metrics show each step once."""
+    data, run = str(tmp_path / "shapes"), str(tmp_path / "run")
+    synth.synthesize("shapes", 40, 8, 32, data, seed=0, val_fraction=0.2, progress=False)
+    command = [sys.executable, "-m", "vidgen.cli", "train", "--family", "gan", "--preset", "tiny", "--data", data,
+               "--run", run, "--workers", "2", "--threads-per-worker", "2", "--zero-stage", "2",
+               "--micro-batch", "4", "--max-steps", "16", "--checkpoint-every", "4", "--max-failures", "2",
+               "--val-split", ""]
+    proc = subprocess.Popen(command, env=multinode.env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        _wait_for("step 5", lambda: len(read_metrics(run)) >= 5, proc)
+        killed_at = len(read_metrics(run))
+        multinode.replace("cpu")
+        output, _ = proc.communicate(timeout=400)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, output[-4000:]
+    assert [r["step"] for r in read_metrics(run)] == list(range(1, 17))  # each step once
+    resumed = [line for line in output.splitlines() if "resuming from the checkpoint at step" in line]
+    assert resumed and all(int(line.rsplit(" ", 1)[1]) in (4, 8, 12) for line in resumed), output[-4000:]
+    assert killed_at < 16 and os.path.isdir(os.path.join(run, "checkpoint-step-000016"))
