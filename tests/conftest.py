@@ -108,8 +108,9 @@ def ray_session(s3_server):
 
 class MultiNode:
     """A Ray cluster of several nodes on this machine (`ray.cluster_utils.Cluster`, what Ray's own
-    multi-node tests use), every node on 127.0.0.1: a head with 1 CPU, a "cpu" node with 2 CPUs
-    and a "gpu" node with 2 CPUs and one logical GPU. Tests drive it through `vidgen` processes
+    multi-node tests use), every node on 127.0.0.1: a head with no CPU (it runs Ray's own processes
+    only, as on a KubeRay head with num-cpus 0, so vidgen's work can always lose its node), a "cpu"
+    node with 2 CPUs and a "gpu" node with 2 CPUs and one logical GPU. Tests drive it through `vidgen` processes
     given its address (this process stays on the session's own Ray); `replace` is a node's
     SIGKILL followed by the node an autoscaler would add in its place."""
 
@@ -119,7 +120,7 @@ class MultiNode:
         from ray.cluster_utils import Cluster
 
         self.cluster = Cluster(initialize_head=True, connect=False,
-                               head_node_args={"num_cpus": 1, "node_ip_address": "127.0.0.1"})
+                               head_node_args={"num_cpus": 0, "node_ip_address": "127.0.0.1"})
         self.nodes = {name: self._add(name) for name in self.SHAPES}
         assert self.cluster.address.startswith("127.0.0.1:"), self.cluster.address
 

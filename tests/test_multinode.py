@@ -89,3 +89,66 @@ def test_training_over_two_nodes_resumes_on_what_is_left_when_a_node_dies(multin
     resumed = [line for line in output.splitlines() if "resuming from the checkpoint at step" in line]
     assert resumed and all(int(line.rsplit(" ", 1)[1]) in (4, 8, 12) for line in resumed), output[-4000:]
     assert killed_at < 16 and os.path.isdir(os.path.join(run, "checkpoint-step-000016"))
+
+
+def test_the_endpoint_finishes_a_job_whose_runners_node_dies_with_each_item_rendered_once(multinode, s3_server, tmp_path):
+    """Two runner replicas, one per node; the node holding a job's runner is killed mid-job: the
+    other runner takes the lease over, the job completes, and no item is rendered twice."""
+    import requests
+
+    from conftest import free_port
+
+    client = storage.s3_client()
+    bucket = f"endpoint-{uuid.uuid4().hex[:6]}"
+    client.create_bucket(Bucket=bucket)
+    client.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    models.save(models.build("gan", "tiny", num_classes=3, label_names=LABELS), f"s3://{bucket}/models/g")
+    port = free_port()
+    config = {"http_options": {"host": "127.0.0.1", "port": port},
+              "applications": [{"name": "vidgen", "route_prefix": "/", "import_path": "vidgen.serving:app_builder",
+                                "args": {"models": {"g": f"s3://{bucket}/models/g"},
+                                         "output_root": f"s3://{bucket}/renders",
+                                         "runner": {"num_replicas": 2, "max_replicas_per_node": 1,
+                                                    "heartbeat_s": 0.5, "stale_s": 3, "poll_s": 0.5,
+                                                    "max_items_in_flight": 2, "encode_cpus": 0.4},
+                                         "ingress": {"autoscaling": {"min_replicas": 1, "max_replicas": 1}},
+                                         "model": {"autoscaling": {"min_replicas": 1, "max_replicas": 1}}}}]}
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump(config))
+    env = {k: v for k, v in multinode.env.items() if k != "VIDGEN_API_TOKEN"}
+    proc = subprocess.Popen([sys.executable, "-m", "vidgen.cli", "serve", str(path)], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+
+    def answers() -> bool:
+        try:
+            return requests.get(f"{url}/healthz", timeout=2).status_code == 200
+        except requests.RequestException:
+            return False
+
+    try:
+        _wait_for("/healthz", answers, proc)
+        job = {"name": "node-kill", "model": "g", "defaults": {"fps": 8, "seconds": 2, "size": [64, 64],
+                                                             "preset": "ultrafast"},
+               "items": [{"id": f"ad-{i:02d}", "mode": "generate", "seed": i} for i in range(8)]}
+        job_id = requests.post(f"{url}/v1/renders", json=job, timeout=30).json()["id"]
+        lease_uri = f"s3://{bucket}/renders/_jobs/{job_id}/lease.json"
+        _wait_for("first record", lambda: storage.list_prefix(f"s3://{bucket}/renders/{job_id}/items"), proc)
+        holder = storage.read_json(lease_uri)["node"]
+        name = next(n for n, node in multinode.nodes.items() if node.node_id == holder)
+        multinode.replace(name)
+        _wait_for("the job's end", lambda: requests.get(f"{url}/v1/renders/{job_id}", timeout=10).json()["status"]
+                  in ("done", "failed"), proc, timeout=240)
+        status = requests.get(f"{url}/v1/renders/{job_id}", timeout=10).json()
+    finally:
+        proc.send_signal(2)
+        try:
+            output, _ = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            output = ""
+    assert status["status"] == "done" and status["counts"]["ok"] == 8, status
+    lease = storage.read_json(lease_uri)
+    assert lease["attempt"] == 2 and lease["node"] != holder, lease  # taken over once, on the other node
+    versions = client.list_object_versions(Bucket=bucket, Prefix=f"renders/{job_id}/items/")["Versions"]
+    assert sorted(v["Key"] for v in versions) == [f"renders/{job_id}/items/ad-{i:02d}.json" for i in range(8)]

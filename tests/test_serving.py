@@ -346,6 +346,7 @@ def bare_runner(store, stale_s: float):
     """A JobRunner's claiming logic without Serve: what `_claim` reads and writes."""
     runner = serving.JobRunner.__new__(serving.JobRunner)
     runner.store, runner.runner_id, runner.seen = store, f"test-{uuid.uuid4().hex[:6]}", {}
+    runner.node_id = "test-node"
     runner.conf = serving.RunnerDeployment(heartbeat_s=stale_s / 2, stale_s=stale_s)
     return runner
 

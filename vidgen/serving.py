@@ -141,6 +141,7 @@ class IngressDeployment(_Settings):
 
 class RunnerDeployment(_Settings):
     num_replicas: int = Field(1, ge=1)
+    max_replicas_per_node: int | None = Field(None, ge=1)  # 1: one runner per node, so losing a node leaves others
     num_cpus: float = Field(0.1, gt=0)
     max_jobs: int = Field(16, ge=1)  # jobs one replica runs at once (they mostly wait on models and encoders)
     max_items_in_flight: int = Field(16, ge=1)  # items one replica has at models and encoders at once
@@ -1211,6 +1212,9 @@ class JobRunner:
         self.handles = model_handles  # model name -> DeploymentHandle
         self.names = {settings.model_uri(name): name for name in settings.models}
         self.runner_id = f"{serve.get_replica_context().replica_tag}-{uuid.uuid4().hex[:6]}"
+        import ray
+
+        self.node_id = ray.get_runtime_context().get_node_id()  # in the lease: where a job runs
         self.pool = _executor()
         self.slots = asyncio.Semaphore(self.conf.max_items_in_flight)
         self.running: dict[str, asyncio.Task] = {}
@@ -1278,7 +1282,8 @@ class JobRunner:
             if not lease.get("released") and not self._stale(job_id, lease, etag):
                 return None
         attempt = int((lease or {}).get("attempt", 0)) + 1
-        new = {"runner": self.runner_id, "state": "running", "heartbeat": now, "started": now, "attempt": attempt,
+        new = {"runner": self.runner_id, "node": self.node_id, "state": "running", "heartbeat": now, "started": now,
+               "attempt": attempt,
                "error": None, "counts": None}
         if attempt > self.conf.job_attempts:
             new.update(state="failed", error=f"gave up after {self.conf.job_attempts} runners took the job and stopped")
@@ -1480,7 +1485,7 @@ def build_app(settings: ServiceSettings, token: str | None = None):
     r = settings.runner
     runner = serve.deployment(JobRunner).options(
         name="runner", num_replicas=r.num_replicas, ray_actor_options={"num_cpus": r.num_cpus},
-        max_ongoing_requests=64, health_check_period_s=5,
+        max_replicas_per_node=r.max_replicas_per_node, max_ongoing_requests=64, health_check_period_s=5,
     ).bind(settings, handles)
     i = settings.ingress
     return serve.deployment(Ingress).options(

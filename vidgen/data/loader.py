@@ -33,6 +33,7 @@ from vidgen.data.format import DatasetError, open_dataset
 from vidgen.data.tensors import frames_to_video
 
 TRAIN_COLUMNS = ["frames", "num_frames", "height", "width", "channels", "label"]
+READ_CPUS = 0.5  # logical CPUs of one Parquet read task
 SHUFFLE_BUFFER = 256  # rows kept for the local shuffle: bounds memory at ~256 clips per worker
 
 
@@ -59,7 +60,10 @@ def read_split(uri: str, split: str = "train", columns: list[str] | None = None,
     context = ray.data.DataContext.get_current()
     use_v2, context.use_datasource_v2 = context.use_datasource_v2, False
     try:
-        data = ray.data.read_parquet(paths, filesystem=fs, override_num_blocks=len(paths))
+        # Half a CPU per read task: the trainer leaves Ray Data about one CPU in all, which on a
+        # cluster is a fraction on each node (e.g. 0.5 + 0.5); a 1-CPU task would never be placed.
+        data = ray.data.read_parquet(paths, filesystem=fs, override_num_blocks=len(paths),
+                                     ray_remote_args={"num_cpus": READ_CPUS})
     finally:
         context.use_datasource_v2 = use_v2
     data = data.select_columns(wanted)
