@@ -9,7 +9,11 @@ import subprocess
 import sys
 from html.parser import HTMLParser
 
+import pytest
+
 from vidgen import media
+
+pytestmark = pytest.mark.slow
 
 
 class _Links(HTMLParser):

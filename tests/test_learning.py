@@ -18,6 +18,8 @@ from vidgen.data.tensors import frames_to_video
 from vidgen.models.contract import optimizer_step
 from vidgen.train.evaluate import life_grid
 
+pytestmark = pytest.mark.slow
+
 
 def clips(kind: str, n: int, frames: int, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     rows = [synth_clip(kind, seed, i, frames, size, 0.0) for i in range(n)]

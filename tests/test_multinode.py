@@ -13,11 +13,14 @@ import sys
 import time
 import uuid
 
+import pytest
 import yaml
 
 from vidgen import media, models, storage
 from vidgen.data import synth
 from vidgen.train.trainer import read_metrics
+
+pytestmark = pytest.mark.slow
 
 LABELS = ["circle", "square", "triangle"]
 

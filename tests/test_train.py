@@ -19,6 +19,8 @@ from vidgen.train.config import ConfigError, load_config, validate
 from vidgen.train.export import export, probe_output
 from vidgen.train.trainer import read_metrics, train
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def datasets(tmp_path_factory):
