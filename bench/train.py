@@ -103,7 +103,8 @@ def sharding_probe(payload: dict) -> None:
     import ray.train
 
     from vidgen.train.config import TrainConfig
-    from vidgen.train.loop import build_engines, build_model, train_micro_batch
+    from vidgen.train.loop import build_model, train_micro_batch
+    from vidgen.train.parallelize import build_engines
     from vidgen.train.sharding import held_bytes
 
     cfg = TrainConfig(**payload["config"])

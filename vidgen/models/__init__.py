@@ -33,7 +33,7 @@ Every family class (`FAMILIES` below) is an `nn.Module` that holds all its parts
   The trainer moves the whole family module to the device before building engines (the style
   family's loss also uses its non-trainable feature extractor and style image). With bf16/fp16
   engines the trainer casts each part's floating inputs to the engines' dtype and its floating
-  outputs back to float32 (`vidgen.train.loop.cast_at_boundary`); losses compute in float32.
+  outputs back to float32 (`vidgen.train.parallelize.cast_at_boundary`); losses compute in float32.
 - State outside the parts (the GAN's `generator_ema.*` and `ema_updates`, the style image) belongs
   to no engine: `extra_state(model)` returns it, and the trainer checkpoints it beside the engines.
 - `after_step(part)`: call after each optimizer step of `part`. The GAN updates its EMA generator
@@ -78,6 +78,8 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
+
+from vidgen.errors import InputError
 
 from .contract import Batch, TrainStep, config_from_dict
 from .convlstm import ConvLSTM
@@ -168,7 +170,7 @@ def read_manifest(uri: str) -> dict[str, Any]:
 
     manifest = json.loads(storage.read_bytes(storage.join(uri, MANIFEST)))
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise ValueError(f"{storage.join(uri, MANIFEST)}: not a vidgen model (format {manifest.get('format')!r}, "
+        raise InputError(f"{storage.join(uri, MANIFEST)}: not a vidgen model (format {manifest.get('format')!r}, "
                          f"expected {FORMAT!r})")
     family_class(manifest.get("family"))
     return manifest
@@ -183,7 +185,7 @@ def load(uri: str, device: str | torch.device = "cpu") -> nn.Module:
     try:
         config = config_from_dict(cls.Config, manifest.get("config", {}))
     except (TypeError, ValueError) as e:
-        raise ValueError(f"{storage.join(uri, MANIFEST)}: bad config: {e}") from None
+        raise InputError(f"{storage.join(uri, MANIFEST)}: bad config: {e}") from None
     model = cls(config)
     model.preset = manifest.get("preset")
     model.manifest = manifest  # what was loaded: a server compares its digest with the one a job planned with
@@ -192,7 +194,7 @@ def load(uri: str, device: str | torch.device = "cpu") -> nn.Module:
     weights = storage.read_bytes(storage.join(uri, WEIGHTS))
     digest = hashlib.sha256(weights).hexdigest()
     if manifest.get("weights_sha256") not in (None, digest):
-        raise ValueError(f"{storage.join(uri, WEIGHTS)}: sha256 {digest} does not match model.json's "
+        raise InputError(f"{storage.join(uri, WEIGHTS)}: sha256 {digest} does not match model.json's "
                          f"{manifest['weights_sha256']} (a partial or mixed save?)")
     state = load_safetensors(weights)
     _check_state(model, state, uri)
@@ -207,10 +209,10 @@ def _check_state(model: nn.Module, state: dict[str, torch.Tensor], uri: str) -> 
     unexpected = sorted(set(state) - set(expected))
     where = f"{uri}: the weights do not match the config in model.json"
     if missing:
-        raise ValueError(f"{where}: missing tensor(s) {missing[:5]}")
+        raise InputError(f"{where}: missing tensor(s) {missing[:5]}")
     if unexpected:
-        raise ValueError(f"{where}: unexpected tensor(s) {unexpected[:5]}")
+        raise InputError(f"{where}: unexpected tensor(s) {unexpected[:5]}")
     for key, tensor in expected.items():
         if state[key].shape != tensor.shape:
-            raise ValueError(f"{where}: {key} has shape {tuple(state[key].shape)} in the weights but "
+            raise InputError(f"{where}: {key} has shape {tuple(state[key].shape)} in the weights but "
                              f"{tuple(tensor.shape)} from the config {dataclasses.asdict(model.config)}")
