@@ -145,9 +145,10 @@ class MultiNode:
         return self.nodes[name]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def multinode(s3_server):
-    """One multi-node cluster for the session (started by the first test that asks for it)."""
+    """One multi-node cluster for a test module, shut down after it: its idle daemons (a second GCS,
+    three raylets, dashboard agents) would otherwise slow every later test on 2 cores."""
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # every node and driver on 127.0.0.1 (NOTES-stack.md)
     import ray._private.ray_constants as ray_constants
 

@@ -17,21 +17,11 @@ import sys
 from collections.abc import Callable, Sequence
 
 from vidgen import __version__
+from vidgen.errors import VidgenError
 
 
-class UserError(Exception):
-    """An expected mistake in the user's input; printed as one line, exit code 2."""
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Exception types that are the user's to fix, not bugs: printed as one line."""
-    from vidgen.storage import StorageError
-
-    errors: list[type[BaseException]] = [UserError, StorageError]
-    for module, name in [("vidgen.media", "MediaError"), ("vidgen.data.format", "DatasetError")]:
-        if module in sys.modules:
-            errors.append(getattr(sys.modules[module], name))
-    return tuple(errors)
+class UserError(VidgenError):
+    """An expected mistake in a command's arguments; printed as one line, exit code 2."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -57,7 +47,7 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
     from vidgen.data import synth
     from vidgen.data.inspect import format_summary, summarize
 
-    _check(lambda: synth.validate_args(args.kind, args.clips, args.frames, args.size, args.val_fraction))
+    synth.validate_args(args.kind, args.clips, args.frames, args.size, args.val_fraction)
     synth.synthesize(
         args.kind, args.clips, args.frames, args.size, args.out, seed=args.seed, val_fraction=args.val_fraction
     )
@@ -69,17 +59,8 @@ def cmd_data_ingest(args: argparse.Namespace) -> int:
     from vidgen.data import ingest
     from vidgen.data.inspect import format_summary, summarize
 
-    _check(
-        lambda: ingest.ingest(
-            args.sources,
-            args.out,
-            frames=args.frames,
-            size=args.size,
-            fps=args.fps,
-            stride=args.stride,
-            val_fraction=args.val_fraction,
-        )
-    )
+    ingest.ingest(args.sources, args.out, frames=args.frames, size=args.size, fps=args.fps, stride=args.stride,
+                  val_fraction=args.val_fraction)
     summary = summarize(args.out)
     print(format_summary(summary))
     return 1 if summary["failed_sources"] else 0
@@ -90,7 +71,7 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
 
     summary = summarize(args.uri)
     if args.preview:
-        summary["preview"] = _check(lambda: write_preview(args.uri, args.preview, clips=args.preview_clips))
+        summary["preview"] = write_preview(args.uri, args.preview, clips=args.preview_clips)
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
@@ -134,7 +115,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from vidgen.train.export import evaluate_model
 
-    values = _check(lambda: evaluate_model(args.model, args.data, split=args.split, batches=args.batches))
+    values = evaluate_model(args.model, args.data, split=args.split, batches=args.batches)
     if args.json:
         print(json.dumps(values, indent=2))
     else:
@@ -174,7 +155,7 @@ def cmd_render(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from vidgen import serving
 
-    settings_args, http = _check(lambda: serving.read_config(args.config))
+    settings_args, http = serving.read_config(args.config)
     for pair in args.model or []:
         name, sep, uri = pair.partition("=")
         if not sep or not name or not uri:
@@ -184,11 +165,31 @@ def cmd_serve(args: argparse.Namespace) -> int:
         settings_args["output_root"] = args.output_root
     if args.input_root:
         settings_args["input_roots"] = args.input_root
-    settings = _check(lambda: serving.load_settings(settings_args))
+    settings = serving.load_settings(settings_args)
     host = args.host or http.get("host") or "127.0.0.1"
     port = args.port if args.port is not None else int(http.get("port") or 8000)
-    _check(lambda: serving.serve_forever(settings, host, port, address=args.address))
+    serving.serve_forever(settings, host, port, address=args.address)
     return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from vidgen import capacity
+
+    width, height = capacity.parse_size(args.size)
+    family, _, model_preset = args.model.partition("/")
+    load = capacity.Load(render_minutes=args.render_minutes, width=width, height=height, fps=args.fps,
+                         codec=args.codec, preset=args.preset, family=family, model_preset=model_preset or "tiny",
+                         mode=args.mode, video_seconds=args.video_seconds, hours=args.hours,
+                         peak_factor=args.peak_factor, train_clips_per_s=args.train_clips_per_s, train=args.train)
+    for name in ("render_minutes", "fps", "video_seconds", "hours", "peak_factor", "train_clips_per_s"):
+        value = getattr(load, name)
+        if value < 0 or (value == 0 and name not in ("render_minutes", "train_clips_per_s")):
+            raise UserError(f"--{name.replace('_', '-')} {value:g}: expected a positive number")
+    figures = capacity.calibrate(load) if args.calibrate else capacity.shipped_figures(load)
+    bounds = capacity.read_bounds(args.cluster, args.serve)
+    rows = capacity.plan(load, figures, bounds)
+    print(capacity.format_plan(load, figures, bounds, rows))
+    return 1 if any("EXCEEDS" in verdict for _, _, verdict in rows) else 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -266,14 +267,6 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
         p.add_argument(flag, dest=name, type=kind, default=None, choices=literal or None, help=help_text)
 
 
-def _check(fn):
-    """Run fn; a ValueError about the user's input becomes a UserError (one line, exit 2)."""
-    try:
-        return fn()
-    except ValueError as e:
-        raise UserError(str(e)) from None
-
-
 # --------------------------------------------------------------------------------------------
 # Parser
 
@@ -333,6 +326,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any config key, e.g. model.g_width=64")
     p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else a new local Ray)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("plan", help="size a cluster for a daily render and training load (docs/capacity.md)")
+    p.add_argument("--render-minutes", type=float, default=0.0, help="minutes of video rendered a day")
+    p.add_argument("--size", default="1280x720", help="output WIDTHxHEIGHT")
+    p.add_argument("--fps", type=float, default=24.0)
+    p.add_argument("--codec", choices=["h264", "vp9"], default="h264")
+    p.add_argument("--preset", default="medium", help="x264 preset (vp9: its speed equivalent)")
+    p.add_argument("--model", default="gan/tiny", help="FAMILY/PRESET of the rendering model")
+    p.add_argument("--mode", choices=["generate", "restore", "stylize", "predict"], default="generate")
+    p.add_argument("--video-seconds", type=float, default=10.0, help="length of one video")
+    p.add_argument("--hours", type=float, default=24.0, help="the day's renders must finish within these hours")
+    p.add_argument("--peak-factor", type=float, default=3.0, help="the endpoint's busiest hour / the average")
+    p.add_argument("--train-clips-per-s", type=float, default=0.0, help="training throughput wanted")
+    p.add_argument("--train", default="gan/small", help="FAMILY/PRESET trained")
+    p.add_argument("--cluster", default=None, help="a KubeRay manifest whose worker groups bound the cluster")
+    p.add_argument("--serve", default=None, help="a Serve config whose max_replicas bound the endpoint")
+    p.add_argument("--calibrate", action="store_true", help="measure encode and inference on this machine")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("export", help="consolidate a run's newest checkpoint into MODEL/model.safetensors")
     p.add_argument("run", help="run URI")
@@ -408,11 +419,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("vidgen: interrupted", file=sys.stderr)
         return 130
-    except Exception as e:  # noqa: BLE001 - expected mistakes become one line; bugs re-raise
-        if isinstance(e, _user_errors()):
-            print(f"vidgen: error: {e}", file=sys.stderr)
-            return 2
-        raise
+    except VidgenError as e:  # the user's to fix: one line; anything else is a bug and shows its traceback
+        print(f"vidgen: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -55,6 +55,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from vidgen import __version__, storage
+from vidgen.errors import InputError
 
 Kind = Literal["train", "render"]
 KINDS = ("train", "render")
@@ -77,7 +78,7 @@ WORKING_DIR_EXCLUDES = [".git/", "/.venv/", "/venv/", "/out/", "/data/", "/runs/
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
-class JobsError(ValueError):
+class JobsError(InputError):
     """A submission or schedule that cannot go ahead; the message names the value to fix."""
 
 

@@ -47,6 +47,7 @@ import numpy as np
 from PIL import Image, ImageFont
 
 from vidgen import storage
+from vidgen.errors import VidgenError
 
 Source = Union[str, os.PathLike, bytes]  # local path, file:// or s3:// URI, or the file's bytes
 Frames = Union[np.ndarray, Iterable[np.ndarray]]  # (T, H, W, 3) uint8, or chunks of that shape
@@ -58,7 +59,7 @@ FONT_ENV = "VIDGEN_FONT"
 _QUIET = ["-hide_banner", "-nostdin", "-loglevel", "error"]
 
 
-class MediaError(Exception):
+class MediaError(VidgenError):
     """A video (or an overlay input) could not be read or written; the message names the source."""
 
 

@@ -70,6 +70,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ray import serve
 
 from vidgen import __version__, storage
+from vidgen.errors import InputError
 from vidgen.render.spec import (
     INPUT_MODES,
     MAX_FPS,
@@ -269,7 +270,7 @@ def load_settings(args: dict[str, Any] | ServiceSettings | None) -> ServiceSetti
         err = e.errors()[0]
         where = ".".join(str(p) for p in err["loc"]) or "args"
         msg = re.sub(r"^Value error, ", "", err["msg"])
-        raise ValueError(f"vidgen service settings: {where}: {msg}") from None
+        raise InputError(f"vidgen service settings: {where}: {msg}") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -1512,10 +1513,10 @@ def read_config(path: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
         text = storage.read_text(path)
         config = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
-        raise ValueError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
+        raise InputError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
     apps = [a for a in config.get("applications") or [] if str(a.get("import_path", "")).startswith("vidgen.serving:")]
     if not apps:
-        raise ValueError(f"{path}: no application with import_path vidgen.serving:app_builder")
+        raise InputError(f"{path}: no application with import_path vidgen.serving:app_builder")
     return dict(apps[0].get("args") or {}), dict(config.get("http_options") or {})
 
 
@@ -1526,7 +1527,7 @@ def serve_forever(settings: ServiceSettings, host: str, port: int, address: str 
     from vidgen.runtime import init_ray
 
     if not os.environ.get(TOKEN_ENV) and not _is_loopback(host):
-        raise ValueError(f"refusing to serve on {host} without a token: set {TOKEN_ENV} (or use --host 127.0.0.1)")
+        raise InputError(f"refusing to serve on {host} without a token: set {TOKEN_ENV} (or use --host 127.0.0.1)")
     def stop(signum, frame):  # a service manager's SIGTERM: shut down like Ctrl-C
         raise KeyboardInterrupt
 

@@ -38,6 +38,8 @@ import boto3
 import botocore.config
 import botocore.exceptions
 
+from vidgen.errors import VidgenError
+
 # Objects at or above this size go up as multipart uploads, in parts of half of it (S3 wants parts of
 # at least 5 MiB but the last; VIDGEN_S3_MULTIPART_BYTES lowers it for servers that take less, as tests do).
 MULTIPART_THRESHOLD = int(os.environ.get("VIDGEN_S3_MULTIPART_BYTES") or 16 * 1024 * 1024)
@@ -65,7 +67,7 @@ CONTENT_TYPES = {
 }
 
 
-class StorageError(Exception):
+class StorageError(VidgenError):
     """A storage operation failed; the message names the URI and the cause."""
 
 

@@ -35,6 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from vidgen import __version__, storage
+from vidgen.errors import VidgenError
 
 logger = logging.getLogger("vidgen.data")
 
@@ -68,7 +69,7 @@ CLIP_SCHEMA = pa.schema(
 SPLITS = ("train", "val", "test")
 
 
-class DatasetError(Exception):
+class DatasetError(VidgenError):
     """A dataset is missing, malformed or does not match the clip format."""
 
 

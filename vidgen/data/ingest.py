@@ -22,6 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from vidgen import storage
+from vidgen.errors import InputError
 from vidgen.data.format import Clip, DatasetError, ShardStats, ShardWriter, assign_split, commit, new_version
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mov", ".mkv")
@@ -136,14 +137,14 @@ def ingest(
 ) -> dict:
     """Ingest videos into a dataset at `out` and commit it; returns the manifest."""
     if frames < 1:
-        raise ValueError(f"--frames {frames}: must be at least 1")
+        raise InputError(f"--frames {frames}: must be at least 1")
     if not 8 <= size <= 4096:
-        raise ValueError(f"--size {size}: must be between 8 and 4096")
+        raise InputError(f"--size {size}: must be between 8 and 4096")
     if fps is not None and fps <= 0:
-        raise ValueError(f"--fps {fps}: must be positive")
+        raise InputError(f"--fps {fps}: must be positive")
     stride = stride or frames
     if stride < 1:
-        raise ValueError(f"--stride {stride}: must be at least 1")
+        raise InputError(f"--stride {stride}: must be at least 1")
     root = storage.normalize(out)
     uris = expand_sources(sources)
     version = new_version()

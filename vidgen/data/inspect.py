@@ -12,6 +12,7 @@ import io
 import numpy as np
 
 from vidgen import storage
+from vidgen.errors import InputError
 from vidgen.data.format import open_dataset
 from vidgen.data.tensors import tile
 
@@ -94,5 +95,5 @@ def write_preview(uri: str, out: str, clips: int = 16, fps: float | None = None)
         codec = "vp9" if lower.endswith(".webm") else "h264"
         storage.write_bytes(out, media.encode(big, fps=fps, codec=codec, crf=18))
     else:
-        raise ValueError(f"--preview {out!r}: expected a .mp4, .webm or .gif name")
+        raise InputError(f"--preview {out!r}: expected a .mp4, .webm or .gif name")
     return storage.normalize(out)

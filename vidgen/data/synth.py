@@ -23,6 +23,7 @@ import numpy as np
 from tqdm import tqdm
 
 from vidgen import storage
+from vidgen.errors import InputError
 from vidgen.data.format import (
     Clip,
     ShardStats,
@@ -173,15 +174,15 @@ def _write_range(root, version, kind, seed, start, stop, frames, size, val_fract
 
 def validate_args(kind: str, clips: int, frames: int, size: int, val_fraction: float) -> None:
     if kind not in KINDS:
-        raise ValueError(f"--kind {kind!r}: expected one of {', '.join(KINDS)}")
+        raise InputError(f"--kind {kind!r}: expected one of {', '.join(KINDS)}")
     if clips < 1:
-        raise ValueError(f"--clips {clips}: must be at least 1")
+        raise InputError(f"--clips {clips}: must be at least 1")
     if frames < 2:
-        raise ValueError(f"--frames {frames}: must be at least 2")
+        raise InputError(f"--frames {frames}: must be at least 2")
     if not 8 <= size <= 1024:
-        raise ValueError(f"--size {size}: must be between 8 and 1024")
+        raise InputError(f"--size {size}: must be between 8 and 1024")
     if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"--val-fraction {val_fraction}: must be in [0, 1)")
+        raise InputError(f"--val-fraction {val_fraction}: must be in [0, 1)")
 
 
 def synthesize(

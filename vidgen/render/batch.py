@@ -43,6 +43,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from vidgen import storage
+from vidgen.errors import InputError
 from vidgen.render import engine, gallery
 from vidgen.render.engine import CHUNK_FRAMES, ItemError, ModelInfo
 from vidgen.render.spec import MODE_FAMILIES, RenderBatch, ResolvedItem
@@ -554,7 +555,7 @@ def _stop_grace_s() -> float:
     except ValueError:
         grace = -1.0
     if not grace >= 0:
-        raise ValueError(f"{STOP_GRACE_ENV}={value!r}: expected seconds >= 0")
+        raise InputError(f"{STOP_GRACE_ENV}={value!r}: expected seconds >= 0")
     return grace
 
 

@@ -47,6 +47,7 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from vidgen import storage
+from vidgen.errors import InputError
 
 MAX_ITEMS = 1000
 MAX_SECONDS = 600.0
@@ -72,7 +73,7 @@ Preset = Literal["ultrafast", "superfast", "veryfast", "faster", "fast", "medium
 Corner = Literal["top-left", "top-right", "bottom-left", "bottom-right"]
 
 
-class SpecError(ValueError):
+class SpecError(InputError):
     """A render spec that cannot run; the message names the field (`items[2] (sale-01).label: ...`)."""
 
 

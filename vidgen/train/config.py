@@ -15,11 +15,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from vidgen import storage
+from vidgen.errors import InputError
 
 FAMILY_NAMES = ("gan", "vae", "convlstm", "restore", "style")
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A training config that cannot run; the message names the key."""
 
 

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from vidgen import metrics
+from vidgen.errors import InputError
 from vidgen.data.tensors import tile, video_to_frames
 
 EVAL_SEED = 1234  # degradations at evaluation are the same at every checkpoint
@@ -71,7 +72,7 @@ def _batch_metrics(model, family: str, video: torch.Tensor, index: int, life_cel
     if family == "convlstm":
         k = model.config.context_frames
         if video.shape[2] <= k:
-            raise ValueError(f"convlstm evaluation needs clips longer than context_frames={k}")
+            raise InputError(f"convlstm evaluation needs clips longer than context_frames={k}")
         pred = model.predict(video[:, :, :k], video.shape[2] - k)
         out = {"psnr": metrics.psnr(pred, video[:, :, k:]).item(), "ssim": metrics.ssim(pred, video[:, :, k:]).item()}
         if life_cell:

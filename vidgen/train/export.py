@@ -19,11 +19,12 @@ import pickle
 import torch
 
 from vidgen import models, storage
+from vidgen.errors import InputError
 from vidgen.train import checkpoint
 from vidgen.train.loop import probe_output  # noqa: F401  (callers compare a live model with its export)
 
 
-class ExportError(ValueError):
+class ExportError(InputError):
     """The run has nothing to export, or its checkpoint does not fit its config."""
 
 
