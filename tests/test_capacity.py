@@ -28,7 +28,7 @@ def test_a_load_within_the_shipped_cluster_fits(capsys):
 
 
 def test_the_work_scales_with_minutes_pixels_and_the_window():
-    load = capacity.Load(render_minutes=100, width=640, height=360, hours=10)
+    load = capacity.Load(render_minutes=20000, width=640, height=360, hours=10)
     figures = capacity.shipped_figures(load)
 
     def cores(**change) -> float:
@@ -36,7 +36,7 @@ def test_the_work_scales_with_minutes_pixels_and_the_window():
         return float(next(figure for what, figure, _ in rows if what == "cores to render it").split()[0])
 
     base = cores()
-    assert cores(render_minutes=200) == pytest.approx(2 * base, rel=0.02)
+    assert cores(render_minutes=40000) == pytest.approx(2 * base, rel=0.02)
     assert cores(hours=5) == pytest.approx(2 * base, rel=0.02)
     assert 2 * base < cores(width=1280, height=720) < 4.2 * base  # 4x the pixels; per-video costs stay
 

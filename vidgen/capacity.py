@@ -11,7 +11,7 @@ The figures: CPU-seconds per output frame of the encode (x264/VP9 with one threa
 the render pipeline runs it) and of the model's inference, plus a fixed cost per video (poster,
 uploads, record, Ray's own work), divided by the pipeline's measured share of the physical limit.
 `--calibrate` measures encode and inference on this machine; otherwise the table below, measured
-on a 2-core AMD EPYC (bench/render.py, bench/models.py, 2026-11-29), is used. Training: one
+with `calibrate` on a 2-core AMD EPYC (2026-11-29), is used. Training: one
 forward+backward of a batch of 2 clips per family/preset on 2 cores (bench/models.py) and the
 trainer's 2-worker scaling (bench/train.py). The plan is then checked against the autoscaler's
 bounds: the KubeRay worker groups' maxReplicas and cores (cluster/kuberay/raycluster.yaml) and the
@@ -29,14 +29,15 @@ import yaml
 
 from vidgen.errors import InputError
 
-# CPU-seconds per megapixel of output frame, one encoder thread (bench/render.py's encode part at
-# 128x128 and this module's calibration at 854x480, 2026-11-29, AMD EPYC).
-ENCODE_S_PER_MPIXEL = {("h264", "ultrafast"): 0.012, ("h264", "veryfast"): 0.022, ("h264", "medium"): 0.050,
-                       ("h264", "slow"): 0.080, ("vp9", "ultrafast"): 0.030, ("vp9", "medium"): 0.070}
-# CPU-seconds of inference per output frame on CPU, per (family, preset, mode) at the native size
-# (generate) or per megapixel of input (restore/stylize); from bench/render.py and calibration.
-INFER_S_PER_FRAME = {("gan", "tiny", "generate"): 0.0002, ("gan", "small", "generate"): 0.004}
-INFER_S_PER_MPIXEL = {("restore", "tiny", "restore"): 0.09, ("style", "tiny", "stylize"): 0.25}
+# CPU-seconds per megapixel of output frame, one encoder thread: `calibrate` at 1280x720 on a 2-core
+# AMD EPYC, 2026-11-29 (at 854x480 within 10%: 8.9, 13.6, 20.1, 22.1, 31.6, 29.0 ms).
+ENCODE_S_PER_MPIXEL = {("h264", "ultrafast"): 0.0091, ("h264", "veryfast"): 0.0123, ("h264", "medium"): 0.0204,
+                       ("h264", "slow"): 0.0238, ("vp9", "ultrafast"): 0.0300, ("vp9", "medium"): 0.0275}
+# CPU-seconds of inference on one CPU thread, same calibration: per output frame (generate, at the
+# model's native size) or per megapixel of input frame (restore, stylize at 854x480).
+INFER_S_PER_FRAME = {("gan", "tiny", "generate"): 0.00024, ("gan", "small", "generate"): 0.0128}
+INFER_S_PER_MPIXEL = {("restore", "tiny", "restore"): 4.32, ("restore", "small", "restore"): 43.8,
+                      ("style", "tiny", "stylize"): 1.07}
 PER_VIDEO_S = 0.09  # poster, uploads and record (moto's CPU included) + Ray's per-item work (bench/render.py)
 PIPELINE_SHARE = 0.5  # of the physical limit the Ray pipeline reaches (bench/render.py: 0.42 S3, 0.50 local)
 # bench/models.py: seconds of one forward+backward of 2 clips on 2 cores; bench/train.py: 2 workers = 1.37x 1
@@ -118,10 +119,13 @@ def calibrate(load: Load, frames: int = 48) -> Figures:
         if load.mode == "generate":
             video_to_frames(model.sample(1, frames, seed=0)[0])
             infer = (_cpu() - start) / frames
-        else:
-            n = 4
-            x = torch.from_numpy(clip[:n]).permute(3, 0, 1, 2)[None].float() / 255
-            model(x * 2 - 1) if load.mode == "stylize" else model(x)
+        else:  # as the render engine runs it: frames -> the family's restore / stylize
+            from vidgen.data.tensors import frames_to_video
+
+            n = 8
+            fn = model.restore if load.mode == "restore" else model.stylize
+            frames = clip[:n] if load.mode == "restore" else clip[:n, :load.height // 4 * 4, :load.width // 4 * 4]
+            video_to_frames(fn(frames_to_video(frames))[0])
             infer = (_cpu() - start) / n
     return Figures(encode, infer, measured=[f"encode {load.codec} {load.preset} at {load.width}x{load.height}",
                                             f"inference {load.family}/{load.model_preset} {load.mode}"])
