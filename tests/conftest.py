@@ -119,6 +119,9 @@ class MultiNode:
     def __init__(self):
         from ray.cluster_utils import Cluster
 
+        # Ray Train looks for draining nodes every 5 s by default; the nodes' processes inherit this
+        os.environ.setdefault("RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S", "0.5")
+
         self.cluster = Cluster(initialize_head=True, connect=False,
                                head_node_args={"num_cpus": 0, "node_ip_address": "127.0.0.1"})
         self.nodes = {name: self._add(name) for name in self.SHAPES}

@@ -56,6 +56,8 @@ def test_a_load_beyond_the_bounds_exits_1_naming_the_bound(capsys, tmp_path):
     (["--hours", "0"], "--hours 0"),
     (["--preset", "placebo"], "no encode figure for h264 placebo"),
     (["--cluster", "/nonexistent/cluster.yaml"], "/nonexistent/cluster.yaml"),
+    (["--mode", "restore", "--calibrate"], "a gan model does not restore"),
+    (["--model", "restore/huge", "--mode", "restore", "--calibrate"], "--model restore/huge"),
 ])
 def test_bad_input_is_one_line_naming_the_value(capsys, argv, needle):
     code, _, err = plan_cli(capsys, "--render-minutes", "10", *argv)
@@ -67,3 +69,13 @@ def test_calibrate_measures_encode_and_inference_here():
     figures = capacity.calibrate(load, frames=16)
     assert 0 < figures.encode_s_per_mpixel < 1 and 0 < figures.infer_s_per_frame < 1
     assert figures.measured and "320x180" in figures.measured[0]
+
+
+def test_the_serve_bound_is_servings_default_or_a_models_own(tmp_path):
+    path = tmp_path / "serve.yaml"
+    config = {"applications": [{"import_path": "vidgen.serving:app_builder", "args": {"models": {"g": "s3://b/g"}}}]}
+    path.write_text(yaml.safe_dump(config))
+    assert capacity.read_bounds(None, str(path)).serve_model_replicas == 2  # serving.Autoscaling's default
+    config["applications"][0]["args"]["models"]["r"] = {"uri": "s3://b/r", "autoscaling": {"max_replicas": 6}}
+    path.write_text(yaml.safe_dump(config))
+    assert capacity.read_bounds(None, str(path)).serve_model_replicas == 6

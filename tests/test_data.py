@@ -133,6 +133,17 @@ def test_a_pinned_version_outlives_newer_commits_and_an_expired_pin_does_not(roo
         open_dataset(out, version="../other")
 
 
+def test_a_dataset_committed_before_version_manifests_opens_at_its_version(root):
+    """Datasets written before each version kept its own manifest copy: the current version opens
+    by name from the root manifest (a run pins it), and an older one is reported gone."""
+    out = storage.join(root, "ds")
+    first = synth.synthesize("shapes", 6, 4, 16, out, seed=1, progress=False)
+    storage.delete(storage.join(out, first["version"], fmt.VERSION_MANIFEST))  # as an older vidgen wrote it
+    assert open_dataset(out, version=first["version"]).manifest == first
+    with pytest.raises(DatasetError, match="version v-20000101T000000000000Z is gone"):
+        open_dataset(out, version="v-20000101T000000000000Z")
+
+
 def test_missing_manifest_is_a_clear_error(root):
     with pytest.raises(DatasetError, match="no dataset here"):
         open_dataset(storage.join(root, "nothing"))

@@ -32,3 +32,13 @@ def test_a_user_error_is_one_line_with_exit_2(capsys):
     assert cli.main(["plan", "--render-minutes", "10", "--size", "wide"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("vidgen: error: --size 'wide'") and len(err.strip().splitlines()) == 1
+
+
+def test_eval_of_a_corrupt_model_json_is_one_line(tmp_path, capsys):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "model.json").write_text("{not json")
+    assert cli.main(["eval", str(tmp_path / "model"), str(tmp_path / "data")]) == 2
+    err = capsys.readouterr().err
+    assert "model.json: not JSON" in err and len(err.strip().splitlines()) == 1
+    assert cli.main(["eval", str(tmp_path / "model"), str(tmp_path / "data"), "--batches", "-1"]) == 2
+    assert "--batches -1" in capsys.readouterr().err

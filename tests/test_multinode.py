@@ -155,3 +155,34 @@ def test_the_endpoint_finishes_a_job_whose_runners_node_dies_with_each_item_rend
     assert lease["attempt"] == 2 and lease["node"] != holder, lease  # taken over once, on the other node
     versions = client.list_object_versions(Bucket=bucket, Prefix=f"renders/{job_id}/items/")["Versions"]
     assert sorted(v["Key"] for v in versions) == [f"renders/{job_id}/items/ad-{i:02d}.json" for i in range(8)]
+
+
+def test_a_draining_node_gets_a_checkpoint_before_it_goes_and_the_run_resumes_from_it(multinode, tmp_path):
+    """A spot reclaim announced by a drain (with a deadline): the ranks save a just-in-time
+    checkpoint though none is due (checkpoint_every is 1000), then the node is killed; the run
+    restarts from that checkpoint, not from the start, and logs each step once."""
+    data, run = str(tmp_path / "shapes"), str(tmp_path / "run")
+    synth.synthesize("shapes", 40, 8, 32, data, seed=0, val_fraction=0.2, progress=False)
+    command = [sys.executable, "-m", "vidgen.cli", "train", "--family", "gan", "--preset", "tiny", "--data", data,
+               "--run", run, "--workers", "2", "--threads-per-worker", "2", "--zero-stage", "2",
+               "--micro-batch", "4", "--max-steps", "40", "--checkpoint-every", "1000", "--max-failures", "2",
+               "--val-split", ""]
+    proc = subprocess.Popen(command, env=multinode.env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        _wait_for("step 3", lambda: len(read_metrics(run)) >= 3, proc)
+        node = multinode.nodes["cpu"]
+        subprocess.run([os.path.join(os.path.dirname(sys.executable), "ray"), "drain-node", "--address",
+                        multinode.cluster.address, "--node-id", node.node_id, "--reason",
+                        "DRAIN_NODE_REASON_PREEMPTION", "--reason-message", "spot reclaim",
+                        "--deadline-remaining-seconds", "60"], env=multinode.env, check=True, capture_output=True)
+        checkpoints = lambda: [d for d in os.listdir(run) if d.startswith("checkpoint-step-")]  # noqa: E731
+        _wait_for("a just-in-time checkpoint", checkpoints, proc)
+        saved = int(checkpoints()[0].rsplit("-", 1)[1])
+        multinode.replace("cpu")
+        output, _ = proc.communicate(timeout=400)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, output[-4000:]
+    assert "draining" in output and f"resuming from the checkpoint at step {saved}" in output, output[-4000:]
+    assert 3 <= saved < 40 and saved % 5 == 0
+    assert [r["step"] for r in read_metrics(run)] == list(range(1, 41))

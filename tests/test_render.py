@@ -334,10 +334,15 @@ def test_objects_that_landed_before_their_record_are_adopted_not_uploaded_again(
     for name in ("items/gen-0.json", "items/gen-1.json", "manifest.jsonl", "index.html", "gen-1--wide.jpg"):
         storage.delete(storage.join(s3_root, name))
     before = snapshot(s3_root)
+    bucket, prefix = storage.split_s3(s3_root)
+    client = storage.s3_client()  # an encoder of gen-0 killed mid-upload after its outputs had landed once
+    upload = client.create_multipart_upload(Bucket=bucket, Key=f"{prefix}/gen-0.mp4")["UploadId"]
+    client.upload_part(Bucket=bucket, Key=f"{prefix}/gen-0.mp4", UploadId=upload, PartNumber=1, Body=b"x" * 1024)
     time.sleep(1.0)
     result = render_batch(parse_batch(spec), workers=0, progress=False)
     after = snapshot(s3_root)
     assert result.resumed == ["gen-0"] and result.rendered == ["gen-1"] and result.ok
+    assert not client.list_multipart_uploads(Bucket=bucket, Prefix=prefix).get("Uploads")  # adopted: cleaned too
     assert {k: after[k] for k in before} == before  # nothing that was there is uploaded again
     assert {k.split("/", 1)[1] for k in set(after) - set(before)} == {
         "items/gen-0.json", "items/gen-1.json", "manifest.jsonl", "index.html", "gen-1--wide.jpg"}

@@ -223,9 +223,16 @@ def test_sigterm_saves_a_checkpoint_and_the_resumed_run_matches_an_uninterrupted
     assert f"stopped by SIGTERM at step {stopped_at}" in output and seconds < 30, (seconds, output[-2000:])
     assert 3 <= stopped_at < 1000 and os.path.isdir(os.path.join(preempted, f"checkpoint-step-{stopped_at:06d}"))
     assert not os.path.exists(os.path.join(preempted, "_stop_requested"))
+    from vidgen.data import format as fmt
+
+    def pinned_by_the_run() -> list[dict]:
+        return [p for p in fmt.live_pins(str(datasets / "shapes")) if p.get("holder") == preempted]
+
+    assert pinned_by_the_run()  # a stopped run keeps its data version pinned for the rerun
 
     total = stopped_at + 3
     train(config(datasets, preempted, **{**common, "max_steps": total}))  # the same run, resumed
+    assert not pinned_by_the_run()  # finished: unpinned
     whole = str(tmp_path / "whole")
     train(config(datasets, whole, **{**common, "max_steps": total}))
     a, b = read_metrics(whole), read_metrics(preempted)

@@ -226,3 +226,19 @@ def test_quiet_worker_logs_hides_library_info_and_internal_warnings_keeps_the_re
     assert not deepspeed.utils.logger.isEnabledFor(logging.INFO)  # no `[INFO] [config.py:...]` dump
     assert deepspeed.utils.logger.isEnabledFor(logging.WARNING)
     assert [str(w.message) for w in caught] == ["from vidgen.models.gan"]
+
+
+def test_a_failed_look_for_a_stop_request_is_not_a_stop(tmp_path, monkeypatch):
+    """Rank 0 looks for RUN/_stop_requested every half second: a throttled request must not end the run."""
+    from vidgen import storage
+    from vidgen.train import loop
+    from vidgen.train.config import validate
+
+    cfg = validate({"family": "gan", "preset": "tiny", "data": str(tmp_path), "run": str(tmp_path / "run")})
+    check = loop.StopCheck(cfg, rank=0, device="cpu")
+
+    def throttled(uri):
+        raise storage.StorageError(f"{uri}: S3 error SlowDown")
+
+    monkeypatch.setattr(storage, "exists", throttled)
+    assert check() is None

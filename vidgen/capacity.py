@@ -1,7 +1,7 @@
 """Sizing a cluster for a stated load, from measured throughput: `vidgen plan`.
 
     vidgen plan --render-minutes 600 --size 1280x720 --fps 24 --hours 8              # shipped figures
-    vidgen plan --render-minutes 600 --size 854x480 --mode restore --calibrate       # measured here, now
+    vidgen plan --render-minutes 600 --size 854x480 --model restore/tiny --mode restore --calibrate  # measured here
     vidgen plan --render-minutes 600 --train-clips-per-s 20 --train gan/small \\
         --cluster cluster/kuberay/raycluster.yaml --serve serve/config.yaml
 
@@ -112,8 +112,18 @@ def calibrate(load: Load, frames: int = 48) -> Figures:
     media.encode(clip, load.fps, load.codec, preset=load.preset, threads=1)
     encode = (_cpu() - start) / frames / (load.width * load.height / 1e6)
 
+    from vidgen.render.spec import MODE_FAMILIES
+
+    if load.family not in MODE_FAMILIES.get(load.mode, ()):
+        raise InputError(f"--model {load.family}/{load.model_preset}: a {load.family} model does not {load.mode} "
+                         f"(that takes {' or '.join(sorted(MODE_FAMILIES.get(load.mode, ())))})")
+    if load.mode == "predict":
+        raise InputError("--mode predict: --calibrate measures generate, restore and stylize; predict is not built in")
     torch.set_num_threads(1)
-    model = models.build(load.family, load.model_preset)
+    try:
+        model = models.build(load.family, load.model_preset)
+    except ValueError as e:
+        raise InputError(f"--model {load.family}/{load.model_preset}: {e}") from None
     start = _cpu()
     with torch.no_grad():
         if load.mode == "generate":
@@ -154,36 +164,46 @@ def _quantity(value) -> float:
 
 
 def read_bounds(cluster: str | None, serve: str | None) -> Bounds:
-    """InputError naming the file when one cannot be read as what it should be."""
-    try:
-        return _read_bounds(cluster, serve)
-    except OSError as e:
-        raise InputError(f"{e.filename}: {e.strerror}") from None
-    except (KeyError, IndexError, TypeError, AttributeError, yaml.YAMLError) as e:
-        raise InputError(f"{cluster if cluster else serve}: not a KubeRay manifest / Serve config "
-                         f"({type(e).__name__}: {e})") from None
-
-
-def _read_bounds(cluster: str | None, serve: str | None) -> Bounds:
+    """The bounds of a KubeRay manifest and a Serve config; InputError naming a file that cannot be
+    read as what it should be."""
     bounds = Bounds()
-    if cluster:
-        with open(cluster) as f:
-            docs = [d for d in yaml.safe_load_all(f) if d]
-        for doc in docs:
-            spec = doc.get("spec", {})
-            spec = spec.get("rayClusterConfig", spec.get("rayClusterSpec", spec))  # RayCluster, RayJob, RayService
-            for group in spec.get("workerGroupSpecs", []):
-                container = group["template"]["spec"]["containers"][0]
-                limits = container.get("resources", {}).get("limits", {})
-                bounds.groups[group["groupName"]] = {"max_replicas": int(group.get("maxReplicas", 0)),
-                                                     "cpus": _quantity(limits.get("cpu", 0)),
-                                                     "gpus": _quantity(limits.get("nvidia.com/gpu", 0))}
-    if serve:
-        with open(serve) as f:
-            config = yaml.safe_load(f)
-        args = config["applications"][0].get("args") or {}
-        bounds.serve_model_replicas = int(((args.get("model") or {}).get("autoscaling") or {}).get("max_replicas", 1))
+    for path, read, what in ((cluster, _read_cluster, "KubeRay manifest"), (serve, _read_serve, "Serve config")):
+        if not path:
+            continue
+        try:
+            read(path, bounds)
+        except OSError as e:
+            raise InputError(f"{path}: {e.strerror}") from None
+        except (KeyError, IndexError, TypeError, AttributeError, ValueError, yaml.YAMLError) as e:
+            raise InputError(f"{path}: not a {what} ({type(e).__name__}: {e})") from None
     return bounds
+
+
+SERVE_MAX_REPLICAS = 2  # serving.Autoscaling's default max_replicas
+
+
+def _read_cluster(path: str, bounds: Bounds) -> None:
+    with open(path) as f:
+        docs = [d for d in yaml.safe_load_all(f) if d]
+    for doc in docs:
+        spec = doc.get("spec", {})
+        spec = spec.get("rayClusterConfig", spec.get("rayClusterSpec", spec))  # RayCluster, RayJob, RayService
+        for group in spec.get("workerGroupSpecs", []):
+            container = group["template"]["spec"]["containers"][0]
+            limits = container.get("resources", {}).get("limits", {})
+            bounds.groups[group["groupName"]] = {"max_replicas": int(group.get("maxReplicas", 0)),
+                                                 "cpus": _quantity(limits.get("cpu", 0)),
+                                                 "gpus": _quantity(limits.get("nvidia.com/gpu", 0))}
+
+
+def _read_serve(path: str, bounds: Bounds) -> None:
+    with open(path) as f:
+        config = yaml.safe_load(f)
+    args = config["applications"][0].get("args") or {}
+    default = int(((args.get("model") or {}).get("autoscaling") or {}).get("max_replicas", SERVE_MAX_REPLICAS))
+    per_model = [int(((entry.get("autoscaling") or {}) if isinstance(entry, dict) else {}).get("max_replicas", default))
+                 for entry in (args.get("models") or {}).values()]
+    bounds.serve_model_replicas = max(per_model, default=default)  # the most one model may have
 
 
 def plan(load: Load, figures: Figures, bounds: Bounds) -> list[tuple[str, str, str]]:

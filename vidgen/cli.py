@@ -115,6 +115,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from vidgen.train.export import evaluate_model
 
+    if args.batches < 1:
+        raise UserError(f"--batches {args.batches}: expected at least 1")
     values = evaluate_model(args.model, args.data, split=args.split, batches=args.batches)
     if args.json:
         print(json.dumps(values, indent=2))

@@ -209,6 +209,8 @@ def train_model(demo: Demo, family: str, preset: str, name: str, model: dict, se
         max_minutes=seconds / 60, log_every=10, eval_batches=4,
     ))
     result = train(cfg)
+    if result.stopped_by:  # Ctrl-C / SIGTERM: the checkpoint is saved; the demo stops here
+        raise KeyboardInterrupt(f"{result.stopped_by} while training {family}")
     rows = read_metrics(cfg.run)
     rates = [r["clips_per_s"] for r in rows if "clips_per_s" in r][1:]
     last = {k: v for r in rows for k, v in r.items()}
@@ -369,6 +371,8 @@ def render(demo: Demo, spec: dict) -> dict:
 
     result = render_batch(parse_batch(spec, source="demo"))
     print(result.summary())
+    if result.stopped_by:
+        raise KeyboardInterrupt(f"{result.stopped_by} while rendering {spec['name']}")
     ok = [r for r in result.records if r["status"] == "ok"]
     return {"items": len(result.records), "ok": len(ok), "failed": list(result.failed),
             "videos": sum(1 + len(r.get("renditions") or []) + bool(r.get("compare")) for r in ok),

@@ -1377,7 +1377,7 @@ class JobRunner:
     async def _render(self, job: dict, run: _Run) -> list[dict]:
         """Plan the batch (items with an ok record are kept), render the rest; the records, in order."""
         from vidgen.render import engine
-        from vidgen.render.batch import abort_leftover_uploads, plan_batch, unwritten_error
+        from vidgen.render.batch import abort_killed_runs_uploads, plan_batch, unwritten_error
 
         batch = parse_batch(job["batch"], source=f"job {job['id']}")
         plan = await _io(self.pool, plan_batch, batch)
@@ -1398,8 +1398,7 @@ class JobRunner:
             else:
                 todo.append(entry)
 
-        if todo:
-            await _io(self.pool, abort_leftover_uploads, todo, out)
+        await _io(self.pool, abort_killed_runs_uploads, plan)
 
         async def one(entry) -> None:
             async with self.slots:

@@ -399,14 +399,13 @@ def open_dataset(uri: str, validate_shards: bool = True, version: str | None = N
     if version is not None and not (version.startswith("v-") and "/" not in version and ".." not in version):
         raise DatasetError(f"{uri}: version {version!r} is not a version name (v-<timestamp>)")
     try:
-        if version is None:
-            manifest = storage.read_json(storage.join(root, MANIFEST))
-        else:
+        manifest = storage.read_json(storage.join(root, MANIFEST))
+        if version is not None and manifest.get("version") != version:  # an older version: its own copy
             manifest = storage.read_json(storage.join(root, version, VERSION_MANIFEST))
     except storage.NoSuchBucketError as e:
         raise DatasetError(str(e)) from None
     except storage.NotFoundError:
-        if version is not None:
+        if version is not None and storage.exists(storage.join(root, MANIFEST)):
             raise DatasetError(f"{uri}: version {version} is gone (removed after newer versions were committed "
                                f"and its pin expired)") from None
         raise DatasetError(f"{uri}: no dataset here (no {MANIFEST}; an unfinished write is not a dataset)") from None

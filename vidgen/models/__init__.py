@@ -168,11 +168,16 @@ def read_manifest(uri: str) -> dict[str, Any]:
     """The model.json of a saved model, checked for format and family."""
     from vidgen import storage
 
-    manifest = json.loads(storage.read_bytes(storage.join(uri, MANIFEST)))
+    where = storage.join(uri, MANIFEST)
+    try:
+        manifest = json.loads(storage.read_bytes(where))
+    except json.JSONDecodeError as e:
+        raise InputError(f"{where}: not JSON ({e})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise InputError(f"{storage.join(uri, MANIFEST)}: not a vidgen model (format {manifest.get('format')!r}, "
-                         f"expected {FORMAT!r})")
-    family_class(manifest.get("family"))
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise InputError(f"{where}: not a vidgen model (format {found!r}, expected {FORMAT!r})")
+    if manifest.get("family") not in FAMILIES:
+        raise InputError(f"{where}: unknown model family {manifest.get('family')!r}; expected one of {sorted(FAMILIES)}")
     return manifest
 
 

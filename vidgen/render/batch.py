@@ -306,8 +306,7 @@ def render_batch(
             finish(entry, entry.previous or unwritten_error(entry), "kept")
         else:
             todo.append(entry)
-    if todo:
-        abort_leftover_uploads(todo, out)
+    abort_killed_runs_uploads(plan)
     from vidgen.runtime import init_ray, stop_on_signal
 
     if todo and workers != 0:
@@ -438,6 +437,13 @@ def abort_leftover_uploads(entries: list[PlanEntry], out: str) -> int:
     except storage.StorageError as e:  # the uploads stay; S3's lifecycle rules are the backstop
         print(f"vidgen: could not clean up unfinished uploads under {out}: {e}", file=sys.stderr)
         return 0
+
+
+def abort_killed_runs_uploads(plan: Plan) -> int:
+    """Abort what a killed run left half-uploaded: to the items this run renders again, and to those
+    whose outputs landed before the kill (adopted; a retried encoder of theirs may have left one)."""
+    entries = [e for e in plan.entries if e.action in ("render", "adopt")]
+    return abort_leftover_uploads(entries, plan.batch.output) if entries else 0
 
 
 def unwritten_error(entry: PlanEntry) -> dict:
@@ -711,7 +717,7 @@ class _RayPipeline:
             return
         print(f"vidgen: item {entry.item.id}: {why}; attempt {attempts} of {ITEM_ATTEMPTS}", file=sys.stderr,
               flush=True)
-        self.pending.append([entry])
+        self.pending.appendleft([entry])  # first: its model is live (or may start), so no other model waits on it
         self.groups_left[uri] += 1
 
     def _forget(self, uri: str, worker) -> None:

@@ -134,5 +134,8 @@ def evaluate_model(model_uri: str, data: str, split: str = "val", batches: int =
             yield {"video": frames_to_video(np.stack(chunk))}
 
     life = ds.manifest.get("life")
-    values = evaluate(model, family, itertools.islice(batched(), batches), life_cell=life["cell"] if life else None)
+    try:
+        values = evaluate(model, family, itertools.islice(batched(), batches), life_cell=life["cell"] if life else None)
+    except ValueError as e:  # the model and the data do not fit each other (frame size, clip length, channels)
+        raise ExportError(f"{model_uri} on {data}: {e}") from None
     return {"model": model_uri, "family": family, "data": data, "split": split, **values}

@@ -24,6 +24,8 @@ from vidgen.train import checkpoint
 from vidgen.train.config import TrainConfig
 from vidgen.train.parallelize import build_engines, gathered, lr_of
 
+logger = logging.getLogger("vidgen.train")
+
 
 def train_loop_per_worker(payload: dict) -> None:
     import ray.train
@@ -68,7 +70,7 @@ def train_loop_per_worker(payload: dict) -> None:
     clips_per_step = cfg.micro_batch * cfg.grad_accum * world
     started = t0 = time.perf_counter()
     stop_check = StopCheck(cfg, rank, device)
-    scalars_acc, last = {}, False
+    scalars_acc, last, drained = {}, False, False
     while step < cfg.max_steps and not last:
         seen = 0
         for batch in iter_epoch(train_shard, cfg.micro_batch, cfg.seed, epoch, skip_batches=position):
@@ -93,10 +95,15 @@ def train_loop_per_worker(payload: dict) -> None:
                 log.say(progress_line(step, cfg.max_steps, step - state["step"], elapsed, cfg.max_minutes, scalars_acc))
             scalars_acc = {}
             at_checkpoint = step % cfg.checkpoint_every == 0 or last
+            draining = (not at_checkpoint and not drained and step % PREEMPTION_CHECK_STEPS == 0
+                        and _node_draining(log, step))
+            if draining:
+                at_checkpoint = drained = True  # a just-in-time checkpoint; Ray Train restarts from it
             if last:
                 clock.restart()  # from here: the fixed cost of the end of a run
-            if stop == STOP_REQUESTED:  # preempted: within the notice, only the checkpoint counts
-                log.say(f"stop requested at step {step}: saving a checkpoint; `vidgen train` again resumes here")
+            if stop == STOP_REQUESTED or draining:  # preempted: within the notice, only the checkpoint counts
+                if stop == STOP_REQUESTED:
+                    log.say(f"stop requested at step {step}: saving a checkpoint; `vidgen train` again resumes here")
             elif at_checkpoint or (cfg.sample_every and step % cfg.sample_every == 0):
                 log.extra(step, sample_and_evaluate(cfg, model, engines, val_shard, step, rank, payload, log))
                 clock.mark("samples and validation")
@@ -158,6 +165,23 @@ STOP_REQUESTED, TIME_BUDGET = "stop requested", "time budget"
 STOP_CHECK_S = 0.5  # rank 0 looks for the marker at most this often (a HEAD request on S3)
 
 
+PREEMPTION_CHECK_STEPS = 5  # every rank asks Ray Train whether a node is draining (a barrier) this often
+
+
+def _node_draining(log, step: int) -> bool:
+    """Whether Ray Train sees a node of this run draining (a spot reclaim, a scale-down). Every rank
+    must call it at the same steps: Ray Train agrees on one answer across them."""
+    import ray.train
+
+    info = ray.train.get_preemption_info()
+    if info is None:
+        return False
+    deadline = f", reclaimed in {max(0.0, info.deadline_ms / 1000 - time.time()):.0f} s" if info.deadline_ms else ""
+    log.say(f"node(s) {', '.join(n[:12] for n in info.preempted_node_to_ranks)} draining{deadline}: "
+            f"a checkpoint at step {step}, then on; the run restarts from it when the node goes")
+    return True
+
+
 class StopCheck:
     """Whether to stop after this step: the `max_minutes` budget is spent, or the driver was told to
     stop (its marker in RUN). Rank 0 decides and every rank follows, so all ranks stop at the same
@@ -176,7 +200,10 @@ class StopCheck:
             now = time.perf_counter()
             if not self.requested and now - self.checked_at >= STOP_CHECK_S:
                 self.checked_at = now
-                self.requested = storage.exists(storage.join(self.cfg.run, STOP_MARKER))
+                try:
+                    self.requested = storage.exists(storage.join(self.cfg.run, STOP_MARKER))
+                except storage.StorageError as e:  # a throttled or failed request: look again next time
+                    logger.warning(f"could not look for a stop request: {e}")
             if self.requested:
                 code = 2.0
             elif self.cfg.max_minutes is not None and now - self.started > self.cfg.max_minutes * 60:

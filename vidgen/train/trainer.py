@@ -140,11 +140,11 @@ def train(cfg: TrainConfig, address: str | None = None) -> TrainResult:
     except storage.StorageError as e:  # e.g. read-only access to the data: train, but say what is at risk
         print(f"[vidgen train] could not pin {cfg.data} version {version} ({e}); a re-ingest into that URI "
               f"may remove the shards this run reads", flush=True)
-    try:
-        return _fit(cfg, payload, resuming, address)
-    finally:
+    result = _fit(cfg, payload, resuming, address)  # an exception keeps the pin too: a rerun resumes
+    if not result.stopped_by:  # finished; a stopped run keeps its version pinned for the rerun (TTL 7 days)
         with contextlib.suppress(storage.StorageError):
             data_format.unpin(cfg.data, holder=cfg.run)
+    return result
 
 
 def _fit(cfg: TrainConfig, payload: dict, resuming: bool, address: str | None) -> TrainResult:
