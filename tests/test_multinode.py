@@ -33,6 +33,17 @@ def _wait_for(what, condition, proc, timeout: float = 180) -> None:
         time.sleep(0.1)
 
 
+def start_training(multinode, tmp_path, run: str, max_steps: int, checkpoint_every: int) -> subprocess.Popen:
+    """`vidgen train` of gan/tiny on the cluster: 2 workers of 2 CPUs, so one on each worker node."""
+    data = str(tmp_path / "shapes")
+    synth.synthesize("shapes", 40, 8, 32, data, seed=0, val_fraction=0.2, progress=False)
+    command = [sys.executable, "-m", "vidgen.cli", "train", "--family", "gan", "--preset", "tiny", "--data", data,
+               "--run", run, "--workers", "2", "--threads-per-worker", "2", "--zero-stage", "2",
+               "--micro-batch", "4", "--max-steps", str(max_steps), "--checkpoint-every", str(checkpoint_every),
+               "--max-failures", "2", "--val-split", ""]
+    return subprocess.Popen(command, env=multinode.env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
 def test_a_render_over_two_nodes_finishes_every_item_once_when_its_gpu_node_dies(multinode, s3_server, tmp_path):
     """The model worker goes to the node with the (logical) GPU; that node is killed mid-batch and
     a new GPU node joins: every item ends ok, each record written once, no partial object."""
@@ -73,13 +84,8 @@ def test_training_over_two_nodes_resumes_on_what_is_left_when_a_node_dies(multin
     """Two workers, one per worker node (2 CPUs each); the "cpu" node is killed after the step-4
     checkpoint and a replacement joins: Ray Train restarts the group from that checkpoint and the
     metrics show each step once."""
-    data, run = str(tmp_path / "shapes"), str(tmp_path / "run")
-    synth.synthesize("shapes", 40, 8, 32, data, seed=0, val_fraction=0.2, progress=False)
-    command = [sys.executable, "-m", "vidgen.cli", "train", "--family", "gan", "--preset", "tiny", "--data", data,
-               "--run", run, "--workers", "2", "--threads-per-worker", "2", "--zero-stage", "2",
-               "--micro-batch", "4", "--max-steps", "16", "--checkpoint-every", "4", "--max-failures", "2",
-               "--val-split", ""]
-    proc = subprocess.Popen(command, env=multinode.env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    run = str(tmp_path / "run")
+    proc = start_training(multinode, tmp_path, run, max_steps=16, checkpoint_every=4)
     try:
         _wait_for("step 5", lambda: len(read_metrics(run)) >= 5, proc)
         killed_at = len(read_metrics(run))
@@ -161,13 +167,8 @@ def test_a_draining_node_gets_a_checkpoint_before_it_goes_and_the_run_resumes_fr
     """A spot reclaim announced by a drain (with a deadline): the ranks save a just-in-time
     checkpoint though none is due (checkpoint_every is 1000), then the node is killed; the run
     restarts from that checkpoint, not from the start, and logs each step once."""
-    data, run = str(tmp_path / "shapes"), str(tmp_path / "run")
-    synth.synthesize("shapes", 40, 8, 32, data, seed=0, val_fraction=0.2, progress=False)
-    command = [sys.executable, "-m", "vidgen.cli", "train", "--family", "gan", "--preset", "tiny", "--data", data,
-               "--run", run, "--workers", "2", "--threads-per-worker", "2", "--zero-stage", "2",
-               "--micro-batch", "4", "--max-steps", "40", "--checkpoint-every", "1000", "--max-failures", "2",
-               "--val-split", ""]
-    proc = subprocess.Popen(command, env=multinode.env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    run = str(tmp_path / "run")
+    proc = start_training(multinode, tmp_path, run, max_steps=40, checkpoint_every=1000)
     try:
         _wait_for("step 3", lambda: len(read_metrics(run)) >= 3, proc)
         node = multinode.nodes["cpu"]
