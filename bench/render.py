@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -40,6 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from vidgen import media, models, storage  # noqa: E402
+from vidgen.capacity import cpu_seconds  # noqa: E402
 from vidgen.data.tensors import video_to_frames  # noqa: E402
 
 TITLE = "Spring sale -20%"
@@ -123,12 +123,6 @@ def encode_only(args, videos: list, tmp: str, threads: int | None) -> float:
     return time.perf_counter() - start
 
 
-def _cpu() -> float:
-    """CPU-seconds of this process (and moto's server threads in it) and of its finished children."""
-    me, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return me.ru_utime + me.ru_stime + children.ru_utime + children.ru_stime
-
-
 def machine_cpu() -> float:
     """CPU-seconds the whole machine has spent (every process), from /proc/stat."""
     with open("/proc/stat") as f:
@@ -146,9 +140,9 @@ def cost_breakdown(args, model, root: str, threads: int) -> dict[str, float]:
     parts = dict.fromkeys(("infer", "encode", "poster", "upload", "record"), 0.0)
 
     def part(name, fn):
-        start = _cpu()
+        start = cpu_seconds()
         result = fn()
-        parts[name] += _cpu() - start
+        parts[name] += cpu_seconds() - start
         return result
 
     with tempfile.TemporaryDirectory(prefix="vidgen-bench-") as tmp:

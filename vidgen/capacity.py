@@ -88,7 +88,8 @@ def shipped_figures(load: Load) -> Figures:
     return Figures(encode, infer)
 
 
-def _cpu() -> float:
+def cpu_seconds() -> float:
+    """CPU-seconds of this process (all its threads) and of its finished child processes (ffmpeg)."""
     me, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return me.ru_utime + me.ru_stime + children.ru_utime + children.ru_stime
 
@@ -108,9 +109,9 @@ def calibrate(load: Load, frames: int = 48) -> Figures:
     clip = np.stack([np.repeat(np.repeat(np.roll(base[0], t, axis=1), 8, 0), 8, 1)[:load.height, :load.width]
                      for t in range(frames)])
     media.encode(clip[:4], load.fps, load.codec, preset=load.preset, threads=1)  # warm-up
-    start = _cpu()
+    start = cpu_seconds()
     media.encode(clip, load.fps, load.codec, preset=load.preset, threads=1)
-    encode = (_cpu() - start) / frames / (load.width * load.height / 1e6)
+    encode = (cpu_seconds() - start) / frames / (load.width * load.height / 1e6)
 
     from vidgen.render.spec import MODE_FAMILIES
 
@@ -124,11 +125,11 @@ def calibrate(load: Load, frames: int = 48) -> Figures:
         model = models.build(load.family, load.model_preset)
     except ValueError as e:
         raise InputError(f"--model {load.family}/{load.model_preset}: {e}") from None
-    start = _cpu()
+    start = cpu_seconds()
     with torch.no_grad():
         if load.mode == "generate":
             video_to_frames(model.sample(1, frames, seed=0)[0])
-            infer = (_cpu() - start) / frames
+            infer = (cpu_seconds() - start) / frames
         else:  # as the render engine runs it: frames -> the family's restore / stylize
             from vidgen.data.tensors import frames_to_video
 
@@ -136,7 +137,7 @@ def calibrate(load: Load, frames: int = 48) -> Figures:
             fn = model.restore if load.mode == "restore" else model.stylize
             frames = clip[:n] if load.mode == "restore" else clip[:n, :load.height // 4 * 4, :load.width // 4 * 4]
             video_to_frames(fn(frames_to_video(frames))[0])
-            infer = (_cpu() - start) / n
+            infer = (cpu_seconds() - start) / n
     return Figures(encode, infer, measured=[f"encode {load.codec} {load.preset} at {load.width}x{load.height}",
                                             f"inference {load.family}/{load.model_preset} {load.mode}"])
 
