@@ -324,6 +324,63 @@ def test_sigterm_finishes_the_items_in_flight_leaves_no_partial_object_and_the_r
     assert len(final) == 10 and all(r["status"] == "ok" for r in final.values())
 
 
+def test_a_stop_aborts_an_encoders_upload_only_after_its_cancel_has_landed(assets, s3_root, ray_session,
+                                                                           monkeypatch):
+    """Ray's force-cancel ends an encoder a moment after it is asked (seconds on a loaded machine).
+    Aborting the encoder's upload before then made it fail under a live encoder, which recorded its
+    item as an error (CI, 2026-11-30). Here every cancel lands 2 s late: the upload must be aborted
+    after the encoder is gone, and never seen aborted by it."""
+    import threading
+    from contextlib import contextmanager
+
+    import ray
+
+    from vidgen import runtime
+    from vidgen.render import batch, engine
+
+    def uploading_encoder(item, out, meta, refs, model, item_hash, previous, resume, threads):
+        """An encoder uploading its video until it is cancelled; it leaves a mark if its upload fails."""
+        bucket, key = storage.split_s3(engine.item_outputs(item, out)[0].video)
+        client = storage.s3_client()
+        upload = client.create_multipart_upload(Bucket=bucket, Key=key)["UploadId"]
+        for part in range(1, 1200):
+            try:
+                client.upload_part(Bucket=bucket, Key=key, UploadId=upload, PartNumber=part, Body=b"x" * 1024)
+            except Exception:
+                storage.write_text(storage.join(out, f"aborted-under-{item.id}"), "")
+                raise
+            time.sleep(0.05)
+
+    worker_cls, _ = batch._remote()
+    monkeypatch.setattr(batch, "_remote", lambda: (worker_cls, ray.remote(max_retries=0)(uploading_encoder)))
+    cancel = ray.cancel
+    monkeypatch.setattr(ray, "cancel", lambda ref, force=False: threading.Timer(2.0, cancel, (ref,),
+                                                                              {"force": force}).start())
+    stop = runtime.StopRequest()
+    monkeypatch.setattr(runtime, "stop_on_signal", contextmanager(lambda what, on_stop=None: (yield stop)))
+    monkeypatch.setenv("VIDGEN_RENDER_STOP_GRACE_S", "0")
+    out = storage.join(s3_root, "out")
+    bucket, prefix = storage.split_s3(out)
+    spec = {"name": "late-cancel", "output": out, "model": assets["gan"],
+            "defaults": {"fps": FPS, "seconds": 1, "size": [SIDE, SIDE], "preset": "ultrafast"},
+            "items": [{"id": f"gen-{i}", "mode": "generate", "seed": i} for i in range(2)]}
+
+    def stop_when_both_upload():
+        deadline = time.monotonic() + 120
+        while len(storage.s3_client().list_multipart_uploads(Bucket=bucket, Prefix=prefix).get("Uploads", [])) < 2:
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        stop.by, stop.at = "SIGTERM", time.monotonic()
+
+    threading.Thread(target=stop_when_both_upload, daemon=True).start()
+    result = render_batch(parse_batch(spec), workers=2, progress=False)
+    assert result.stopped_by == "SIGTERM" and sorted(result.left) == ["gen-0", "gen-1"]
+    time.sleep(1.0)  # an encoder that outlived the stop would leave its mark by now
+    assert not [k for k in snapshot(out) if "aborted-under-" in k]
+    assert not storage.s3_client().list_multipart_uploads(Bucket=bucket, Prefix=prefix).get("Uploads")
+
+
 def test_objects_that_landed_before_their_record_are_adopted_not_uploaded_again(assets, s3_root):
     """What a kill between an item's uploads and its record leaves: outputs, no record."""
     spec = {"name": "adopt", "output": s3_root, "model": assets["gan"],

@@ -55,6 +55,7 @@ MAX_BATCH = 8  # generate/predict items inferred in one call
 ITEM_ATTEMPTS = 3  # an item whose model worker or encoder dies is inferred again, up to this many times in all
 STOP_GRACE_ENV = "VIDGEN_RENDER_STOP_GRACE_S"  # told to stop: encodes in flight get this long to land (default
 STOP_GRACE_S = 20.0                             # 20 s, within a spot notice), then are cancelled, uploads aborted
+CANCEL_WAIT_S = 30.0  # how long a stop waits for cancelled encoders to be gone before aborting their uploads
 KILL_ENV = "VIDGEN_TEST_KILL_AFTER_ITEMS"
 
 
@@ -633,8 +634,15 @@ class _RayPipeline:
 
         self.pending.clear(), self.inferring.clear(), self.waiting.clear()
         if self.encoding and time.monotonic() - self.stop.at >= self.grace:  # out of time
-            for ref in self.encoding:
+            refs = list(self.encoding)
+            for ref in refs:
                 ray.cancel(ref, force=True)
+            # A cancel lands a moment later (seconds on a loaded machine): an encoder still running
+            # would see its upload aborted under it and record its item as an error.
+            _, alive = ray.wait(refs, num_returns=len(refs), timeout=CANCEL_WAIT_S)
+            if alive:
+                print(f"vidgen: {len(alive)} cancelled encoder(s) still running after {CANCEL_WAIT_S:g} s; "
+                      "aborting their uploads anyway", file=sys.stderr, flush=True)
             abort_leftover_uploads([entry for entry, _, _ in self.encoding.values()], self.out)
             self.encoding.clear()
         return bool(self.encoding)
