@@ -23,7 +23,7 @@ convlstm  Game of Life 64x64 (32x32 cells), 5 min: the share of cells right in t
           frame, on unseen boards, vs copy-last-frame (target >= 0.99).
 vae       shapes 32x32, 3 min: reconstruction PSNR vs each clip's mean frame; sample Frechet ratio as
           for the GAN (report only).
-style     shapes 64x64, 2 x 2 min (temporal weight 10 and 0): flicker = mean |y_t - y_t-1| / mean
+style     shapes 64x64, 2 x 2 min (temporal weight 10 with style weight 15, and 0 with 5): flicker = mean |y_t - y_t-1| / mean
           |x_t - x_t-1| on val clips, at the style loss each reaches (target: lower flicker at a style
           loss within 25% of the run without the temporal term).
 
@@ -212,9 +212,14 @@ def bench_style(work: str, args) -> dict:
     Image.fromarray(stripes.astype(np.uint8)).save(style)
     video, _ = clips(data, "val")
     out = {}
-    for name, weight in (("temporal", 10.0), ("per-frame", 0.0)):
+    # The temporal term pulls against the style term: at the same style weight the temporal run ends
+    # with a larger style loss (0.10 vs 0.06), and less flicker would be bought with less style. It
+    # weights style 3x (a sweep: weight 15 reaches the per-frame run's style loss), so the two are
+    # compared at equal style loss; the run checks that they are within 25%.
+    for name, weights in (("temporal", {"temporal_weight": 10.0, "style_weight": 15.0}),
+                          ("per-frame", {"temporal_weight": 0.0})):
         model, run = train_and_export(work, f"style-{name}", "style", data, budget(2, args),
-                                      {"temporal_weight": weight}, micro_batch=4, style_image=style)
+                                      weights, micro_batch=4, style_image=style)
         styled = torch.cat([model.stylize(video[i:i + 4]) for i in range(0, len(video), 4)])
         terms = model.losses(video[:8], styled[:8])
         out[name] = {"run": run, "flicker": flicker(styled, video), "style_loss": terms["style"].item()}
