@@ -407,17 +407,21 @@ def test_objects_that_landed_before_their_record_are_adopted_not_uploaded_again(
 
 
 def test_a_model_that_will_not_load_fails_its_items_only(assets, s3_root, ray_session):
-    broken = storage.join(s3_root, "models", "broken")
-    storage.copy(storage.join(assets["gan"], "model.json"), storage.join(broken, "model.json"))
-    storage.write_bytes(storage.join(broken, "model.safetensors"), b"not the weights")
+    broken, broken_restore = (storage.join(s3_root, "models", name) for name in ("broken", "broken-restore"))
+    for uri, source in ((broken, assets["gan"]), (broken_restore, assets["restore"])):
+        storage.copy(storage.join(source, "model.json"), storage.join(uri, "model.json"))
+        storage.write_bytes(storage.join(uri, "model.safetensors"), b"not the weights")
     spec = {"name": "broken", "output": storage.join(s3_root, "out"), "model": assets["gan"],
             "defaults": {"fps": FPS, "seconds": 1, "size": [SIDE, SIDE], "preset": "ultrafast"},
             "items": [{"id": "good", "mode": "generate", "seed": 1},
-                      {"id": "bad", "mode": "generate", "seed": 1, "model": broken}]}
+                      {"id": "bad", "mode": "generate", "seed": 1, "model": broken},
+                      {"id": "bad-restore", "mode": "restore", "input": assets["lecture"], "model": broken_restore}]}
     result = render_batch(parse_batch(spec), workers=2, progress=False)
     records = {r["id"]: r for r in result.records}
-    assert records["good"]["status"] == "ok" and result.failed == ["bad"]
-    assert broken in records["bad"]["error"] and "sha256" in records["bad"]["error"]
+    assert records["good"]["status"] == "ok" and result.failed == ["bad", "bad-restore"]
+    for bad, uri in (("bad", broken), ("bad-restore", broken_restore)):  # streamed too: said once, not retried
+        assert uri in records[bad]["error"] and "sha256" in records[bad]["error"], records[bad]["error"]
+        assert "attempts" not in records[bad]["error"]
 
 
 def test_an_unreadable_model_json_never_turns_an_ok_record_into_an_error(assets, s3_root, capsys):
@@ -551,6 +555,47 @@ def test_items_from_csv_beside_the_spec_and_dry_run(assets, s3_root, capsys):
 
 # --------------------------------------------------------------------------------------------
 # On a GPU
+
+
+def test_a_restore_item_is_encoded_while_it_is_inferred_not_held_whole(tmp_path, monkeypatch):
+    """A restore item of any length streams: each output's encoder gets the first chunk when the
+    model has made one or two, and the video, a rendition and the comparison are encoded from that
+    one pass. (Before: the whole video was inferred into memory, then encoded.)"""
+    import torch
+
+    from vidgen.render import engine
+
+    frames, chunk = 40, 8
+    _ffmpeg("-f", "lavfi", "-i", "testsrc2=s=64x48:r=8", "-frames:v", str(frames), "-pix_fmt", "yuv420p",
+            str(tmp_path / "in.mp4"))
+    torch.manual_seed(0)
+    model = models.build("restore", "tiny").eval()
+    calls = []
+    restore = model.restore
+    monkeypatch.setattr(model, "restore", lambda video: calls.append(1) or restore(video))
+    first_chunk_after = []
+    encode_to = media.encode_to
+
+    def encode_noting_the_first_chunk(uri, video, *args, **kwargs):
+        def noted():
+            for i, part in enumerate(video):
+                if i == 0:
+                    first_chunk_after.append(len(calls))
+                yield part
+        return encode_to(uri, noted(), *args, **kwargs)
+
+    monkeypatch.setattr(media, "encode_to", encode_noting_the_first_chunk)
+    out = str(tmp_path / "out")
+    batch = parse_batch({"name": "stream", "output": out, "model": "unused", "defaults": {"fps": 8},
+                         "items": [{"id": "r", "mode": "restore", "input": str(tmp_path / "in.mp4"), "compare": True,
+                                    "renditions": [{"name": "small", "size": [64, 48]}]}]})
+    info = engine.ModelInfo("unused", "restore", "0" * 64)
+    [record] = engine.render_items(batch.resolve(), model, out, info, chunk_frames=chunk)
+    assert record["status"] == "ok", record
+    assert len(calls) == frames // chunk
+    assert len(first_chunk_after) == 3 and max(first_chunk_after) <= 2, first_chunk_after
+    for name in ("r.mp4", "r--small.mp4", "r--compare.mp4"):
+        assert media.probe(os.path.join(out, name)).frames == frames
 
 
 @pytest.mark.gpu

@@ -278,6 +278,31 @@ def test_restore_and_stylize_items_count_their_inputs_against_the_limits(service
     assert service.wait(accepted.json()["id"])["status"] == "done"
 
 
+def test_a_restore_item_streams_from_the_model_to_its_encoder(service):
+    """The endpoint's restore items are read by their encode task from the model deployment while
+    it infers them (a streaming handle), not inferred whole into the object store first; the video,
+    a rendition and the comparison come from that one pass."""
+    import numpy as np
+    from ray import serve
+
+    source = storage.join(service.inputs, "stream", "lecture.mp4")
+    frames = np.random.default_rng(0).integers(0, 255, (20, 48, 64, 3), dtype=np.uint8)
+    storage.write_bytes(source, media.encode(frames, fps=8, preset="ultrafast", crf=10))
+    body = {"name": "streamed", "model": "r", "defaults": {"preset": "ultrafast"},
+            "items": [{"id": "lecture", "mode": "restore", "input": source, "compare": True,
+                       "renditions": [{"name": "small", "size": [32, 24]}]}]}
+    accepted = service.post(body)
+    assert accepted.status_code == 202, accepted.text
+    job = service.wait(accepted.json()["id"])
+    assert job["status"] == "done", job
+    out = storage.join(service.root, accepted.json()["id"])
+    for name, size in (("lecture.mp4", (64, 48)), ("lecture--small.mp4", (32, 24)), ("lecture--compare.mp4", (128, 48))):
+        info = media.probe(storage.join(out, name))
+        assert (info.width, info.height, info.frames) == (*size, 20), name
+    stats = serve.get_deployment_handle("model-r", serving.APP_NAME).get_stats.remote().result()
+    assert stats.get("streams", 0) >= 1 and stats["items"] == 0, stats  # streamed, never a whole-item infer
+
+
 def test_malformed_json_is_422_and_nothing_is_queued(service):
     before = serving.JobStore(service.root).jobs()
     _unprocessable(service, b'{"name": "x", "items": [', "body")

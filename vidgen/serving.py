@@ -56,6 +56,7 @@ import secrets
 import signal
 import time
 import uuid
+from dataclasses import dataclass
 from collections import OrderedDict
 from typing import Any
 
@@ -1082,6 +1083,17 @@ def _encode_task():
     return ray.remote(max_retries=0)(encode_task)  # the runner retries an item itself
 
 
+@dataclass(frozen=True)
+class Served:
+    """Where an encode task reads a streamed item's messages: a model deployment's `stream`."""
+
+    handle: object  # the model's DeploymentHandle
+    digest: str  # the weights its job was planned with
+
+    def open(self, item: ResolvedItem):
+        return self.handle.options(stream=True).stream.remote(item, self.digest)
+
+
 class ModelServer:
     """One model, loaded once per replica; `infer` is batched across requests (and jobs).
 
@@ -1117,6 +1129,44 @@ class ModelServer:
         """Each request: (item, the weights digest its job planned with)."""
         return await asyncio.get_running_loop().run_in_executor(None, self._infer, requests)
 
+    async def stream(self, item: ResolvedItem, digest: str):
+        """A streamed item (restore, stylize), read by its encode task through a streaming handle
+        while the model makes it: the messages of `batch.stream_events`, or ("unavailable", why)
+        when the model cannot be loaded with the weights the job planned with."""
+        loop, done = asyncio.get_running_loop(), object()
+        messages = self._stream(item, digest)
+        while (message := await loop.run_in_executor(None, next, messages, done)) is not done:
+            yield message
+
+    def _stream(self, item: ResolvedItem, digest: str):
+        from vidgen.render import engine
+        from vidgen.render.batch import stream_events
+
+        problem = self._ready({digest})
+        if problem is None and digest != self.sha256:
+            problem = self._changed()
+        if problem is not None:
+            yield "unavailable", problem
+            return
+        self.stats["streams"] = self.stats.get("streams", 0) + 1
+        yield from stream_events(self.model, item, engine.CHUNK_FRAMES)
+
+    def _ready(self, digests: set[str]) -> str | None:
+        """Load the model if it is not yet, reload it if re-exported with weights asked for; the
+        reason it cannot be used, or None."""
+        if self.model is None:
+            try:
+                self._load()
+            except Exception as e:  # noqa: BLE001 - every item asking for it records it
+                return f"model {self.name} ({self.uri}) cannot be loaded: {e}"
+        elif any(digest != self.sha256 for digest in digests):
+            self._reload_if_reexported(digests)
+        return None
+
+    def _changed(self) -> str:
+        return (f"model {self.name} ({self.uri}) changed after this job was planned: it holds weights "
+                f"{self.sha256[:12]} now; submit the job again")
+
     def _infer(self, requests: list[tuple[ResolvedItem, str]]) -> list[dict]:
         import numpy as np
         import ray
@@ -1124,14 +1174,9 @@ class ModelServer:
         from vidgen.render import engine
 
         started = time.monotonic()
-        if self.model is None:
-            try:
-                self._load()
-            except Exception as e:  # noqa: BLE001 - every item of the batch records it
-                return [{"error": f"model {self.name} ({self.uri}) cannot be loaded: {e}",
-                         "model_trouble": True}] * len(requests)
-        elif any(digest != self.sha256 for _, digest in requests):
-            self._reload_if_reexported({digest for _, digest in requests})
+        problem = self._ready({digest for _, digest in requests})
+        if problem is not None:
+            return [{"error": problem, "model_trouble": True}] * len(requests)
         stale = {i for i, (_, digest) in enumerate(requests) if digest != self.sha256}
         items = [item for i, (item, _) in enumerate(requests) if i not in stale]
         if stale:
@@ -1147,6 +1192,8 @@ class ModelServer:
 
         for event in engine.infer(self.model, items, engine.CHUNK_FRAMES):
             i = event.index
+            if isinstance(event, engine.Begin):  # its meta comes again with Done
+                continue
             if isinstance(event, engine.Chunk):
                 results.setdefault(i, {"chunks": {}})
                 buffer = pending.setdefault((i, event.stream), [])
@@ -1168,8 +1215,7 @@ class ModelServer:
         self.stats["busy_s"] += time.monotonic() - started
         answers = iter([results.get(i) or {"error": "the model produced nothing for this item"}
                         for i in range(len(items))])
-        changed = {"error": f"model {self.name} ({self.uri}) changed after this job was planned: it holds weights "
-                            f"{self.sha256[:12]} now; submit the job again", "model_trouble": True}
+        changed = {"error": self._changed(), "model_trouble": True}
         return [changed if i in stale else next(answers) for i in range(len(requests))]
 
     def _reload_if_reexported(self, wanted: set[str]) -> None:
@@ -1418,6 +1464,9 @@ class JobRunner:
 
     async def _render_item(self, out: str, entry, run: _Run) -> dict:
         """Model, then an encode task; a replica or encoder that dies costs a retry, not the item."""
+        from vidgen.render import engine
+        from vidgen.render.batch import ModelUnavailableError
+
         item = entry.item
         name = self.names.get(item.model)
         if name is None:
@@ -1429,16 +1478,21 @@ class JobRunner:
         last = None
         for attempt in range(1, self.conf.item_attempts + 1):
             try:
-                result = await self.handles[name].infer.remote((item, entry.model.sha256))
-                if "error" in result and result.get("model_trouble") and (entry.previous or {}).get("status") == "ok":
-                    run.kept[item.id] = result["error"]  # the model could not be loaded as planned: keep the ok record
-                    return entry.previous
-                if "error" in result:
-                    return await self._error(out, entry, result["error"])
+                if item.mode in engine.STREAMED_MODES:  # the encode task reads it from the model as it is made
+                    meta, source = None, Served(self.handles[name], entry.model.sha256)
+                else:
+                    result = await self.handles[name].infer.remote((item, entry.model.sha256))
+                    if "error" in result and result.get("model_trouble"):
+                        return await self._model_trouble(out, entry, run, result["error"])
+                    if "error" in result:
+                        return await self._error(out, entry, result["error"])
+                    meta, source = result["meta"], result["chunks"]
                 task = _encode_task().options(num_cpus=self.conf.encode_cpus)
-                return await task.remote(item, out, result["meta"], result["chunks"], entry.model, entry.spec_hash,
+                return await task.remote(item, out, meta, source, entry.model, entry.spec_hash,
                                          entry.previous, entry.resume or attempt > 1,
                                          threads=max(1, int(self.conf.encode_cpus)))
+            except ModelUnavailableError as e:
+                return await self._model_trouble(out, entry, run, str(getattr(e, "cause", None) or e))
             except Exception as e:  # noqa: BLE001 - a model replica or an encoder died: try again
                 last = e
                 logger.warning(f"runner {self.runner_id}: item {item.id} attempt {attempt} failed: "
@@ -1446,6 +1500,13 @@ class JobRunner:
                 await asyncio.sleep(min(0.5 * 2**attempt, 5.0))
         return await self._error(out, entry, f"gave up after {self.conf.item_attempts} attempts: "
                                              f"{type(last).__name__}")
+
+    async def _model_trouble(self, out: str, entry, run: _Run, error: str) -> dict:
+        """The model could not be loaded as planned: an ok record stays (the item fails this job)."""
+        if (entry.previous or {}).get("status") == "ok":
+            run.kept[entry.item.id] = error
+            return entry.previous
+        return await self._error(out, entry, error)
 
     def _input_problem(self, item: ResolvedItem, scale: int) -> str | None:
         """The service's limits on an input video, again at render time (it may have changed since

@@ -32,6 +32,7 @@ Test hook: VIDGEN_TEST_KILL_AFTER_ITEMS=N makes the driver SIGKILL itself after 
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import os
 import signal
@@ -493,6 +494,8 @@ class ModelWorker:
 
         for event in engine.infer(self.model, items, chunk_frames):
             slot = results.setdefault(event.index, {"chunks": {}})
+            if isinstance(event, engine.Begin):  # its meta comes again with Done
+                continue
             if isinstance(event, engine.Chunk):
                 key = (event.index, event.stream)
                 held.setdefault(key, []).append(event.frames)
@@ -509,6 +512,45 @@ class ModelWorker:
         return [results.get(i) or {"error": "the model produced nothing for this item"} for i in range(len(items))]
 
 
+    def stream(self, item: ResolvedItem, chunk_frames: int):
+        """A streamed item (restore, stylize) as a Ray streaming generator, read by its encode task
+        (see `stream_events`). The caller's backpressure pauses it: the item is never held whole."""
+        for kind, data in stream_events(self.model, item, chunk_frames):
+            yield kind, ({**data, "node": self.where} if kind == "begin" else data)
+
+
+def stream_events(model, item: ResolvedItem, chunk_frames: int):
+    """One streamed item's messages, for a model worker or a model server to send to the encoder:
+    ("begin", meta), then ("video" | "input", frames) chunks as the model makes them; or
+    ("error", message) when the item cannot render (a bad input)."""
+    for event in engine.infer(model, [item], chunk_frames):
+        if isinstance(event, engine.Begin):
+            yield "begin", event.meta
+        elif isinstance(event, engine.Chunk):
+            yield event.stream, event.frames
+        elif isinstance(event, engine.Failed):
+            yield "error", event.error
+
+
+@dataclass(frozen=True)
+class Streamed:
+    """Where an encode task reads a streamed item's messages: a model worker's `stream`."""
+
+    worker: object  # a ModelWorker actor handle
+    chunk_frames: int
+
+    def open(self, item: ResolvedItem):
+        return self.worker.stream.options(num_returns="streaming", _generator_backpressure_num_objects=STREAM_AHEAD
+                                          ).remote(item, self.chunk_frames)
+
+
+STREAM_AHEAD = 2  # chunks a model worker may make ahead of the encoder reading them
+
+
+class ModelUnavailableError(Exception):
+    """A streamed item's model worker could not load its model (not a lost worker: no retry)."""
+
+
 class FramesLostError(Exception):
     """An item's frames are gone from the object store (the model worker that held them died)."""
 
@@ -519,21 +561,52 @@ class _FramesLost(BaseException):
     pass
 
 
-def encode_task(item, out, meta, refs, model, item_hash, previous, resume, threads=None) -> dict:
-    """The encode stage as a Ray task, for batches and the endpoint alike: the item's frames (object
-    refs, fetched one chunk at a time) -> its outputs and record. FramesLostError when the frames
-    are gone (their model worker died): the caller infers the item again."""
+def encode_task(item, out, meta, source, model, item_hash, previous, resume, threads=None) -> dict:
+    """The encode stage as a Ray task, for batches and the endpoint alike: the item's frames -> its
+    outputs and record. `source`: {stream: [ObjectRef, ...]} (a batch's inferred frames, fetched one
+    chunk at a time), or a streamed item's source (`open(item)` -> the messages of `stream_events`,
+    read while the model makes them; its meta comes first): a model worker's (Streamed) or a model
+    server's. FramesLostError when the frames are gone (their model worker died): the caller infers
+    the item again; ModelUnavailableError when a streamed item's model could not be loaded."""
     import ray
 
-    def chunks(stream: str):
-        for ref in refs.get(stream, []):
-            try:
-                yield ray.get(ref)
-            except ray.exceptions.RayError as e:
-                raise _FramesLost(type(e).__name__) from None
+    def fetch(ref):
+        try:
+            return ray.get(ref)
+        except ray.exceptions.ActorDiedError as e:
+            if e.actor_init_failed:
+                raise ModelUnavailableError(f"model {item.model}: {_ray_error(e)}") from None
+            raise _FramesLost(type(e).__name__) from None
+        except ray.exceptions.RayError as e:
+            raise _FramesLost(type(e).__name__) from None
+
+    def receive(messages):  # a model worker's object refs, or a model server's values
+        for message in messages:
+            yield fetch(message) if isinstance(message, ray.ObjectRef) else message
+
+    def streamed(messages):
+        for stream, data in messages:
+            if stream == "error":
+                raise ItemError(data)
+            yield stream, data
+
+    def inferred():
+        streams = [[(name, ref) for ref in source.get(name, [])] for name in ("video", "input")]
+        for pair in itertools.chain.from_iterable(itertools.zip_longest(*streams)):
+            if pair is not None:
+                yield pair[0], fetch(pair[1])
 
     try:
-        return engine.encode_item(item, out, meta, chunks, model, item_hash, previous, resume, threads)
+        if isinstance(source, dict):
+            return engine.encode_item(item, out, meta, inferred(), model, item_hash, previous, resume, threads)
+        messages = receive(source.open(item))
+        kind, meta = next(messages, ("error", "the model produced nothing for this item"))
+        if kind == "unavailable":  # the model could not be loaded (as planned): not this item's error
+            raise ModelUnavailableError(meta)
+        if kind == "error":
+            record = engine.error_record(item, model.uri, model.sha256, item_hash, meta)
+            return engine.write_record(out, record, previous)
+        return engine.encode_item(item, out, meta, streamed(messages), model, item_hash, previous, resume, threads)
     except _FramesLost as e:
         raise FramesLostError(f"item {item.id}: its frames were lost ({e})") from None
 
@@ -667,6 +740,11 @@ class _RayPipeline:
                     break
                 self.actors[uri] = self._new_worker(uri, first.model.sha256)
             group, worker = self.pending.popleft(), self.actors[uri]
+            if first.item.mode in engine.STREAMED_MODES:  # its encode task reads it from the worker as it is made
+                self.groups_left[uri] -= 1
+                self.encodes_of[uri] += 1
+                self.waiting.append((first, uri, None, Streamed(worker, self.chunk_frames), worker))
+                continue
             self.inferring[worker.infer.remote([e.item for e in group], self.chunk_frames)] = (uri, group, worker)
 
     def _new_worker(self, uri: str, sha256: str):
@@ -709,6 +787,8 @@ class _RayPipeline:
         self.encodes_of[uri] -= 1
         try:
             record = ray.get(ref)
+        except ModelUnavailableError as e:
+            _fail(self.out, entry, str(getattr(e, "cause", None) or e), self.finish, model_trouble=True)
         except Exception as e:  # noqa: BLE001 - the encoder died, or the frames went with their node
             if isinstance(e, FramesLostError):  # their owner, the model worker that inferred them, is gone
                 self._forget(uri, worker)

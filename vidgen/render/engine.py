@@ -2,14 +2,15 @@
 
 Plain functions that the offline batch (`vidgen.render.batch`, on Ray) and the serving path share:
 
-    for event in infer(model, items):              # Chunk(index, stream, frames) ..., Done / Failed
+    for event in infer(model, items):       # [Begin(index, meta)], Chunk(index, stream, frames) ..., Done / Failed
         ...
-    record = encode_item(item, out, meta, chunks, model_info, spec_hash(item, digest))
+    record = encode_item(item, out, meta, frames, model_info, spec_hash(item, digest))  # frames: (stream, chunk)
     records = render_items(items, model, out, model_info)   # both, in this process
 
 `infer` takes a list of compatible items (same model and mode; generate items of one length are
 sampled as one batch, so a server can batch across requests) and streams uint8 frames (t, H, W, 3)
-in chunks of at most CHUNK_FRAMES: long outputs never exist whole, on the model side or the encoder's.
+in chunks of at most CHUNK_FRAMES. A restore or stylize item (any length) starts with Begin(meta)
+and is encoded as its chunks come (`item_frames`): its video never exists whole, on either side.
 
 Outputs of an item under OUT (all relative names, so a gallery page can link them):
     <id>.mp4 / <id>.webm     the item at its size (H.264 or VP9), overlays drawn, audio and subtitles muxed
@@ -24,11 +25,16 @@ so a re-run after a kill adopts objects that landed before the record did instea
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
 import os
+import queue
 import tempfile
+import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -126,6 +132,12 @@ def record_uri(out: str, item_id: str) -> str:
 
 
 @dataclass
+class Begin:
+    index: int
+    meta: dict  # fps, width, height (native), scale: what an encoder needs before the first frame
+
+
+@dataclass
 class Chunk:
     index: int  # which item of the list
     stream: str  # "video" (the output) or "input" (restore's input frames, for the comparison)
@@ -144,14 +156,18 @@ class Failed:
     error: str
 
 
-Event = Chunk | Done | Failed
+Event = Begin | Chunk | Done | Failed
+
+STREAMED_MODES = ("restore", "stylize")  # one item at a time, Begin first: encoded while it is inferred
 
 
 def infer(model, items: list[ResolvedItem], chunk_frames: int = CHUNK_FRAMES) -> Iterator[Event]:
     """Run the model for `items`, streaming Chunk events, then Done or Failed for each item.
 
     A failing item yields Failed (chunks it already yielded are to be dropped); the others go on.
-    Generate items with the same length are sampled together as one batch.
+    Generate items with the same length are sampled together as one batch. A restore or stylize
+    item (STREAMED_MODES) comes whole, one after another, Begin(meta) first, so its encode can
+    start with its first chunk: its video is never held whole (any length, bounded memory).
     """
     from vidgen import models
 
@@ -173,8 +189,22 @@ def infer(model, items: list[ResolvedItem], chunk_frames: int = CHUNK_FRAMES) ->
     if predict:
         yield from _predict(model, predict, chunk_frames)
     for i, item in ready:
-        if item.mode in ("restore", "stylize"):
+        if item.mode in STREAMED_MODES:
             yield from _guard([i], _transform(model, i, item, chunk_frames))
+
+
+def item_frames(events: Iterator[Event], index: int) -> Iterator[tuple[str, np.ndarray]]:
+    """The (stream, frames) chunks of item `index` from `events` (after its Begin), up to its Done;
+    ItemError at its Failed. Leaves `events` at the event after the item's last one."""
+    for event in events:
+        if event.index != index:
+            raise RuntimeError(f"item {index}'s events were interleaved with item {event.index}'s")
+        if isinstance(event, Chunk):
+            yield event.stream, event.frames
+        elif isinstance(event, Done):
+            return
+        elif isinstance(event, Failed):
+            raise ItemError(event.error)
 
 
 def _guard(indices: list[int], events: Iterator[Event]) -> Iterator[Event]:
@@ -275,6 +305,8 @@ def _transform(model, i: int, item: ResolvedItem, chunk_frames: int) -> Iterator
         chunks = media.iter_decode(item.input, chunk_frames, size=size, fps=item.fps, max_frames=wanted)
     except media.MediaError as e:
         raise ItemError(f"input: {e}") from None
+    meta = {"fps": fps, "width": width * scale, "height": height * scale, "scale": scale}
+    yield Begin(i, meta)
     count = 0
     for frames, output in _windowed(chunks, radius, run):
         yield Chunk(i, "video", output)
@@ -283,7 +315,7 @@ def _transform(model, i: int, item: ResolvedItem, chunk_frames: int) -> Iterator
         count += len(frames)
     if count == 0:
         raise ItemError(f"input: {item.input} has no frames to {item.mode}")
-    yield Done(i, {"fps": fps, "frames": count, "width": width * scale, "height": height * scale, "scale": scale})
+    yield Done(i, {**meta, "frames": count})
 
 
 def _windowed(chunks: Iterable[np.ndarray], radius: int, fn: Callable[[np.ndarray], np.ndarray]):
@@ -369,11 +401,14 @@ def _rollout(model, group, k: int, total: int, shape, chunk_frames: int, device)
 Chunks = Callable[[str], Iterable[np.ndarray]]  # stream name -> its chunks, from the start, each call
 
 
+Frames = Iterable[tuple[str, np.ndarray]]  # one pass over an item's (stream, uint8 chunk) pairs
+
+
 def encode_item(
     item: ResolvedItem,
     out: str,
     meta: dict,
-    chunks: Chunks,
+    frames: Frames,
     model: ModelInfo,
     item_hash: str,
     previous: dict | None = None,
@@ -382,35 +417,104 @@ def encode_item(
 ) -> dict:
     """Encode, poster and upload every output of one item, then write its record; returns the record.
 
-    `chunks(stream)` gives the item's frames again for each output (renditions are separate
-    encodes of the same frames). With `resume` (some outputs exist: a killed run), objects already
-    on S3 with this spec hash are kept, not uploaded again. An error becomes the item's error record.
-    `threads`: the encoder's threads (see `media.encode`); the pipeline gives each encode its share.
+    `frames` is read once, as it comes (a streamed item's chunks arrive while it is inferred): each
+    output (the video, its renditions, the comparison) is encoded from the same pass, at the same
+    time (see `_fan_out`). With `resume` (some outputs exist: a killed run), objects already on S3
+    with this spec hash are kept, not uploaded again. An error, from the frames (an ItemError) or an
+    encode, becomes the item's error record. `threads`: the encoder's threads (see `media.encode`).
     """
     started = time.monotonic()
     try:
-        results = {}
+        results, todo = {}, []
         for output in item_outputs(item, out):
-            results[output.name] = (resume and adopt(output, item_hash)) or _encode_output(
-                item, output, meta, chunks, model, item_hash, resume, threads)
+            facts = resume and (adopt(output, item_hash) or _poster_from_landed_video(output, item_hash))
+            if facts:
+                results[output.name] = facts
+            else:
+                todo.append(output)
+        encoders = [functools.partial(_encode_output, item, output, meta, model, item_hash, threads) for output in todo]
+        for output, facts in zip(todo, _fan_out(frames, encoders) if todo else [], strict=True):
+            results[output.name] = facts
+        results = {o.name: results[o.name] for o in item_outputs(item, out)}
         record = ok_record(item, model, item_hash, results, time.monotonic() - started)
     except Exception as e:  # noqa: BLE001 - one item's failure is recorded, never the batch's
         record = error_record(item, model.uri, model.sha256, item_hash, _describe(e))
     return write_record(out, record, previous)
 
 
-def _encode_output(item: ResolvedItem, output: Output, meta: dict, chunks: Chunks, model: ModelInfo,
-                   item_hash: str, resume: bool = False, threads: int | None = None) -> dict:
-    if resume:  # the video landed before a kill but its poster did not: make the poster from it
-        facts = _video_facts(output, item_hash)
-        if facts is not None:
-            poster = media.poster_jpeg(output.video)
-            storage.write_bytes(output.poster, poster, "image/jpeg", metadata={f"{META}spec-hash": item_hash})
-            return facts
+FAN_OUT_CHUNKS = 2  # chunks queued for each output's encoder while another output's encoder is behind
+
+
+def _fan_out(frames: Frames, encoders: list[Callable[[Iterator], dict]]) -> list[dict]:
+    """Run every encoder over one pass of `frames`: one in this thread; several in threads, each
+    fed through a queue of FAN_OUT_CHUNKS chunks (the slowest sets the pace; memory stays bounded).
+    An encoder that fails stops being fed; a failing source ends every encoder, then raises."""
+    if len(encoders) == 1:
+        return [encoders[0](iter(frames))]
+    queues = [queue.Queue(maxsize=FAN_OUT_CHUNKS) for _ in encoders]
+    results: list = [None] * len(encoders)
+    errors: list[BaseException | None] = [None] * len(encoders)
+    ended = [threading.Event() for _ in encoders]
+
+    def read(q: queue.Queue) -> Iterator:
+        while (pair := q.get()) is not _END:
+            if pair is _ABANDONED:
+                raise ItemError("the item's frames ended early")
+            yield pair
+
+    def run(k: int) -> None:
+        try:
+            results[k] = encoders[k](read(queues[k]))
+        except BaseException as e:  # noqa: BLE001 - raised below, in the caller's thread
+            errors[k] = e
+        finally:
+            ended[k].set()
+
+    def put(k: int, value) -> None:
+        while not ended[k].is_set():
+            try:
+                return queues[k].put(value, timeout=0.1)
+            except queue.Full:
+                continue
+
+    workers = [threading.Thread(target=run, args=(k,), daemon=True) for k in range(len(encoders))]
+    for w in workers:
+        w.start()
+    last = _ABANDONED
+    try:
+        for pair in frames:
+            for k in range(len(encoders)):
+                put(k, pair)
+        last = _END
+    finally:
+        for k in range(len(encoders)):
+            put(k, last)
+        for w in workers:
+            w.join()
+    for e in errors:
+        if e is not None:
+            raise e
+    return results
+
+
+_END, _ABANDONED = object(), object()
+
+
+def _poster_from_landed_video(output: Output, item_hash: str) -> dict | None:
+    """Resuming: the video landed before a kill but its poster did not: the poster, made from it."""
+    facts = _video_facts(output, item_hash)
+    if facts is not None:
+        poster = media.poster_jpeg(output.video)
+        storage.write_bytes(output.poster, poster, "image/jpeg", metadata={f"{META}spec-hash": item_hash})
+    return facts
+
+
+def _encode_output(item: ResolvedItem, output: Output, meta: dict, model: ModelInfo, item_hash: str,
+                   threads: int | None, frames: Iterator[tuple[str, np.ndarray]]) -> dict:
     if output.name == COMPARE:
-        frames = _side_by_side(chunks("input"), chunks("video"), meta.get("scale", 1))
+        video = _side_by_side(frames, meta.get("scale", 1))
     else:
-        frames = chunks("video")
+        video = (chunk for stream, chunk in frames if stream == "video")
     overlays = None
     if output.overlays:
         overlays = media.Overlays(title=item.title, logo=item.logo, logo_corner=item.logo_corner,
@@ -422,7 +526,7 @@ def _encode_output(item: ResolvedItem, output: Output, meta: dict, chunks: Chunk
     ext = media.container_for(item.codec)
     with tempfile.TemporaryDirectory(prefix="vidgen-render-") as tmp:
         path = os.path.join(tmp, f"out.{ext}")
-        encoded = media.encode_to(path, frames, meta["fps"], item.codec, item.crf, item.preset, tags, overlays,
+        encoded = media.encode_to(path, video, meta["fps"], item.codec, item.crf, item.preset, tags, overlays,
                                   size=output.size, fit=output.fit, threads=threads)
         poster = media.poster_jpeg(path)
         width, height = output.size or _native_size(output, meta)
@@ -443,12 +547,25 @@ def _native_size(output: Output, meta: dict) -> tuple[int, int]:
     return (2 * w, h) if output.name == COMPARE else (w, h)
 
 
-def _side_by_side(inputs: Iterable[np.ndarray], outputs: Iterable[np.ndarray], scale: int) -> Iterator[np.ndarray]:
-    """Input (enlarged to the output's size, nearest neighbour: what the model was given) | output."""
-    for before, after in zip(inputs, outputs, strict=True):
-        if scale > 1:
-            before = before.repeat(scale, axis=1).repeat(scale, axis=2)
-        yield np.concatenate([before, after], axis=2)
+def _side_by_side(frames: Iterable[tuple[str, np.ndarray]], scale: int) -> Iterator[np.ndarray]:
+    """Input (enlarged to the output's size, nearest neighbour: what the model was given) | output,
+    frame by frame, from the item's "input" and "video" chunks in any chunking and order."""
+    pending: dict[str, deque] = {"input": deque(), "video": deque()}
+    for stream, chunk in frames:
+        pending[stream].append(chunk)
+        while pending["input"] and pending["video"]:
+            before, after = pending["input"][0], pending["video"][0]
+            n = min(len(before), len(after))
+            for name, part in (("input", before), ("video", after)):
+                pending[name].popleft()
+                if len(part) > n:
+                    pending[name].appendleft(part[n:])
+            before, after = before[:n], after[:n]
+            if scale > 1:
+                before = before.repeat(scale, axis=1).repeat(scale, axis=2)
+            yield np.concatenate([before, after], axis=2)
+    if pending["input"] or pending["video"]:
+        raise ItemError("compare: the input and the output have different lengths")
 
 
 def adopt(output: Output, item_hash: str) -> dict | None:
@@ -535,19 +652,27 @@ def render_items(
     resume: bool = False,
 ) -> list[dict]:
     """Render compatible items with a loaded model in this process; one record per item, in order.
-    Frames of an item are held in memory until it is encoded (items of a batch finish together)."""
+    A streamed item (restore, stylize) is encoded while it is inferred, chunk by chunk; the frames of
+    a batch of generate or predict items are held until the batch is done (they finish together)."""
     previous = previous or {}
-    buffers: dict[int, dict[str, list[np.ndarray]]] = {}
+    buffers: dict[int, list[tuple[str, np.ndarray]]] = {}
     records: list[dict | None] = [None] * len(items)
     hashes = [spec_hash(item, model_info.sha256) for item in items]
-    for event in infer(model, items, chunk_frames):
+    events = infer(model, items, chunk_frames)
+    for event in events:
         i = event.index
-        if isinstance(event, Chunk):
-            buffers.setdefault(i, {}).setdefault(event.stream, []).append(event.frames)
+        if isinstance(event, Begin):
+            frames = item_frames(events, i)
+            records[i] = encode_item(items[i], out, event.meta, frames, model_info, hashes[i],
+                                     previous.get(items[i].id), resume)
+            with contextlib.suppress(ItemError):  # an encode that failed early: its other events are passed over
+                for _ in frames:
+                    pass
+        elif isinstance(event, Chunk):
+            buffers.setdefault(i, []).append((event.stream, event.frames))
         elif isinstance(event, Done):
-            streams = buffers.pop(i, {})
-            records[i] = encode_item(items[i], out, event.meta, lambda s, st=streams: iter(st.get(s, [])),
-                                     model_info, hashes[i], previous.get(items[i].id), resume)
+            records[i] = encode_item(items[i], out, event.meta, buffers.pop(i, []), model_info, hashes[i],
+                                     previous.get(items[i].id), resume)
         else:
             buffers.pop(i, None)
             record = error_record(items[i], model_info.uri, model_info.sha256, hashes[i], event.error)
