@@ -193,6 +193,9 @@ class UNetBody(nn.Module):
         return x
 
 
+INFER_PIXELS = 1 << 20  # pixels (frames x height x width) a forward pass of restore(): ~0.5 GB at width 32
+
+
 class RestoreNet(nn.Module):
     """degraded video (B, C, T, h, w) -> restored (B, C, T, h * scale, w * scale). The "model" part."""
 
@@ -207,13 +210,16 @@ class RestoreNet(nn.Module):
         nn.init.zeros_(self.tail[0].weight)
         nn.init.zeros_(self.tail[0].bias)
 
-    def forward(self, video: Tensor) -> Tensor:
-        B, C, T, h, w = video.shape
+    def forward(self, video: Tensor, padded: bool = False) -> Tensor:
+        """`padded`: the video already has window // 2 frames of context at each end (not restored)."""
         r = self.cfg.window // 2
-        padded = torch.cat([video[:, :, :1]] * r + [video] + [video[:, :, -1:]] * r, 2)  # (B, C, T + 2r, h, w)
-        windows = padded.unfold(2, self.cfg.window, 1)           # (B, C, T, h, w, window)
+        if not padded:
+            video = torch.cat([video[:, :, :1]] * r + [video] + [video[:, :, -1:]] * r, 2)  # (B, C, T + 2r, h, w)
+        B, C, _, h, w = video.shape
+        T = video.shape[2] - 2 * r
+        windows = video.unfold(2, self.cfg.window, 1)            # (B, C, T, h, w, window)
         windows = windows.permute(0, 2, 1, 5, 3, 4).reshape(B * T, C * self.cfg.window, h, w)
-        center = video.transpose(1, 2).reshape(B * T, C, h, w)   # (B*T, C, h, w)
+        center = video[:, :, r:r + T].transpose(1, 2).reshape(B * T, C, h, w)  # (B*T, C, h, w)
         if self.cfg.scale > 1:
             center = F.interpolate(center, scale_factor=self.cfg.scale, mode="bilinear", align_corners=False)
         features = self.head(windows)
@@ -291,7 +297,17 @@ class Restorer(nn.Module):
 
     @torch.no_grad()
     def restore(self, video: Tensor) -> Tensor:
-        """degraded video (B, C, T, H, W) in [-1, 1] -> restored (B, C, T, H * scale, W * scale) in [-1, 1]."""
+        """degraded video (B, C, T, H, W) in [-1, 1] -> restored (B, C, T, H * scale, W * scale) in [-1, 1].
+
+        Frames go through the network a few at a time (INFER_PIXELS a pass, with their window's
+        context), so memory stays bounded at any resolution; the result is the same as one pass."""
         if video.dim() != 5 or video.shape[1] != self.config.channels:
             raise ValueError(f"restore takes (B, {self.config.channels}, T, H, W), got {tuple(video.shape)}")
-        return self.net(video).clamp(-1, 1)
+        B, _, T, h, w = video.shape
+        step = max(1, INFER_PIXELS // (B * h * w))
+        if T <= step:
+            return self.net(video).clamp(-1, 1)
+        r = self.config.window // 2
+        padded = torch.cat([video[:, :, :1]] * r + [video] + [video[:, :, -1:]] * r, 2)
+        return torch.cat([self.net(padded[:, :, t:t + step + 2 * r], padded=True).clamp(-1, 1)
+                          for t in range(0, T, step)], 2)

@@ -46,6 +46,7 @@ from torch import Tensor, nn
 
 from .contract import Batch, TrainStep, config_from_preset, require
 
+INFER_PIXELS = 1 << 20  # pixels (frames x height x width) a forward pass of stylize(): bounded memory
 STATIC_SHARPNESS = 50.0  # temporal mask exp(-50 |dx|): |dx| = 0.02 (2.5/255 of range) -> 0.37
 
 
@@ -241,4 +242,6 @@ class Stylizer(nn.Module):
         """video (B, C, T, H, W) in [-1, 1] -> stylized (B, C, T, H, W) in [-1, 1]."""
         if video.dim() != 5 or video.shape[1] != self.config.channels:
             raise ValueError(f"stylize takes (B, {self.config.channels}, T, H, W), got {tuple(video.shape)}")
-        return self.net(video).clamp(-1, 1)
+        B, _, T, h, w = video.shape
+        step = max(1, INFER_PIXELS // (B * h * w))  # a few frames a pass: bounded memory at any resolution
+        return torch.cat([self.net(video[:, :, t:t + step]).clamp(-1, 1) for t in range(0, T, step)], 2)
