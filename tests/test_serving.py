@@ -339,10 +339,10 @@ def test_a_crash_between_a_jobs_two_writes_never_leaves_a_job_no_runner_sees(tmp
             raise ConnectionError("the ingress died here")
         return real_put(uri, obj, **kw)
 
-    monkeypatch.setattr(serving, "put_json", crash_on_the_record)
+    monkeypatch.setattr(serving.store, "put_json", crash_on_the_record)  # where JobStore looks it up
     with pytest.raises(ConnectionError):
         store.create(job)
-    monkeypatch.setattr(serving, "put_json", real_put)
+    monkeypatch.setattr(serving.store, "put_json", real_put)
     assert store.read(job["id"]) is None and store.queued() == [job["id"]]  # never a record without a marker
     store.create(job)  # the Idempotency-Key retry creates the job again: a runner finds it
     assert store.read(job["id"]) == job and store.queued() == [job["id"]]
@@ -460,7 +460,7 @@ def test_cancel(service):
 
 def test_burst_beyond_the_queue_gets_503_or_429_and_the_service_goes_on(service):
     wait_for_queue_to_drain(service)
-    body = batch(1, name="burst")
+    body = batch(8, seconds=2, name="burst")  # seconds of work each: none finishes (and frees a queue slot) mid-burst
     with concurrent.futures.ThreadPoolExecutor(24) as pool:
         answers = list(pool.map(lambda _: requests.post(f"{service.url}/v1/renders", json=body, timeout=30,
                                                         headers={"Authorization": f"Bearer {TOKEN}"}), range(24)))
