@@ -598,6 +598,24 @@ def test_a_restore_item_is_encoded_while_it_is_inferred_not_held_whole(tmp_path,
         assert media.probe(os.path.join(out, name)).frames == frames
 
 
+def test_a_streamed_items_chunks_hold_at_most_chunk_pixels(tmp_path, monkeypatch):
+    """Chunks of large frames are shorter: 64 frames of 854x480 were 79 MB a chunk (325 MB as the
+    model's floats), in the model worker, the object store and the encoder at once."""
+    import torch
+
+    from vidgen.render import engine
+
+    _ffmpeg("-f", "lavfi", "-i", "testsrc2=s=64x48:r=8", "-frames:v", "20", "-pix_fmt", "yuv420p",
+            str(tmp_path / "in.mp4"))
+    monkeypatch.setattr(engine, "CHUNK_PIXELS", 5 * 64 * 48, raising=False)
+    torch.manual_seed(0)
+    batch = parse_batch({"name": "chunks", "output": str(tmp_path / "out"), "model": "unused", "defaults": {"fps": 8},
+                         "items": [{"id": "r", "mode": "restore", "input": str(tmp_path / "in.mp4")}]})
+    events = list(engine.infer(models.build("restore", "tiny").eval(), batch.resolve(), chunk_frames=64))
+    lengths = [len(e.frames) for e in events if isinstance(e, engine.Chunk)]
+    assert lengths == [5, 5, 5, 5], lengths
+
+
 @pytest.mark.gpu
 def test_inference_on_a_gpu_matches_the_cpu(tmp_path):
     import torch

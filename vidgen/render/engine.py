@@ -48,6 +48,8 @@ from vidgen.render.spec import COMPARE, MAX_SIDE, MODE_FAMILIES, ResolvedItem
 
 RENDER_FORMAT = "vidgen-render/1"
 CHUNK_FRAMES = 64  # frames per inference/encode chunk: bounds memory for any video length
+CHUNK_PIXELS = 64 * 256 * 256  # and pixels (frames x output height x width) per chunk of a streamed item:
+                               # 854x480 frames go 10 at a time (12 MB a chunk in uint8, 49 MB as floats)
 META = "vidgen-"  # prefix of our S3 user metadata keys
 
 
@@ -301,6 +303,7 @@ def _transform(model, i: int, item: ResolvedItem, chunk_frames: int) -> Iterator
     def run(frames: np.ndarray) -> np.ndarray:  # uint8 (t, h, w, 3) -> uint8 (t, h * s, w * s, 3)
         return video_to_frames(fn(frames_to_video(frames).to(device))[0])
 
+    chunk_frames = max(radius + 1, min(chunk_frames, CHUNK_PIXELS // (width * height * scale * scale)))
     try:
         chunks = media.iter_decode(item.input, chunk_frames, size=size, fps=item.fps, max_frames=wanted)
     except media.MediaError as e:
