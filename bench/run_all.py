@@ -14,12 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import subprocess
 import sys
 import time
 from collections.abc import Callable
+
+from harness import machine
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "bench", "results")
@@ -109,29 +110,11 @@ BENCHES: dict[str, tuple[list[str], Callable[[dict], list[tuple[str, str]]]]] = 
     "train": ([], _train),
     "render": ([], _summary_rows),
     "serve": ([], _summary_rows),
+    "restore_memory": ([], _summary_rows),
     "models": ([], _models),
     "quality": ([], _quality),
     "startup": ([], _startup),
 }
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, no GPU" if not _has_gpu() else f"{cpu}, {os.cpu_count()} cores, GPU"
-
-
-def _has_gpu() -> bool:
-    try:
-        import torch
-
-        return torch.cuda.is_available()
-    except ImportError:
-        return False
 
 
 def run(name: str, extra: list[str]) -> dict | None:
