@@ -21,10 +21,10 @@ import uuid
 
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # every node on 127.0.0.1 (read when ray is imported)
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [os.path.join(HERE, ".."), os.path.join(HERE, "..", "tests")]
+sys.path.insert(0, os.path.join(HERE, "..", "tests"))  # the multi-node cluster of the tests
 
 from conftest import MultiNode  # noqa: E402
-from render import start_s3  # noqa: E402
+from harness import start_s3  # noqa: E402
 
 from vidgen import models, storage  # noqa: E402
 from vidgen.data import synth  # noqa: E402

@@ -31,15 +31,14 @@ import time
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from vidgen import models, quality  # noqa: E402
-from vidgen.data.synth import synth_clip  # noqa: E402
-from vidgen.data.tensors import frames_to_video  # noqa: E402
-from vidgen.models.contract import optimizer_step  # noqa: E402
-from vidgen.quality import Figure  # noqa: E402
+from vidgen import models, quality
+from vidgen.data.synth import synth_clip
+from vidgen.data.tensors import frames_to_video
+from vidgen.models.contract import optimizer_step
+from vidgen.quality import Figure
 
-from families import run_families  # noqa: E402 - bench/ is this script's folder, first on sys.path
+from families import run_families
 
 PEAK_BF16 = 989e12
 MATMUL_BF16 = 790e12

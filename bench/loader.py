@@ -33,7 +33,6 @@ import logging
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 import warnings
@@ -44,11 +43,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from vidgen import media, storage  # noqa: E402
-from vidgen.data import synth  # noqa: E402
-from vidgen.data.format import open_dataset  # noqa: E402
+from harness import cpu_name
+
+from vidgen import media, storage
+from vidgen.data import synth
+from vidgen.data.format import open_dataset
 
 SPLIT = "train"
 SEED = 0
@@ -172,16 +172,6 @@ def timed_epochs(make_epoch, expected_shape: tuple[int, ...], epochs: int) -> di
             "epoch_clips_per_s": rates, "first_batch_s": first_s}
 
 
-def machine() -> str:
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{name}, {platform.system()} {platform.release()}"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clips", type=int, default=512, help="clips synthesized (the train split is ~90%%)")
@@ -195,7 +185,7 @@ def main() -> None:
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     settings = {"clips": args.clips, "frames": args.frames, "size": args.size, "batch_size": args.batch_size,
-                "cores": cores, "torch_threads": torch.get_num_threads(), "machine": machine(),
+                "cores": cores, "torch_threads": torch.get_num_threads(), "machine": cpu_name() + f", {platform.system()} {platform.release()}",
                 "ffmpeg": media.ffmpeg_binary(), "load_average_at_start": round(os.getloadavg()[0], 1)}
     shape = (args.batch_size, 3, args.frames, args.size, args.size)
     with tempfile.TemporaryDirectory(prefix="vidgen-bench-loader-") as tmp:

@@ -18,15 +18,13 @@ import json
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from vidgen import media  # noqa: E402
+from vidgen import media
 
 FPS = 24
 CASES = [  # (name, codec, preset)

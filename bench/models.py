@@ -30,17 +30,15 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from vidgen import media, metrics, models  # noqa: E402
-from vidgen.data.synth import synth_clip  # noqa: E402
-from vidgen.data.tensors import frames_to_video  # noqa: E402
+from vidgen import media, metrics, models
+from vidgen.data.synth import synth_clip
+from vidgen.data.tensors import frames_to_video
 
 PRESETS = ("tiny", "small", "base")
 SHAPES = {"tiny": (8, 32), "small": (16, 64), "base": (16, 128)}  # (T, S) where the config does not fix them

@@ -35,21 +35,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from vidgen import media, metrics, models, quality  # noqa: E402
-from vidgen.data.format import open_dataset  # noqa: E402
-from vidgen.data.tensors import frames_to_video  # noqa: E402
-from vidgen.quality import Figure  # noqa: E402
+from vidgen import media, metrics, models, quality
+from vidgen.data.format import open_dataset
+from vidgen.data.tensors import frames_to_video
+from vidgen.quality import Figure
 
-from families import run_families  # noqa: E402 - bench/ is this script's folder, first on sys.path
+from families import run_families
 
 # The recipes: what a user gets from the example configs jobs/train/*-cpu.yaml and from `vidgen demo`.
 GAN_RECIPE = dict(micro_batch=8)

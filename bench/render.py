@@ -3,14 +3,17 @@
     python bench/render.py                                   # 48 generate items, tiny GAN -> 128x128, 2 s at 24 fps
     python bench/render.py --items 48 --preset small --repeat 3
 
-Everything goes into moto's S3 server on loopback, started here. Three figures, in videos/s:
+Everything goes into moto's S3 server on loopback, started here. Four figures, in videos/s:
   naive        load the model once; for each item: sample, encode (same scale, title and codec
                settings), upload the mp4 and its poster, one after the other
   ours         `vidgen.render.render_batch` on a local Ray with --cpus CPUs: model worker + encode /
                upload tasks, plus records, manifest.jsonl and index.html (Ray's start is not counted)
+  Ray Data     the same `render_batch` with its Ray stage run by Ray Data's streaming executor instead
+               (an actor pool of one model worker, map_batches of 8 items, then a map of encodes):
+               the design issue 14 asks to compare
   encode-only  ffmpeg alone on the same frames (pre-generated), the same filter graph and codec
                settings, --cpus processes at a time, output to local files: the ceiling
-The three take turns, --repeat rounds (each "ours" into a fresh prefix, so nothing is skipped), once
+They take turns, --repeat rounds (each "ours" into a fresh prefix, so nothing is skipped), once
 with the outputs going to moto's S3 and once to a local folder; the ratios are the medians of each
 round's ratios, so load from other processes that drifts over the run hits both sides alike.
 
@@ -36,33 +39,14 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from harness import start_s3
 
-from vidgen import media, models, storage  # noqa: E402
-from vidgen.capacity import cpu_seconds  # noqa: E402
-from vidgen.data.tensors import video_to_frames  # noqa: E402
+from vidgen import media, models, storage
+from vidgen.capacity import cpu_seconds
+from vidgen.data.tensors import video_to_frames
 
 TITLE = "Spring sale -20%"
 LABELS = ["circle", "square", "triangle"]
-
-
-def start_s3() -> str:
-    """moto's S3 server on a free loopback port, wired through the standard AWS variables."""
-    import logging
-    import socket
-
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's access log
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False).start()
-    os.environ.update({"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
-                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}"})
-    storage.reset_clients()
-    storage.s3_client().create_bucket(Bucket="bench")
-    return "s3://bench"
 
 
 def spec(args, model_uri: str, out: str) -> dict:
@@ -93,6 +77,66 @@ def ours(args, model_uri: str, out: str) -> None:
 
     result = render_batch(parse_batch(spec(args, model_uri, out)), workers=args.cpus, progress=False)
     assert result.ok and len(result.rendered) == args.items, result.summary()
+
+
+def ours_ray_data(args, model_uri: str, out: str) -> None:
+    """`render_batch` with its Ray stage swapped for Ray Data's streaming executor (issue 14, item 3):
+    the same plan, records, manifest and index, and the same engine stages (model load, infer,
+    encode and upload), run as an actor pool for the model and a map for the encodes."""
+    from unittest import mock
+
+    from vidgen.render import batch, parse_batch, render_batch
+
+    with mock.patch.object(batch, "_render_on_ray", render_on_ray_data):
+        result = render_batch(parse_batch(spec(args, model_uri, out)), workers=args.cpus, progress=False)
+    assert result.ok and len(result.rendered) == args.items, result.summary()
+
+
+def render_on_ray_data(todo, out, workers, address, chunk_frames, max_batch, finish, stop=None, grace=0.0):
+    """The Ray stage of a batch as a Ray Data pipeline: from_items -> map_batches(an actor pool of
+    one model worker, `max_batch` items a call) -> map(encode, `workers` at a time) -> records."""
+    import numpy as np
+    import ray
+
+    from vidgen.render import batch, engine
+
+    entries = {e.item.id: e for e in todo}
+    uri, sha256 = todo[0].item.model, todo[0].model.sha256
+    assert all(e.item.model == uri for e in todo), "the bench's contender handles one model"
+
+    class Infer:
+        def __init__(self):
+            self.model = batch._load_planned(uri, sha256)
+
+        def __call__(self, rows: dict) -> dict:
+            items = [entries[i].item for i in rows["id"]]
+            frames: dict[int, list] = {}
+            meta: dict[int, dict] = {}
+            for event in engine.infer(self.model, items, chunk_frames):
+                if isinstance(event, engine.Chunk):
+                    frames.setdefault(event.index, []).append(event.frames)
+                elif isinstance(event, engine.Done):
+                    meta[event.index] = event.meta
+                else:
+                    raise RuntimeError(event.error)
+            return {"id": rows["id"], "meta": np.array([json.dumps(meta[i]) for i in range(len(items))]),
+                    "frames": np.stack([np.concatenate(frames[i]) for i in range(len(items))])}
+
+    def encode(row: dict) -> dict:
+        entry = entries[row["id"]]
+        record = engine.encode_item(entry.item, out, json.loads(row["meta"]), [("video", row["frames"])],
+                                    entry.model, entry.spec_hash, entry.previous, entry.resume,
+                                    max(1, int(ray.cluster_resources().get("CPU", 1)) // workers))
+        return {"id": row["id"], "record": json.dumps(record)}
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ds = (ray.data.from_items([{"id": i} for i in entries], override_num_blocks=max(1, len(entries) // max_batch))
+          .map_batches(Infer, batch_size=max_batch, compute=ray.data.ActorPoolStrategy(size=1),
+                       num_cpus=batch.ACTOR_CPUS)
+          .map(encode, num_cpus=batch.ENCODE_CPUS, concurrency=workers))
+    for row in ds.iter_rows():
+        finish(entries[row["id"]], json.loads(row["record"]), "rendered")
 
 
 def encode_only(args, videos: list, tmp: str, threads: int | None) -> float:
@@ -179,14 +223,14 @@ def model_worker_start(model_uri: str) -> float:
 
 def run_rounds(args, model_uri: str, root: str, videos: list, threads: int) -> dict:
     """--repeat rounds of naive / ours / encode-only into `root`; figures of that output."""
-    times: dict[str, list[float]] = {"naive": [], "ours": [], "encode_only": []}
+    times: dict[str, list[float]] = {"naive": [], "ours": [], "ray_data": [], "encode_only": []}
     machine = []
-    print(f"{'round':>5} {'naive s':>8} {'ours s':>8} {'encode-only s':>14} {'ours/naive':>11} {'ours/enc':>9} "
-          f"{'load':>5}")
+    print(f"{'round':>5} {'naive s':>8} {'ours s':>8} {'ray-data s':>10} {'encode-only s':>14} {'ours/naive':>11} "
+          f"{'ours/enc':>9} {'load':>5}")
     with tempfile.TemporaryDirectory(prefix="vidgen-bench-") as tmp:
         encode_only(args, videos[:2], tmp, threads)  # warm-up
         for run in range(args.repeat):
-            for name, fn in (("naive", naive), ("ours", ours)):
+            for name, fn in (("naive", naive), ("ours", ours), ("ray_data", ours_ray_data)):
                 start, cpu = time.perf_counter(), machine_cpu()
                 fn(args, model_uri, storage.join(root, f"{name}-{uuid.uuid4().hex[:8]}"))
                 times[name].append(time.perf_counter() - start)
@@ -194,11 +238,13 @@ def run_rounds(args, model_uri: str, root: str, videos: list, threads: int) -> d
                     machine.append(machine_cpu() - cpu)
             times["encode_only"].append(encode_only(args, videos, tmp, threads))
             t = {k: v[-1] for k, v in times.items()}
-            print(f"{run + 1:>5} {t['naive']:>8.2f} {t['ours']:>8.2f} {t['encode_only']:>14.2f} "
+            print(f"{run + 1:>5} {t['naive']:>8.2f} {t['ours']:>8.2f} {t['ray_data']:>10.2f} {t['encode_only']:>14.2f} "
                   f"{t['naive'] / t['ours']:>11.2f} {t['encode_only'] / t['ours']:>9.2f} {os.getloadavg()[0]:>5.1f}")
     return {"seconds": times, "ours_machine_cpu_s": statistics.median(machine),
             "videos_per_s": {k: args.items / statistics.median(v) for k, v in times.items()},
             "ours_vs_naive": statistics.median(n / o for n, o in zip(times["naive"], times["ours"], strict=True)),
+            "ray_data_vs_naive": statistics.median(
+                n / o for n, o in zip(times["naive"], times["ray_data"], strict=True)),
             "ours_vs_encode_only": statistics.median(
                 e / o for e, o in zip(times["encode_only"], times["ours"], strict=True))}
 
@@ -240,6 +286,7 @@ def main() -> None:
     init_ray(num_cpus=args.cpus)
     print(f"ray.init ({args.cpus} CPUs): {time.perf_counter() - start:.1f} s (not counted)")
     ours(args, model_uri, storage.join(root, "warmup"))  # first run pays Ray's worker start-up
+    ours_ray_data(args, model_uri, storage.join(root, "warmup-ray-data"))
     start_s = statistics.median(model_worker_start(model_uri) for _ in range(2))
     videos = [video_to_frames(model.sample(1, frames, labels=[LABELS[i % 3]], seed=i)[0]) for i in range(args.items)]
 
@@ -260,8 +307,9 @@ def main() -> None:
             figures[where] = f = run_rounds(args, model_uri, out_root, videos, threads)
             rate = f["videos_per_s"]
             ray_cpu = f["ours_machine_cpu_s"] - work
-            print(f"videos/s (medians): naive {rate['naive']:.2f}, ours {rate['ours']:.2f}, encode-only "
-                  f"{rate['encode_only']:.2f}; limit {limit_rate:.2f}")
+            print(f"videos/s (medians): naive {rate['naive']:.2f}, ours {rate['ours']:.2f}, Ray Data "
+                  f"{rate['ray_data']:.2f}, encode-only {rate['encode_only']:.2f}; limit {limit_rate:.2f}")
+            print(f"Ray Data/naive {f['ray_data_vs_naive']:.2f}; ours/Ray Data {rate['ours'] / rate['ray_data']:.2f}")
             print(f"ours/naive {f['ours_vs_naive']:.2f} (target >= 1.5); ours/limit {rate['ours'] / limit_rate:.2f} "
                   f"(target >= 0.8); ours/encode-only {f['ours_vs_encode_only']:.2f}")
             print(f"machine CPU during ours: {f['ours_machine_cpu_s']:.1f} s, of which the work {work:.1f} s and "
@@ -277,6 +325,8 @@ def main() -> None:
                 [f"render into {where}: share of the physical limit, {limit_rate:.1f} videos/s on {args.cpus} cores "
                  f"(target >= 0.8)", f"{rate['ours'] / limit_rate:.2f}"],
             ]
+            rows.append([f"render into {where}: Ray Data's streaming executor (same stages) vs sequential loop",
+                         f"{f['ray_data_vs_naive']:.2f}x ({rate['ray_data']:.1f} videos/s)"])
         rows.append([f"render: fixed cost of a model worker's start", f"{start_s:.2f} s"])
         with open(args.out_json, "w") as fh:
             json.dump({"settings": vars(args) | {"frames": frames, "native": native, "threads": threads},

@@ -4,7 +4,10 @@
     python bench/serve.py --preset small --levels 1,4,16 --jobs-per-level 32
 
 Everything runs here: moto's S3 server and a local Ray (--cpus) on loopback, the application of
-serve/config.yaml (its settings, with a model `g` and an S3 output root). Three parts, one run:
+serve/config.yaml (its settings, with a model `g` and an S3 output root). Four parts, one run:
+  offline      the same items (--jobs-per-level of them) as one `vidgen render` batch on the same Ray,
+               before Serve starts: the renders/s the endpoint's saturation is compared with
+               (target: the best end-to-end level >= 0.8 of it)
   end to end   at each concurrency C, C clients each POST a job of one generate item and poll it
                (every --poll-s) until done, then POST the next; figures: completed renders/s (done,
                not 202s) and p50/p99 submit-to-done latency. Each level stops after --jobs-per-level
@@ -25,51 +28,19 @@ import argparse
 import concurrent.futures
 import json
 import os
-import socket
 import statistics
 import sys
 import threading
 import time
 import uuid
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import requests
+from harness import free_port, start_s3
 
-import requests  # noqa: E402
-
-from vidgen import models, serving, storage  # noqa: E402
+from vidgen import models, serving, storage
 
 TOKEN = "bench-" + uuid.uuid4().hex
 REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_s3() -> str:
-    """moto's S3 server in its own process on a free loopback port (so it does not share this
-    process's GIL with the load generator), wired through the standard AWS variables."""
-    import atexit
-    import subprocess
-
-    port = free_port()
-    server = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "moto_server"), "-H", "127.0.0.1",
-                               "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    atexit.register(server.terminate)
-    os.environ.update({"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
-                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}"})
-    storage.reset_clients()
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            storage.s3_client().create_bucket(Bucket="bench")
-            return "s3://bench"
-        except Exception:  # noqa: BLE001 - not listening yet
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
 
 
 def job_body(args, i: int) -> dict:
@@ -77,6 +48,23 @@ def job_body(args, i: int) -> dict:
             "defaults": {"fps": args.fps, "seconds": args.seconds, "size": [args.size, args.size],
                          "preset": args.x264_preset},
             "items": [{"id": f"ad-{i:05d}", "mode": "generate", "seed": i}]}
+
+
+def offline(args, model_uri: str, root: str) -> float:
+    """Renders/s of the offline path (`render_batch` on the same Ray) for the same items as one
+    batch of --jobs-per-level: what the endpoint's saturation is compared with."""
+    from vidgen.render import parse_batch, render_batch
+
+    items = [job_body(args, i)["items"][0] for i in range(args.jobs_per_level)]
+    spec = {**job_body(args, 0), "model": model_uri, "items": items}
+    render_batch(parse_batch({**spec, "output": storage.join(root, "offline-warmup")}), workers=args.cpus,
+                 progress=False)  # Ray's workers start
+    start = time.perf_counter()
+    result = render_batch(parse_batch({**spec, "output": storage.join(root, "offline")}), workers=args.cpus,
+                          progress=False)
+    seconds = time.perf_counter() - start
+    assert result.ok, result.summary()
+    return len(items) / seconds
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -247,7 +235,7 @@ def main() -> None:
 
     from vidgen.runtime import init_ray
 
-    root = start_s3()
+    root = start_s3(own_process=True)
     torch.manual_seed(0)
     model_uri = storage.join(root, "models", f"gan-{args.preset}")
     models.save(models.build("gan", args.preset), model_uri)
@@ -265,6 +253,9 @@ def main() -> None:
 
     start = time.perf_counter()
     init_ray(num_cpus=args.cpus)  # GPUs: Ray finds them
+    offline_rate = offline(args, model_uri, root)
+    print(f"offline path (vidgen render, one batch of the same {args.jobs_per_level} items): "
+          f"{offline_rate:.2f} renders/s")
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(serving.build_app(settings, token=TOKEN), name=serving.APP_NAME, route_prefix="/")
@@ -282,6 +273,10 @@ def main() -> None:
         p99 = f"{row['p99_s']:.2f}" if row["p99_s"] is not None else "-"
         print(f"{c:>8} {row['done']:>5} {row['failed']:>6} {row['renders_per_s']:>10.2f} {p50:>7} {p99:>7}  "
               f"{row['rejected'] or '-'}", flush=True)
+
+    saturation = max(levels, key=lambda r: r["renders_per_s"])
+    print(f"saturation: {saturation['renders_per_s']:.2f} renders/s at {saturation['concurrency']} clients = "
+          f"{saturation['renders_per_s'] / offline_rate:.2f} of the offline path (target >= 0.8)")
 
     print(f"\nmodel stage ({args.model_requests} concurrent one-item requests, one replica, {args.repeat} runs "
           f"each, alternating)")
@@ -310,6 +305,7 @@ def main() -> None:
         best = max(levels, key=lambda r: r["renders_per_s"])
         with open(args.out_json, "w") as f:
             json.dump({"settings": {k: v for k, v in vars(args).items()}, "end_to_end": levels,
+                       "offline_renders_per_s": offline_rate,
                        "model_stage": stage, "overload": bursts,
                        "summary_rows": [
                            [f"serve: model-stage throughput, max_batch_size={args.batch} vs 1 (target >= 3x)",
@@ -317,6 +313,9 @@ def main() -> None:
                             f"{stage['items_per_s'][1]:.1f} items/s)"],
                            ["serve: end to end, best level", f"{best['renders_per_s']:.2f} renders/s at "
                             f"{best['concurrency']} clients (p50 {best['p50_s']:.2f} s, p99 {best['p99_s']:.2f} s)"],
+                           ["serve: saturation vs the offline path on the same items (target >= 0.8)",
+                            f"{best['renders_per_s'] / offline_rate:.2f} ({best['renders_per_s']:.2f} vs "
+                            f"{offline_rate:.2f} renders/s)"],
                            ["serve: 503 onset (burst size)", str(first_503 or f"> {args.bursts[-1]}")],
                        ]}, f, indent=2, default=str)
 

@@ -27,20 +27,18 @@ import json
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from vidgen import models  # noqa: E402
-from vidgen.data import synth  # noqa: E402
-from vidgen.data.format import open_dataset  # noqa: E402
-from vidgen.data.tensors import frames_to_video  # noqa: E402
-from vidgen.train.config import validate  # noqa: E402
-from vidgen.train.trainer import dataset_overrides, read_metrics, train  # noqa: E402
+from vidgen import models
+from vidgen.data import synth
+from vidgen.data.format import open_dataset
+from vidgen.data.tensors import frames_to_video
+from vidgen.train.config import validate
+from vidgen.train.trainer import dataset_overrides, read_metrics, train
 
 FAMILIES = {"gan": dict(), "restore": dict(degradations=["blur", "downscale", "noise"])}  # no H.264: no ffmpeg in the step
 
