@@ -2,7 +2,7 @@
 
 One application serves the whole module (a tiny untrained GAN named `g`, a restorer `r`); tests talk HTTP to it
 like a client would, kill its replicas, and read what landed in S3. Small limits (4 unfinished jobs,
-an ingress queue of 4) make overload cheap to provoke. The last test runs Ray's own `serve run`
+an ingress queue of 4 on each of 2 ingress replicas) make overload cheap to provoke. The last test runs Ray's own `serve run`
 on serve/config.yaml, so it shuts the module's application down first.
 """
 
@@ -64,6 +64,9 @@ class Service:
         raise AssertionError(f"job {job_id} did not finish in {timeout} s; last answer {last}")
 
 
+INGRESS_REPLICAS = 2
+
+
 def batch(n: int = 2, name: str = "ads", seconds: float = 1, **item) -> dict:
     return {"name": name, "model": "g", "defaults": {"fps": 8, "seconds": seconds, "size": [64, 64],
                                                      "preset": "ultrafast"},
@@ -85,8 +88,9 @@ def service(ray_session, s3_bucket):
         "input_roots": [storage.join(base, "inputs")],
         "url_expiry_s": 600,
         "limits": {"max_items": 8, "max_seconds": 4, "max_side": 256, "max_queued_jobs": 4},
+        # two ingress replicas: concurrent requests race on storage's conditional writes, not on one lock
         "ingress": {"max_ongoing_requests": 4, "max_queued_requests": 4,
-                    "autoscaling": {"min_replicas": 1, "max_replicas": 1}},
+                    "autoscaling": {"min_replicas": INGRESS_REPLICAS, "max_replicas": INGRESS_REPLICAS}},
         # two items at a time: a job of 8 still needs the model after its first item has landed
         "runner": {"heartbeat_s": 0.5, "stale_s": 3, "poll_s": 0.5, "encode_cpus": 0.4, "max_items_in_flight": 2},
         "model": {"max_batch_size": 8, "batch_wait_timeout_s": 0.2,
@@ -103,20 +107,25 @@ def service(ray_session, s3_bucket):
         serve.shutdown()
 
 
-def replica_actor(deployment: str, other_than: str | None = None, timeout: float = 60):
-    """(name, handle) of the one live Serve replica actor of a deployment (one that is not
-    `other_than`: waits for Serve to replace a killed one)."""
+def replica_actors(deployment: str, count: int = 1, other_than: tuple[str, ...] = (), timeout: float = 60):
+    """[(name, handle)] of the `count` live Serve replica actors of a deployment, none of them in
+    `other_than` (waits for Serve to replace killed ones)."""
     import ray
 
     deadline = time.monotonic() + timeout
     while True:
         names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
                  if a["namespace"] == "serve" and f"{serving.APP_NAME}#{deployment}#" in a["name"]
-                 and a["name"] != other_than]
-        if len(names) == 1:
-            return names[0], ray.get_actor(names[0], namespace="serve")
+                 and a["name"] not in other_than]
+        if len(names) == count:
+            return [(name, ray.get_actor(name, namespace="serve")) for name in names]
         assert time.monotonic() < deadline, names
         time.sleep(0.2)
+
+
+def replica_actor(deployment: str, other_than: str | None = None, timeout: float = 60):
+    """(name, handle) of the one live replica of a deployment of one replica (see replica_actors)."""
+    return replica_actors(deployment, 1, (other_than,) if other_than else (), timeout)[0]
 
 
 def model_stats() -> dict:
@@ -311,10 +320,13 @@ def test_malformed_json_is_422_and_nothing_is_queued(service):
 
 
 def test_retried_post_with_the_same_idempotency_key_is_one_job(service):
+    """8 concurrent POSTs with one key: each ingress replica has room for 4 at once, so both take
+    some, and only storage's conditional writes (not a replica's lock) keep it to one job."""
+    wait_for_queue_to_drain(service)
     key = f"order-{uuid.uuid4().hex}"
     body = batch(1, name="idem")
-    with concurrent.futures.ThreadPoolExecutor(4) as pool:  # a client retrying in a hurry
-        answers = list(pool.map(lambda _: service.post(body, **{"Idempotency-Key": key}), range(4)))
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:  # a client retrying in a hurry
+        answers = list(pool.map(lambda _: service.post(body, **{"Idempotency-Key": key}), range(8)))
     assert {r.status_code for r in answers} <= {202, 409}, [r.text for r in answers]
     ids = {r.json()["id"] for r in answers if r.status_code == 202}
     assert len(ids) == 1
@@ -500,11 +512,12 @@ def test_ingress_restarted_mid_job_polling_goes_on_and_the_job_completes(service
     wait_for_queue_to_drain(service)
     job_id = service.post(batch(8, seconds=2, name="ingress-kill")).json()["id"]
     assert service.get(job_id).json()["status"] in ("queued", "running")
-    name, actor = replica_actor("ingress")
-    ray.kill(actor, no_restart=True)
+    killed = replica_actors("ingress", INGRESS_REPLICAS)
+    for _, actor in killed:  # every ingress replica: the API is down until Serve starts new ones
+        ray.kill(actor, no_restart=True)
     job = service.wait(job_id, timeout=150, through_outages=True)
     assert job["status"] == "done" and job["counts"]["ok"] == 8
-    replica_actor("ingress", other_than=name)
+    replica_actors("ingress", INGRESS_REPLICAS, other_than=tuple(name for name, _ in killed))
 
 
 def test_runner_killed_mid_job_another_takes_the_job_over(service):
