@@ -10,7 +10,7 @@ Thin on purpose: the arguments are those of `vidgen render` (a spec, --out, --mo
 
 import sys
 
-from vidgen.cli import main
+from vidgen.jobs.entry import run_command
 
 if __name__ == "__main__":
-    sys.exit(main(["render", *sys.argv[1:]]))
+    sys.exit(run_command("render", sys.argv[1:]))

@@ -8,7 +8,7 @@ Thin on purpose: the arguments are those of `vidgen train` (a config file, flags
 
 import sys
 
-from vidgen.cli import main
+from vidgen.jobs.entry import run_command
 
 if __name__ == "__main__":
-    sys.exit(main(["train", *sys.argv[1:]]))
+    sys.exit(run_command("train", sys.argv[1:]))

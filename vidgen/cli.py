@@ -17,7 +17,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from vidgen import __version__
-from vidgen.errors import VidgenError
+from vidgen.errors import VidgenError, run_reporting_errors
 
 
 class UserError(VidgenError):
@@ -81,24 +81,6 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from vidgen.train.config import ConfigError, TrainConfig, load_config
-    from vidgen.train.trainer import format_result, train
-
-    flags = {name: getattr(args, name) for name in TrainConfig.model_fields if name != "model" and hasattr(args, name)}
-    try:
-        cfg = load_config(args.config, flags, args.set or [])
-        result = train(cfg, address=args.address)  # validates data, model and resume before Ray starts
-    except ConfigError as e:
-        raise UserError(str(e)) from None
-    print(format_result(result))
-    if result.stopped_by:  # checkpointed but not finished: a job runner should run it again
-        from vidgen.runtime import signal_exit_code
-
-        return signal_exit_code(result.stopped_by)
-    return 0
-
-
 def cmd_export(args: argparse.Namespace) -> int:
     from vidgen.train.export import ExportError, export
 
@@ -124,34 +106,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
         for k, v in values.items():
             print(f"{k:>22}  {v}")
     return 0
-
-
-def cmd_render(args: argparse.Namespace) -> int:
-    from vidgen.render.spec import SpecError, load_batch
-
-    try:
-        batch = load_batch(args.batch, out=args.out, model=args.model)
-        if args.dry_run:
-            from vidgen.render.batch import format_plan, plan_batch
-
-            plan = plan_batch(batch)
-            print(format_plan(plan))
-            return 1 if plan.failing else 0
-        from vidgen.render.batch import render_batch
-
-        if args.workers is not None and args.workers < 0:
-            raise UserError(f"--workers {args.workers}: expected 0 (in this process) or more")
-        result = render_batch(batch, workers=args.workers, address=args.address)
-    except SpecError as e:
-        raise UserError(str(e)) from None
-    print(result.summary())
-    if result.failed:
-        print(f"vidgen: {len(result.failed)} item(s) failed: {', '.join(result.failed)}", file=sys.stderr)
-    if result.stopped_by:  # a job runner should run it again: the rerun renders what is left
-        from vidgen.runtime import signal_exit_code
-
-        return signal_exit_code(result.stopped_by)
-    return 1 if result.failed else 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -245,35 +199,15 @@ def cmd_schedule(args: argparse.Namespace) -> int:
         raise UserError(str(e)) from None
 
 
-def _add_config_flags(p: argparse.ArgumentParser) -> None:
-    """Every TrainConfig field is also a flag (`--zero-stage 3` for zero_stage)."""
-    import typing
-
-    from vidgen.train.config import TrainConfig
-
-    for name, field in TrainConfig.model_fields.items():
-        if name == "model":
-            continue
-        flag = "--" + name.replace("_", "-")
-        help_text = field.description or ""
-        if field.annotation is bool:
-            p.add_argument(flag, dest=name, action="store_true", default=None, help=help_text)
-            continue
-        args = [a for a in typing.get_args(field.annotation) if a is not type(None)]
-        literal = typing.get_args(args[0]) if args and typing.get_origin(args[0]) is typing.Literal else ()
-        if typing.get_origin(field.annotation) is typing.Literal:
-            literal = typing.get_args(field.annotation)
-        kind = type(literal[0]) if literal else (args[0] if args and args[0] in (int, float, str) else field.annotation)
-        if kind not in (int, float, str):
-            kind = str
-        p.add_argument(flag, dest=name, type=kind, default=None, choices=literal or None, help=help_text)
-
-
 # --------------------------------------------------------------------------------------------
 # Parser
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # `vidgen train` and `vidgen render` are also what a job runs (jobs/train.py, a submitted job):
+    # their arguments and library calls live in vidgen.jobs.entry, below the CLI.
+    from vidgen.jobs import entry
+
     parser = argparse.ArgumentParser(
         prog="vidgen",
         description="Train video generators on Ray + DeepSpeed and render video batches into object storage.",
@@ -323,11 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_data_inspect)
 
     p = sub.add_parser("train", help="train a model family with Ray Train + DeepSpeed (resumes an existing run)")
-    p.add_argument("config", nargs="?", help="a YAML training config (every key is also a flag)")
-    _add_config_flags(p)
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any config key, e.g. model.g_width=64")
-    p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else a new local Ray)")
-    p.set_defaults(func=cmd_train)
+    entry.add_train_arguments(p)
+    p.set_defaults(func=entry.train_command)
 
     p = sub.add_parser("plan", help="size a cluster for a daily render and training load (docs/capacity.md)")
     p.add_argument("--render-minutes", type=float, default=0.0, help="minutes of video rendered a day")
@@ -361,14 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("render", help="render a batch spec (YAML/JSON) of videos into object storage, on Ray")
-    p.add_argument("batch", help="render spec: a YAML or JSON file (path or s3:// URI)")
-    p.add_argument("--out", default=None, help="output URI (default: the spec's output)")
-    p.add_argument("--model", default=None, help="default model URI (default: the spec's model)")
-    p.add_argument("--workers", type=int, default=None,
-                   help="concurrent encode/upload tasks (default: the cluster's CPUs, at most 8; 0: no Ray)")
-    p.add_argument("--dry-run", action="store_true", help="validate the spec and print the plan; render nothing")
-    p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else a new local Ray)")
-    p.set_defaults(func=cmd_render)
+    entry.add_render_arguments(p)
+    p.set_defaults(func=entry.render_command)
 
     p = sub.add_parser("serve", help="the HTTP render API on Ray Serve (until Ctrl-C)")
     p.add_argument("config", nargs="?", help="a Serve config file, e.g. serve/config.yaml (default: built-in settings)")
@@ -416,14 +341,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
-    try:
-        return func(args)
-    except KeyboardInterrupt:
-        print("vidgen: interrupted", file=sys.stderr)
-        return 130
-    except VidgenError as e:  # the user's to fix: one line; anything else is a bug and shows its traceback
-        print(f"vidgen: error: {e}", file=sys.stderr)
-        return 2
+    return run_reporting_errors(lambda: func(args))
 
 
 if __name__ == "__main__":
