@@ -129,11 +129,13 @@ def model_stage(args, model_uri: str) -> dict:
     from ray import serve
 
     from vidgen.render import parse_batch
+    from vidgen.render.engine import ModelInfo
 
     spec = {"name": "stage", "output": "s3://bench/unused", "model": model_uri,
             "defaults": {"fps": args.fps, "seconds": args.seconds, "size": [args.size, args.size]},
             "items": [{"id": f"m-{i}", "mode": "generate", "seed": i} for i in range(args.model_requests)]}
     items = parse_batch(spec).resolve()
+    digest = ModelInfo.from_manifest(model_uri, models.read_manifest(model_uri)).sha256  # the weights planned with
     handles = {}
     for batch in (args.batch, 1):
         settings = serving.ModelDeployment(max_batch_size=batch, max_ongoing_requests=max(16, 2 * batch),
@@ -145,7 +147,7 @@ def model_stage(args, model_uri: str) -> dict:
 
     def run(batch: int) -> float:
         start = time.perf_counter()
-        responses = [handles[batch].infer.remote(item) for item in items]
+        responses = [handles[batch].infer.remote((item, digest)) for item in items]
         results = [r.result() for r in responses]
         assert all("meta" in r for r in results), [r for r in results if "meta" not in r][:1]
         del results  # frees the frames in the object store
