@@ -1,4 +1,4 @@
-"""The five model families, and how models are built, saved and loaded.
+"""The model families, and how models are built, saved and loaded.
 
     from vidgen import models
     model = models.build("gan", "tiny", num_classes=4, label_names=["a", "b", "c", "d"])
@@ -10,6 +10,10 @@ Tensors: models take and return float videos (B, C, T, H, W) in [-1, 1]; uint8 f
 converted elsewhere (data and render code).
 
 ## The training contract (what vidgen.train relies on)
+
+`vidgen.models.contract.Family` types the whole contract, training and what evaluation, export
+and rendering ask of a family. `FAMILIES` maps each name to its class; `register(cls)` adds one
+(a family defined outside this package, e.g. in a test).
 
 Every family class (`FAMILIES` below) is an `nn.Module` that holds all its parts, so its
 `state_dict()` has everything (the GAN's EMA generator included), and has:
@@ -81,22 +85,58 @@ from torch import nn
 
 from vidgen.errors import InputError
 
-from .contract import Batch, TrainStep, config_from_dict
+from .contract import Batch, Family, TrainStep, config_from_dict
 from .convlstm import ConvLSTM
 from .gan import GAN
 from .restore import Restorer
 from .style import Stylizer
 from .vae import VAE
 
-FAMILIES: dict[str, type[nn.Module]] = {"gan": GAN, "vae": VAE, "convlstm": ConvLSTM, "restore": Restorer,
-                                        "style": Stylizer}
+FAMILIES: dict[str, type[nn.Module]] = {cls.name: cls for cls in (GAN, VAE, ConvLSTM, Restorer, Stylizer)}
 
 FORMAT = "vidgen-model/1"
 WEIGHTS = "model.safetensors"
 MANIFEST = "model.json"
 
-__all__ = ["FAMILIES", "GAN", "VAE", "Batch", "ConvLSTM", "Restorer", "Stylizer", "TrainStep", "build", "extra_state",
-           "family_of", "load", "read_manifest", "save"]
+__all__ = ["FAMILIES", "GAN", "VAE", "Batch", "ConvLSTM", "Family", "Restorer", "Stylizer", "TrainStep", "build",
+           "extra_state", "family_class", "family_of", "load", "mode_families", "read_manifest", "register", "save",
+           "unregister"]
+
+
+def register(cls: type[nn.Module], replace: bool = False) -> type[nn.Module]:
+    """Add a family class (one that implements `contract.Family`) under `cls.name`; returns it.
+    Registering the same class again is a no-op; another class under a taken name is an error
+    unless `replace` (a training worker takes the class its driver sent)."""
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{cls.__name__} has no family `name`")
+    if not replace and FAMILIES.get(name, cls) is not cls:
+        raise ValueError(f"model family {name!r} is already {FAMILIES[name].__name__}")
+    FAMILIES[name] = cls
+    from vidgen.render.spec import MODE_FAMILIES  # the render spec's index of it, kept without torch
+
+    for mode in cls.render_modes:
+        if name not in MODE_FAMILIES.get(mode, ()):
+            MODE_FAMILIES[mode] = (*MODE_FAMILIES.get(mode, ()), name)
+    return cls
+
+
+def unregister(name: str) -> None:
+    """Remove a family `register` added (and its render modes from the render spec's index)."""
+    from vidgen.render.spec import MODE_FAMILIES
+
+    FAMILIES.pop(name, None)
+    for mode, names in MODE_FAMILIES.items():
+        MODE_FAMILIES[mode] = tuple(n for n in names if n != name)
+
+
+def mode_families() -> dict[str, tuple[str, ...]]:
+    """Render mode -> the registered families that serve it, from each family's `render_modes`."""
+    out: dict[str, tuple[str, ...]] = {}
+    for name, cls in FAMILIES.items():
+        for mode in cls.render_modes:
+            out[mode] = (*out.get(mode, ()), name)
+    return out
 
 
 def family_class(family: str) -> type[nn.Module]:

@@ -1,7 +1,8 @@
-"""What every model family shares with the trainer: `TrainStep`, `Batch`, and config presets.
+"""The family contract (`Family`): what vidgen's trainer, evaluation, export and render engine ask
+of a model family, plus the pieces every family uses (`TrainStep`, `Batch`, config presets).
 
-The contract itself is described in `vidgen/models/__init__.py`. This file holds the few pieces
-that all five families use, so that each family file stays self-contained otherwise.
+`vidgen/models/__init__.py` describes the training half in prose; `Family` below types all of it.
+The trainer, evaluation, export and the render engine never name a family: they ask it.
 """
 
 from __future__ import annotations
@@ -10,9 +11,13 @@ import dataclasses
 import types
 import typing
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Mapping, Protocol
 
 from torch import Tensor
+
+if TYPE_CHECKING:
+    import numpy as np
+    from torch import nn
 
 # {"video": (B, C, T, H, W) float in [-1, 1], "label": (B,) long, optional}
 Batch = dict[str, Tensor]
@@ -28,6 +33,91 @@ class TrainStep:
 
     part: str
     loss: LossFn
+
+
+EVAL_SEED = 1234  # degradations at evaluation are the same at every checkpoint
+
+
+class Family(Protocol):
+    """A model family: an `nn.Module` holding all its parts. Each family file implements this.
+
+    Training (vidgen.train):
+    - `name`: the family's name in configs and model.json; `Config`: its config dataclass, with
+      `Config.preset(name, **overrides)`; `config`, `label_names`, `preset` on each instance.
+    - `parts()`, `optimizer_settings(part)`, `train_steps()`, `after_step(part)`: see
+      `vidgen/models/__init__.py`. `after_step_gathers`: parts whose `after_step` reads their
+      weights (under ZeRO-3 the trainer gathers them for it); empty when the hook is a no-op.
+    - `conditional`: trained on the dataset's labels (the trainer sets `num_classes` from them and
+      saves their names); `needs_style_image`: the config's `style_image` is required and handed to
+      `set_style_image` before training.
+    - `val_metrics(video, index, life_cell)`: reference metrics of one validation batch
+      (B, C, T, H, W) (the trainer prefixes `val_` and averages); `{}` when there are none.
+      `index` numbers the batch (seeds for degradations); `life_cell` is the Game-of-Life cell
+      size of the dataset, or None.
+    - `preview(video, seed, num_frames)`: a uint8 grid video (T, H, W, 3) of what the model does
+      now; `video` is a validation batch, or None when `preview_needs_input` is False.
+    - `probe(x)`: the model's output for a fixed input `x` (1, C, T, H, W), or from its seed when
+      it takes no input: export compares a live model with its export through it.
+
+    Rendering (vidgen.render), per mode in `render_modes` (of generate, restore, stylize, predict):
+    - generate: `sample_chunks(seeds, num_frames, labels, chunk_frames)`, `config.frame_size`,
+      `num_classes` (labels an item may ask for; 0: unconditional).
+    - restore, stylize: `transform(video)` -> (B, C, T, H * render_scale, W * render_scale); an
+      output frame reads the input frames within `render_radius`; input sides are cut down to a
+      multiple of `input_multiple`.
+    - predict: `predict_chunks(context, num_frames, chunk_frames)` after `context_frames` real
+      frames; input sides are cut down to a multiple of `input_multiple`.
+    """
+
+    name: ClassVar[str]
+    Config: ClassVar[type]
+    render_modes: ClassVar[tuple[str, ...]]
+    conditional: ClassVar[bool]
+    needs_style_image: ClassVar[bool]
+    preview_needs_input: ClassVar[bool]
+    after_step_gathers: ClassVar[frozenset[str]]
+    config: Any
+    label_names: list[str] | None
+    preset: str | None
+
+    def parts(self) -> dict[str, nn.Module]: ...
+    def optimizer_settings(self, part: str) -> dict: ...
+    def train_steps(self) -> list[TrainStep]: ...
+    def after_step(self, part: str) -> None: ...
+    def val_metrics(self, video: Tensor, index: int, life_cell: int | None) -> dict[str, float]: ...
+    def preview(self, video: Tensor | None, seed: int, num_frames: int | None) -> np.ndarray: ...
+    def probe(self, x: Tensor) -> Tensor: ...
+
+
+class Generates(Family, Protocol):
+    """A family that serves the generate mode."""
+
+    @property
+    def num_classes(self) -> int: ...
+    def sample_chunks(self, seeds: list[int], num_frames: int | None = None, labels=None,
+                      chunk_frames: int = 64) -> Iterator[Tensor]: ...
+
+
+class Transforms(Family, Protocol):
+    """A family that serves the restore or stylize mode."""
+
+    @property
+    def render_scale(self) -> int: ...
+    @property
+    def render_radius(self) -> int: ...
+    @property
+    def input_multiple(self) -> int: ...
+    def transform(self, video: Tensor) -> Tensor: ...
+
+
+class Predicts(Family, Protocol):
+    """A family that serves the predict mode."""
+
+    @property
+    def context_frames(self) -> int: ...
+    @property
+    def input_multiple(self) -> int: ...
+    def predict_chunks(self, context: Tensor, num_frames: int, chunk_frames: int = 64) -> Iterator[Tensor]: ...
 
 
 def optimizer_step(model, optimizers: Mapping[str, Any], batch: Batch, autocast: str | None = None,

@@ -136,6 +136,13 @@ class ConvLSTM(nn.Module):
 
     Config = ConvLSTMConfig
 
+    name = "convlstm"
+    render_modes = ("predict",)
+    conditional = False
+    needs_style_image = False
+    preview_needs_input = True
+    after_step_gathers: frozenset[str] = frozenset()
+
     def __init__(self, config: ConvLSTMConfig):
         super().__init__()
         self.config = config
@@ -206,3 +213,49 @@ class ConvLSTM(nn.Module):
             prediction, state = net.step(prediction, state)
             chunk.append(prediction)
         yield torch.stack(chunk, 2).clamp(-1, 1)
+
+    # --- what the rest of vidgen asks (vidgen.models.contract.Family) ------------------------
+
+    @property
+    def context_frames(self) -> int:
+        return self.config.context_frames
+
+    @property
+    def input_multiple(self) -> int:
+        return 2**self.config.down
+
+    @torch.no_grad()
+    def val_metrics(self, video: Tensor, index: int, life_cell: int | None) -> dict[str, float]:
+        """PSNR/SSIM of the frames predicted after `context_frames`; on Game-of-Life data the rule
+        accuracy of the first predicted frame given the last context frame."""
+        from vidgen import metrics
+        from vidgen.errors import InputError
+
+        k = self.config.context_frames
+        if video.shape[2] <= k:
+            raise InputError(f"convlstm evaluation needs clips longer than context_frames={k}")
+        pred = self.predict(video[:, :, :k], video.shape[2] - k)
+        out = {"psnr": metrics.psnr(pred, video[:, :, k:]).item(), "ssim": metrics.ssim(pred, video[:, :, k:]).item()}
+        if life_cell:
+            last, first_pred = life_grid(video[:, :, k - 1 : k], life_cell), life_grid(pred[:, :, :1], life_cell)
+            out["life_rule_accuracy"] = metrics.life_rule_accuracy(last, first_pred)
+        return out
+
+    @torch.no_grad()
+    def preview(self, video: Tensor | None, seed: int = 0, num_frames: int | None = None):
+        """Rows: truth, then the context followed by the prediction."""
+        from vidgen.data.tensors import tile, video_to_frames
+
+        frames = lambda x: [video_to_frames(v) for v in x]  # noqa: E731 - (B, C, T, H, W) -> list of uint8
+        k = self.config.context_frames
+        pred = torch.cat([video[:, :, :k], self.predict(video[:, :, :k], video.shape[2] - k)], 2)
+        return tile(frames(video) + frames(pred), cols=video.shape[0])
+
+    def probe(self, x: Tensor) -> Tensor:
+        return self.predict(x[:, :, : self.config.context_frames], 2)
+
+
+def life_grid(video: Tensor, cell: int):
+    """(B, C, T, H, W) in [-1, 1] -> bool cell grids (B, T, H / cell, W / cell) from cell centres."""
+    centre = cell // 2
+    return (video[:, 0, :, centre::cell, centre::cell] > 0).cpu().numpy()

@@ -448,6 +448,13 @@ class GAN(nn.Module):
 
     Config = GANConfig
 
+    name = "gan"
+    render_modes = ("generate",)
+    conditional = True          # trained on the dataset's labels: num_classes comes from them
+    needs_style_image = False
+    preview_needs_input = False
+    after_step_gathers = frozenset({"generator"})  # the EMA update reads the generator's weights
+
     def __init__(self, config: GANConfig):
         super().__init__()
         self.config = config
@@ -658,3 +665,28 @@ class GAN(nn.Module):
                 raise ValueError(f"label {label} out of range [0, {classes})")
             out.append(int(label))
         return torch.tensor(out, dtype=torch.long)
+
+    # --- what the rest of vidgen asks (vidgen.models.contract.Family) ------------------------
+
+    @property
+    def num_classes(self) -> int:
+        return self.config.num_classes
+
+    def val_metrics(self, video: Tensor, index: int, life_cell: int | None) -> dict[str, float]:
+        return {}  # no reference-based metric: samples are for looking at
+
+    @torch.no_grad()
+    def preview(self, video: Tensor | None, seed: int = 0, num_frames: int | None = None):
+        """Samples, one row per class (conditional) or 4 columns."""
+        from vidgen.data.tensors import tile, video_to_frames
+
+        classes = self.config.num_classes
+        n = max(4, min(12, 4 * max(classes, 1)))
+        labels = [i % classes for i in range(n)] if classes else None
+        cols = (n // classes) if classes else 4
+        samples = [video_to_frames(v) for v in self.sample(n, num_frames=num_frames, labels=labels, seed=seed)]
+        order = sorted(range(n), key=lambda i: (labels[i] if labels else 0, i))
+        return tile([samples[i] for i in order], cols=cols)
+
+    def probe(self, x: Tensor) -> Tensor:
+        return self.sample(2, num_frames=4, seed=0)

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .contract import Batch, TrainStep, config_from_preset, require
+from .contract import EVAL_SEED, Batch, TrainStep, config_from_preset, require
 
 DEGRADATIONS = ("blur", "downscale", "noise", "h264")  # the order they are applied in
 
@@ -241,6 +241,13 @@ class Restorer(nn.Module):
 
     Config = RestoreConfig
 
+    name = "restore"
+    render_modes = ("restore",)
+    conditional = False
+    needs_style_image = False
+    preview_needs_input = True
+    after_step_gathers: frozenset[str] = frozenset()
+
     def __init__(self, config: RestoreConfig):
         super().__init__()
         self.config = config
@@ -311,3 +318,59 @@ class Restorer(nn.Module):
         padded = torch.cat([video[:, :, :1]] * r + [video] + [video[:, :, -1:]] * r, 2)
         return torch.cat([self.net(padded[:, :, t:t + step + 2 * r], padded=True).clamp(-1, 1)
                           for t in range(0, T, step)], 2)
+
+    # --- what the rest of vidgen asks (vidgen.models.contract.Family) ------------------------
+
+    @property
+    def render_scale(self) -> int:
+        return self.config.scale
+
+    @property
+    def render_radius(self) -> int:
+        return self.config.window // 2
+
+    @property
+    def input_multiple(self) -> int:
+        return 1
+
+    def transform(self, video: Tensor) -> Tensor:
+        return self.restore(video)
+
+    @torch.no_grad()
+    def val_metrics(self, video: Tensor, index: int, life_cell: int | None) -> dict[str, float]:
+        """PSNR/SSIM of the restored clip against the clean one, and the PSNR of the degraded input
+        (nearest-upscaled when the model upscales), so the gain is visible."""
+        from vidgen import metrics
+
+        degraded = self.degrade(video, seed=EVAL_SEED + index)
+        restored = self.restore(degraded)
+        baseline = upscale_to(degraded, video)
+        return {
+            "psnr": metrics.psnr(restored, video).item(),
+            "ssim": metrics.ssim(restored, video).item(),
+            "psnr_input": metrics.psnr(baseline, video).item(),
+            "psnr_gain": (metrics.psnr(restored, video) - metrics.psnr(baseline, video)).item(),
+        }
+
+    @torch.no_grad()
+    def preview(self, video: Tensor | None, seed: int = 0, num_frames: int | None = None):
+        """Columns: degraded, restored, clean."""
+        from vidgen.data.tensors import tile, video_to_frames
+
+        frames = lambda x: [video_to_frames(v) for v in x]  # noqa: E731 - (B, C, T, H, W) -> list of uint8
+        degraded = self.degrade(video, seed=EVAL_SEED)
+        restored = self.restore(degraded)
+        views = [frames(upscale_to(degraded, video)), frames(restored), frames(video)]
+        return tile([v for triple in zip(*views, strict=True) for v in triple], cols=3)
+
+    def probe(self, x: Tensor) -> Tensor:
+        return self.restore(x)
+
+
+def upscale_to(x: Tensor, like: Tensor) -> Tensor:
+    """(B, C, T, h, w) -> (B, C, T, H, W) of `like` by nearest upscaling (for side-by-side views)."""
+    if x.shape[-2:] == like.shape[-2:]:
+        return x
+    b, c, t, h, w = x.shape
+    y = F.interpolate(x.transpose(1, 2).reshape(b * t, c, h, w), size=like.shape[-2:], mode="nearest")
+    return y.reshape(b, t, c, *like.shape[-2:]).transpose(1, 2)

@@ -167,6 +167,13 @@ class Stylizer(nn.Module):
 
     Config = StyleConfig
 
+    name = "style"
+    render_modes = ("stylize",)
+    conditional = False
+    needs_style_image = True    # the config's style_image, given to set_style_image before training
+    preview_needs_input = True
+    after_step_gathers: frozenset[str] = frozenset()
+
     def __init__(self, config: StyleConfig):
         super().__init__()
         self.config = config
@@ -245,3 +252,34 @@ class Stylizer(nn.Module):
         B, _, T, h, w = video.shape
         step = max(1, INFER_PIXELS // (B * h * w))  # a few frames a pass: bounded memory at any resolution
         return torch.cat([self.net(video[:, :, t:t + step]).clamp(-1, 1) for t in range(0, T, step)], 2)
+
+    # --- what the rest of vidgen asks (vidgen.models.contract.Family) ------------------------
+
+    @property
+    def render_scale(self) -> int:
+        return 1
+
+    @property
+    def render_radius(self) -> int:
+        return 0
+
+    @property
+    def input_multiple(self) -> int:
+        return 4
+
+    def transform(self, video: Tensor) -> Tensor:
+        return self.stylize(video)
+
+    def val_metrics(self, video: Tensor, index: int, life_cell: int | None) -> dict[str, float]:
+        return {}  # no reference-based metric: stylized clips are for looking at
+
+    @torch.no_grad()
+    def preview(self, video: Tensor | None, seed: int = 0, num_frames: int | None = None):
+        """Columns: content, stylized."""
+        from vidgen.data.tensors import tile, video_to_frames
+
+        frames = lambda x: [video_to_frames(v) for v in x]  # noqa: E731 - (B, C, T, H, W) -> list of uint8
+        return tile([v for pair in zip(frames(video), frames(self.stylize(video)), strict=True) for v in pair], cols=2)
+
+    def probe(self, x: Tensor) -> Tensor:
+        return self.stylize(x)

@@ -129,6 +129,13 @@ class VAE(nn.Module):
 
     Config = VAEConfig
 
+    name = "vae"
+    render_modes = ("generate",)
+    conditional = False
+    needs_style_image = False
+    preview_needs_input = True
+    after_step_gathers: frozenset[str] = frozenset()
+
     def __init__(self, config: VAEConfig):
         super().__init__()
         self.config = config
@@ -221,3 +228,28 @@ class VAE(nn.Module):
             count = min(b * stride, num_frames) - a * stride
             yield video[:, :, start:start + count].clamp(-1, 1)
 
+    # --- what the rest of vidgen asks (vidgen.models.contract.Family) ------------------------
+
+    @property
+    def num_classes(self) -> int:
+        return 0  # unconditional: a generate item may not ask for a label
+
+    @torch.no_grad()
+    def val_metrics(self, video: Tensor, index: int, life_cell: int | None) -> dict[str, float]:
+        """PSNR/SSIM of reconstructions."""
+        from vidgen import metrics
+
+        recon = self.reconstruct(video)
+        return {"psnr": metrics.psnr(recon, video).item(), "ssim": metrics.ssim(recon, video).item()}
+
+    @torch.no_grad()
+    def preview(self, video: Tensor | None, seed: int = 0, num_frames: int | None = None):
+        """Rows: real, reconstruction, prior samples."""
+        from vidgen.data.tensors import tile, video_to_frames
+
+        frames = lambda x: [video_to_frames(v) for v in x]  # noqa: E731 - (B, C, T, H, W) -> list of uint8
+        prior = self.sample(video.shape[0], num_frames=video.shape[2], seed=seed)
+        return tile(frames(video) + frames(self.reconstruct(video)) + frames(prior), cols=video.shape[0])
+
+    def probe(self, x: Tensor) -> Tensor:
+        return self.sample(2, num_frames=4, seed=0)

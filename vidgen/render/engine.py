@@ -179,7 +179,7 @@ def infer(model, items: list[ResolvedItem], chunk_frames: int = CHUNK_FRAMES) ->
         try:
             check_mode(item.mode, family, item.model)
             if item.mode == "generate":
-                _check_label(model, family, item)
+                _check_label(model, family, item)  # (a generate family: `num_classes`)
             ready.append((i, item))
         except ItemError as e:
             yield Failed(i, str(e))
@@ -236,7 +236,7 @@ def _check_label(model, family: str, item: ResolvedItem) -> None:
     label = item.label
     if label is None:
         return
-    classes = getattr(model.config, "num_classes", 0) if family == "gan" else 0
+    classes = model.num_classes
     if classes == 0:
         raise ItemError(f"label: the model {item.model} is unconditional ({family}); remove the label")
     if isinstance(label, str):
@@ -280,20 +280,18 @@ def _frames_wanted(item: ResolvedItem, info: media.VideoInfo, fps: float) -> int
 
 
 def _transform(model, i: int, item: ResolvedItem, chunk_frames: int) -> Iterator[Event]:
-    """restore / stylize: the input, chunk by chunk, at its own resolution (stylize: multiples of 4)."""
+    """restore / stylize: the input, chunk by chunk, through the model's `transform`, at the input's
+    resolution cut down to a multiple of the model's `input_multiple` (the style family's: 4)."""
     from vidgen.data.tensors import frames_to_video, video_to_frames
 
     info = _probe_input(item)
     fps = item.fps or info.fps
     wanted = _frames_wanted(item, info, fps)
-    size, scale, radius = None, 1, 0
-    if item.mode == "restore":
-        scale, radius, fn = model.config.scale, model.config.window // 2, model.restore
-    else:
-        w, h = info.width // 4 * 4, info.height // 4 * 4
-        if not (w and h):
-            raise ItemError(f"input: {item.input} is {info.width}x{info.height}; stylize needs at least 4x4")
-        size, fn = ((w, h) if (w, h) != (info.width, info.height) else None), model.stylize
+    scale, radius, m = model.render_scale, model.render_radius, model.input_multiple
+    w, h = info.width // m * m, info.height // m * m
+    if not (w and h):
+        raise ItemError(f"input: {item.input} is {info.width}x{info.height}; {item.mode} needs at least {m}x{m}")
+    size, fn = ((w, h) if (w, h) != (info.width, info.height) else None), model.transform
     width, height = size or (info.width, info.height)
     if max(width, height) * scale > MAX_SIDE:
         raise ItemError(f"input: {item.input} is {info.width}x{info.height}; the model's output would be "
@@ -350,8 +348,8 @@ def _run_with_context(fn, before, chunk, after) -> np.ndarray:
 def _predict(model, entries: list[tuple[int, ResolvedItem]], chunk_frames: int) -> Iterator[Event]:
     """predict: each input's first context_frames frames (at the item's fps), then the model's rollout
     to seconds x fps frames in total. Items whose contexts have one shape are predicted as a batch."""
-    k = model.config.context_frames
-    factor = 2**model.config.down
+    k = model.context_frames
+    factor = model.input_multiple
     ready: dict[tuple, list[tuple[int, ResolvedItem, np.ndarray]]] = {}
     for i, item in entries:
         try:

@@ -62,9 +62,12 @@ RENDITION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,31}$"
 COMPARE = "compare"  # the output name of restore's side-by-side video; no rendition may take it
 
 MODES = ("generate", "restore", "stylize", "predict")
-# Which model families can serve each mode.
-MODE_FAMILIES = {"generate": ("gan", "vae"), "restore": ("restore",), "stylize": ("style",), "predict": ("convlstm",)}
 INPUT_MODES = ("restore", "stylize", "predict")
+
+# Which model families serve each mode, without importing them (torch): the built-in families'
+# `render_modes` (a test keeps the two equal); `vidgen.models.register` adds a new family's.
+MODE_FAMILIES: dict[str, tuple[str, ...]] = {
+    "generate": ("gan", "vae"), "restore": ("restore",), "stylize": ("style",), "predict": ("convlstm",)}
 
 Mode = Literal["generate", "restore", "stylize", "predict"]
 Fit = Literal["crop", "pad", "stretch"]

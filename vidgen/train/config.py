@@ -13,11 +13,10 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from vidgen import storage
 from vidgen.errors import InputError
-
-FAMILY_NAMES = ("gan", "vae", "convlstm", "restore", "style")
 
 
 class ConfigError(InputError):
@@ -27,7 +26,7 @@ class ConfigError(InputError):
 class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    family: Literal["gan", "vae", "convlstm", "restore", "style"] = Field(description="model family")
+    family: str = Field(description="model family (a name in vidgen.models.FAMILIES)")
     preset: Literal["tiny", "small", "base"] = Field("tiny", description="model size preset")
     model: dict[str, Any] = Field(default_factory=dict, description="overrides of the family's model config")
     data: str = Field(description="dataset URI (a `vidgen data` dataset)")
@@ -56,6 +55,17 @@ class TrainConfig(BaseModel):
     style_image: str | None = Field(None, description="style family: the style image (PNG/JPEG URI)")
     stage3_param_persistence_threshold: int = Field(0, ge=0, description="ZeRO-3: params this small stay whole")
 
+    @field_validator("family")
+    @classmethod
+    def _family(cls, v: str) -> str:
+        from vidgen import models
+
+        if v not in models.FAMILIES:  # worded as pydantic words a Literal's error
+            *names, last = [repr(name) for name in models.FAMILIES]
+            raise PydanticCustomError("literal_error", "Input should be {expected}",
+                                      {"expected": f"{', '.join(names)} or {last}" if names else last})
+        return v
+
     @field_validator("data", "run", "style_image")
     @classmethod
     def _uri(cls, v: str | None) -> str | None:
@@ -68,8 +78,10 @@ class TrainConfig(BaseModel):
 
     @model_validator(mode="after")
     def _checks(self) -> TrainConfig:
-        if self.family == "style" and not self.style_image:
-            raise ValueError("style_image is required for the style family (an image URI)")
+        from vidgen import models
+
+        if models.FAMILIES[self.family].needs_style_image and not self.style_image:
+            raise ValueError(f"style_image is required for the {self.family} family (an image URI)")
         return self
 
     def model_overrides(self) -> dict[str, Any]:
@@ -137,7 +149,7 @@ def _check_model_overrides(cfg: TrainConfig) -> None:
     from vidgen import models
 
     try:
-        models.FAMILIES[cfg.family].Config.preset(cfg.preset, **cfg.model)
+        models.family_class(cfg.family).Config.preset(cfg.preset, **cfg.model)
     except (ValueError, TypeError) as e:
         raise ConfigError(f"model: {e}") from None
 

@@ -32,6 +32,7 @@ def train_loop_per_worker(payload: dict) -> None:
 
     from vidgen.data.loader import iter_epoch  # Ray Data: imported where it runs, not by readers of metrics
 
+    models.register(payload["family_class"], replace=True)  # the family the driver validated against
     cfg = TrainConfig(**payload["config"])
     clock = PhaseClock()
     quiet_worker_logs()
@@ -130,11 +131,6 @@ def train_loop_per_worker(payload: dict) -> None:
 # One micro-batch: the family's steps in order, through the DeepSpeed engines
 
 
-# Parts whose `after_step` hook reads their weights (the GAN's EMA update): under ZeRO-3 their
-# parameters are gathered for it. Other families' hooks are no-ops and gather nothing.
-AFTER_STEP_PARTS = {"gan": {"generator"}}
-
-
 def train_micro_batch(cfg: TrainConfig, model, engines: dict, batch: dict) -> dict[str, float]:
     """Run every TrainStep once. The part being stepped is called through its engine; the others
     are called as plain modules with their parameters frozen (the GAN step shape ZeRO-2/3 accept).
@@ -151,7 +147,7 @@ def train_micro_batch(cfg: TrainConfig, model, engines: dict, batch: dict) -> di
         stepped.step()
         for m in others.values():
             m.requires_grad_(True)
-        if boundary and train_step.part in AFTER_STEP_PARTS.get(cfg.family, ()):
+        if boundary and train_step.part in model.after_step_gathers:  # the hook reads the part's weights
             with gathered(engines, [train_step.part]):
                 model.after_step(train_step.part)
         elif boundary:
@@ -298,7 +294,7 @@ def quiet_worker_logs() -> None:
 
 def build_model(cfg: TrainConfig, payload: dict):
     model = models.build(cfg.family, cfg.preset, label_names=payload["label_names"], **payload["model_overrides"])
-    if cfg.family == "style":
+    if model.needs_style_image:
         model.set_style_image(load_style_image(cfg.style_image))
     return model
 
@@ -367,7 +363,7 @@ def sample_and_evaluate(
             model.eval()
             try:
                 video = val_batches[0]["video"] if val_batches else None
-                if video is not None or cfg.family == "gan":
+                if video is not None or not model.preview_needs_input:
                     grid = upscaled(sample_grid(model, cfg.family, video, seed=cfg.seed))
                     write_sample(cfg.run, step, grid, payload["fps"])
                     log.image("samples", step, grid[grid.shape[0] // 2])
@@ -398,22 +394,14 @@ def read_metrics(run: str) -> list[dict]:
     return [json.loads(line) for line in storage.read_text(uri).splitlines() if line.strip()]
 
 
-def probe_output(model, family: str) -> torch.Tensor:
-    """The model's output on a fixed input: compares a live model with its export."""
+def probe_output(model) -> torch.Tensor:
+    """The model's output on a fixed input (its `probe`): compares a live model with its export."""
     cfg = model.config
     g = torch.Generator().manual_seed(0)
     size, frames = getattr(cfg, "frame_size", 32), max(getattr(cfg, "num_frames", 8), 6)
     x = torch.rand(1, cfg.channels, frames, size, size, generator=g) * 2 - 1
     x = x.to(next(model.parameters()).device)
-    if family in ("gan", "vae"):
-        return model.sample(2, num_frames=4, seed=0).cpu()
-    if family == "convlstm":
-        return model.predict(x[:, :, : cfg.context_frames], 2).cpu()
-    if family == "restore":
-        return model.restore(x).cpu()
-    if family == "style":
-        return model.stylize(x).cpu()
-    raise ValueError(f"unknown family {family!r}")
+    return model.probe(x).cpu()
 
 
 class MetricsLog:
@@ -544,4 +532,4 @@ def _test_probe_hook(cfg: TrainConfig, model, engines: dict, rank: int) -> None:
     with gathered(engines):
         if rank == 0:
             model.eval()
-            save_file({"output": probe_output(model, cfg.family).contiguous()}, path)
+            save_file({"output": probe_output(model).contiguous()}, path)

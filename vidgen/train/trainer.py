@@ -51,9 +51,10 @@ def dataset_overrides(cfg: TrainConfig, manifest: dict) -> dict:
     from vidgen import models
 
     t, h, w, c = manifest["clip_shape"]
-    fields = {f for f in models.FAMILIES[cfg.family].Config.__dataclass_fields__}
+    family = models.family_class(cfg.family)
+    fields = {f for f in family.Config.__dataclass_fields__}
     implied = {"channels": c, "frame_size": h, "num_frames": t}
-    if cfg.family == "gan":
+    if family.conditional:
         implied["num_classes"] = len(manifest["labels"]) if manifest.get("labels") else 0
     if h != w:
         raise ConfigError(f"data {cfg.data}: frames are {w}x{h}; training needs square frames")
@@ -89,14 +90,16 @@ def prepare(cfg: TrainConfig, data_version: str | None = None) -> dict:
     overrides = dataset_overrides(cfg, ds.manifest)
     from vidgen import models
 
+    family = models.family_class(cfg.family)
     try:
-        models.FAMILIES[cfg.family].Config.preset(cfg.preset, **overrides)
+        family.Config.preset(cfg.preset, **overrides)
     except ValueError as e:
         raise ConfigError(f"model: {e}") from None
-    label_names = ds.labels if cfg.family == "gan" and ds.labels else None
+    label_names = ds.labels if family.conditional and ds.labels else None
     life = ds.manifest.get("life")
     return {
         "config": cfg.model_dump(),
+        "family_class": family,  # workers register it: a family defined outside vidgen (a test's) trains too
         "model_overrides": overrides,
         "label_names": label_names,
         "has_val": bool(cfg.val_split and splits.get(cfg.val_split)),
