@@ -29,8 +29,24 @@ def _wait_for(what, condition, proc, timeout: float = 180) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         assert proc.poll() is None, f"vidgen ended before {what}:\n{proc.stdout.read()[-4000:]}"
-        assert time.monotonic() < deadline, f"no {what} in {timeout} s"
+        if time.monotonic() > deadline:
+            proc.kill()  # its output says where it waited
+            raise AssertionError(f"no {what} in {timeout} s; vidgen's output:\n{proc.stdout.read()[-4000:]}")
         time.sleep(0.1)
+
+
+# Run in a process joined to the cluster: Serve's replicas gone, every CPU free again (or why not).
+_RELEASE_THE_CLUSTER = """
+import time, ray
+from ray import serve
+ray.init(log_to_driver=False)
+serve.shutdown()
+deadline = time.monotonic() + 60
+while ray.available_resources().get("CPU", 0) < ray.cluster_resources().get("CPU", 0):
+    if time.monotonic() > deadline:
+        raise SystemExit(f"CPUs still held: {ray.available_resources()} of {ray.cluster_resources()}")
+    time.sleep(0.2)
+"""
 
 
 def start_training(multinode, tmp_path, run: str, max_steps: int, checkpoint_every: int) -> subprocess.Popen:
@@ -156,6 +172,11 @@ def test_the_endpoint_finishes_a_job_whose_runners_node_dies_with_each_item_rend
         except subprocess.TimeoutExpired:
             proc.kill()
             output = ""
+        # A `vidgen serve` killed before its shutdown finished leaves Serve's replicas holding CPUs,
+        # and the next test's training (whole nodes) would wait for them forever (CI, 2026-11-30).
+        released = subprocess.run([sys.executable, "-c", _RELEASE_THE_CLUSTER], env=multinode.env,
+                                  capture_output=True, text=True, timeout=180)
+        assert released.returncode == 0, released.stderr[-2000:]
     assert status["status"] == "done" and status["counts"]["ok"] == 8, status
     lease = storage.read_json(lease_uri)
     assert lease["attempt"] == 2 and lease["node"] != holder, lease  # taken over once, on the other node
