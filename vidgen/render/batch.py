@@ -472,43 +472,53 @@ class ModelWorker:
 
     def infer(self, items: list[ResolvedItem], chunk_frames: int) -> list[dict]:
         """Per item: {"meta": ..., "chunks": {stream: [ObjectRef, ...]}} or {"error": message}."""
-        import numpy as np
-        import ray
-
-        results: dict[int, dict] = {}
-        held: dict[tuple[int, str], list] = {}  # small chunks (a batch's forward passes) gathered into one object
-
-        def put(index: int, stream: str) -> None:
-            frames = held.pop((index, stream), [])
-            if frames:
-                chunk = frames[0] if len(frames) == 1 else np.concatenate(frames)
-                results[index]["chunks"].setdefault(stream, []).append(ray.put(chunk))
-
-        for event in engine.infer(self.model, items, chunk_frames):
-            slot = results.setdefault(event.index, {"chunks": {}})
-            if isinstance(event, engine.Begin):  # its meta comes again with Done
-                continue
-            if isinstance(event, engine.Chunk):
-                key = (event.index, event.stream)
-                held.setdefault(key, []).append(event.frames)
-                if sum(len(f) for f in held[key]) >= chunk_frames:
-                    put(*key)
-            elif isinstance(event, engine.Done):
-                for stream in ("video", "input"):
-                    put(event.index, stream)
-                slot["meta"] = {**event.meta, "node": self.where}
-            else:
-                for stream in ("video", "input"):
-                    held.pop((event.index, stream), None)
-                results[event.index] = {"error": event.error}
-        return [results.get(i) or {"error": "the model produced nothing for this item"} for i in range(len(items))]
-
+        results = infer_into_object_store(self.model, items, chunk_frames)
+        for result in results:
+            if "meta" in result:
+                result["meta"]["node"] = self.where
+        return results
 
     def stream(self, item: ResolvedItem, chunk_frames: int):
         """A streamed item (restore, stylize) as a Ray streaming generator, read by its encode task
         (see `stream_events`). The caller's backpressure pauses it: the item is never held whole."""
         for kind, data in stream_events(self.model, item, chunk_frames):
             yield kind, ({**data, "node": self.where} if kind == "begin" else data)
+
+
+def infer_into_object_store(model, items: list[ResolvedItem], chunk_frames: int) -> list[dict]:
+    """Infer a batch of items (a model worker's, or a model server's `@serve.batch` call); per item:
+    {"meta": ..., "chunks": {stream: [ObjectRef, ...]}} or {"error": message}. The small chunks of
+    a batch's forward passes are put together, up to `chunk_frames` frames an object."""
+    import numpy as np
+    import ray
+
+    results: dict[int, dict] = {}
+    held: dict[tuple[int, str], list] = {}
+
+    def put(index: int, stream: str) -> None:
+        frames = held.pop((index, stream), [])
+        if frames:
+            chunk = frames[0] if len(frames) == 1 else np.concatenate(frames)
+            results[index]["chunks"].setdefault(stream, []).append(ray.put(chunk))
+
+    for event in engine.infer(model, items, chunk_frames):
+        slot = results.setdefault(event.index, {"chunks": {}})
+        if isinstance(event, engine.Begin):  # its meta comes again with Done
+            continue
+        if isinstance(event, engine.Chunk):
+            key = (event.index, event.stream)
+            held.setdefault(key, []).append(event.frames)
+            if sum(len(f) for f in held[key]) >= chunk_frames:
+                put(*key)
+        elif isinstance(event, engine.Done):
+            for stream in ("video", "input"):
+                put(event.index, stream)
+            slot["meta"] = dict(event.meta)
+        else:
+            for stream in ("video", "input"):
+                held.pop((event.index, stream), None)
+            results[event.index] = {"error": event.error}
+    return [results.get(i) or {"error": "the model produced nothing for this item"} for i in range(len(items))]
 
 
 def stream_events(model, item: ResolvedItem, chunk_frames: int):

@@ -399,9 +399,6 @@ def _rollout(model, group, k: int, total: int, shape, chunk_frames: int, device)
 # Encoding, posters, uploads, the record
 
 
-Chunks = Callable[[str], Iterable[np.ndarray]]  # stream name -> its chunks, from the start, each call
-
-
 Frames = Iterable[tuple[str, np.ndarray]]  # one pass over an item's (stream, uint8 chunk) pairs
 
 
@@ -426,8 +423,9 @@ def encode_item(
     """
     started = time.monotonic()
     try:
+        outputs = item_outputs(item, out)
         results, todo = {}, []
-        for output in item_outputs(item, out):
+        for output in outputs:
             facts = resume and (adopt(output, item_hash) or _poster_from_landed_video(output, item_hash))
             if facts:
                 results[output.name] = facts
@@ -436,7 +434,7 @@ def encode_item(
         encoders = [functools.partial(_encode_output, item, output, meta, model, item_hash, threads) for output in todo]
         for output, facts in zip(todo, _fan_out(frames, encoders) if todo else [], strict=True):
             results[output.name] = facts
-        results = {o.name: results[o.name] for o in item_outputs(item, out)}
+        results = {o.name: results[o.name] for o in outputs}
         record = ok_record(item, model, item_hash, results, time.monotonic() - started)
     except Exception as e:  # noqa: BLE001 - one item's failure is recorded, never the batch's
         record = error_record(item, model.uri, model.sha256, item_hash, _describe(e))

@@ -98,10 +98,8 @@ class ModelServer:
                 f"{self.sha256[:12]} now; submit the job again")
 
     def _infer(self, requests: list[tuple[ResolvedItem, str]]) -> list[dict]:
-        import numpy as np
-        import ray
-
         from vidgen.render import engine
+        from vidgen.render.batch import infer_into_object_store
 
         started = time.monotonic()
         problem = self._ready({digest for _, digest in requests})
@@ -112,39 +110,11 @@ class ModelServer:
         if stale:
             logger.warning(f"model {self.name}: {len(stale)} item(s) planned with other weights than {self.uri} "
                            f"holds now ({self.sha256[:12]}): not rendered")
-        results: dict[int, dict] = {}
-        pending: dict[tuple[int, str], list] = {}
-
-        def flush(i: int, stream: str) -> None:
-            frames = pending.pop((i, stream), None)
-            if frames:
-                results[i]["chunks"].setdefault(stream, []).append(ray.put(np.concatenate(frames)))
-
-        for event in engine.infer(self.model, items, engine.CHUNK_FRAMES):
-            i = event.index
-            if isinstance(event, engine.Begin):  # its meta comes again with Done
-                continue
-            if isinstance(event, engine.Chunk):
-                results.setdefault(i, {"chunks": {}})
-                buffer = pending.setdefault((i, event.stream), [])
-                buffer.append(event.frames)
-                if sum(len(f) for f in buffer) >= engine.CHUNK_FRAMES:  # small chunks of a batch, merged
-                    flush(i, event.stream)
-            elif isinstance(event, engine.Done):
-                results.setdefault(i, {"chunks": {}})
-                for stream in [s for j, s in list(pending) if j == i]:
-                    flush(i, stream)
-                results[i]["meta"] = event.meta
-            else:
-                for key in [k for k in pending if k[0] == i]:
-                    pending.pop(key)
-                results[i] = {"error": event.error}
+        answers = iter(infer_into_object_store(self.model, items, engine.CHUNK_FRAMES))
         self.stats["batches"] += 1
         self.stats["items"] += len(items)
         self.stats["max_batch"] = max(self.stats["max_batch"], len(items))
         self.stats["busy_s"] += time.monotonic() - started
-        answers = iter([results.get(i) or {"error": "the model produced nothing for this item"}
-                        for i in range(len(items))])
         changed = {"error": self._changed(), "model_trouble": True}
         return [changed if i in stale else next(answers) for i in range(len(requests))]
 
