@@ -12,7 +12,6 @@ import logging
 import math
 import os
 import shutil
-import signal
 import tempfile
 import time
 import warnings
@@ -87,7 +86,6 @@ def train_loop_per_worker(payload: dict) -> None:
             step_time = time.perf_counter() - t0
             if clock.mark("first step", once=True):
                 log.say(f"set-up in this worker: {clock.summary()}")
-            _test_kill_hook(step, rank, world)
             stop = stop_check()
             last = step == cfg.max_steps or stop is not None
             if step % cfg.log_every == 0 or last:
@@ -508,18 +506,6 @@ def _rss_peak_mb() -> float:
 
 # --------------------------------------------------------------------------------------------
 # Test hooks (environment variables; inert unless set)
-
-
-def _test_kill_hook(step: int, rank: int, world: int) -> None:
-    """VIDGEN_TEST_KILL_AT_STEP=k: rank 1 (or 0 alone) SIGKILLs itself at step k, once per sentinel."""
-    at = os.environ.get("VIDGEN_TEST_KILL_AT_STEP")
-    sentinel = os.environ.get("VIDGEN_TEST_KILL_SENTINEL")
-    if not at or not sentinel or step != int(at) or os.path.exists(sentinel):
-        return
-    if rank == min(1, world - 1):
-        with open(sentinel, "w") as f:
-            f.write(f"killed rank {rank} at step {step}\n")
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _test_probe_hook(cfg: TrainConfig, model, engines: dict, rank: int) -> None:

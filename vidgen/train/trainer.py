@@ -272,7 +272,7 @@ WORKER_ENV_DEFAULTS = {
 def _worker_env() -> dict[str, str]:
     """Settings workers need that Ray does not carry: DeepSpeed's accelerator, Ray Train's print
     patch off, test hooks."""
-    keep = ("VIDGEN_TEST_KILL_AT_STEP", "VIDGEN_TEST_KILL_SENTINEL", "VIDGEN_TEST_PROBE")
+    keep = ("VIDGEN_TEST_PROBE",)
     env = {k: os.environ[k] for k in keep if k in os.environ}
     return env | {k: os.environ.get(k, default) for k, default in WORKER_ENV_DEFAULTS.items()}
 
