@@ -122,7 +122,7 @@ def test_a_family_defined_in_a_test_trains_exports_and_renders(inverter, tmp_pat
     assert storage.exists(storage.join(run, "samples", "step-000012.mp4"))  # its preview
 
     manifest = export(run, out)
-    assert manifest["family"] == "invert" and manifest["metrics"]["val_inversion_mse"] < rows[0]["loss"]
+    assert manifest.family == "invert" and manifest.metrics["val_inversion_mse"] < rows[0]["loss"]
     exported = models.load(out)
     assert type(exported) is Inverter and models.family_of(exported) == "invert"
     held_out = frames_to_video(np.stack([row["frames"] for row in open_dataset(data).iter_clips("val")]))

@@ -421,6 +421,29 @@ def test_save_load_through_s3(s3_root):
         assert_same_outputs(model, models.load(uri))
 
 
+def test_model_json_is_a_typed_record_that_says_what_rendering_needs(tmp_path):
+    """model.json carries the family's render capabilities (classes, scale), readable without
+    torch; a model.json from before that block reads the same from its config; a bad field is
+    one InputError naming it."""
+    from vidgen.errors import InputError
+    from vidgen.manifest import ModelManifest
+
+    gan = models.build("gan", "tiny", num_classes=3, label_names=["a", "b", "c"])
+    restore = models.build("restore", "tiny", scale=2, degradations=["downscale", "noise"])
+    for name, model, classes, scale, side in (("g", gan, 3, 1, 32), ("r", restore, 0, 2, None)):
+        saved = models.save(model, str(tmp_path / name))
+        on_disk = json.loads((tmp_path / name / "model.json").read_text())
+        assert on_disk["render"] == {"num_classes": classes, "scale": scale, "frame_size": side}
+        read = ModelManifest.read(str(tmp_path / name), families=["gan", "restore"])
+        assert read == saved and read.digest == on_disk["weights_sha256"]
+        older = {k: v for k, v in on_disk.items() if k != "render"}
+        assert ModelManifest.parse(older, "old", ["gan", "restore"]).render == read.render
+    with pytest.raises(InputError, match=r"^m/model.json: parameters: "):
+        ModelManifest.parse({**on_disk, "parameters": "many"}, "m/model.json", ["restore"])
+    with pytest.raises(InputError, match=r"unknown model family 'restore'; expected one of \['gan'\]"):
+        ModelManifest.read(str(tmp_path / "r"), families=["gan"])
+
+
 def test_load_rejects_configs_that_do_not_match(tmp_path):
     model = models.build("vae", "tiny")
     models.save(model, str(tmp_path / "m"))

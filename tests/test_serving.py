@@ -190,7 +190,7 @@ def test_a_reexported_model_is_reloaded_and_records_name_the_weights_used(servic
     torch.manual_seed(7)  # a re-export to the same URI: other weights, same config
     models.save(models.build("gan", "tiny", num_classes=3, label_names=LABELS), model_uri)
     try:
-        new = models.read_manifest(model_uri)["weights_sha256"]
+        new = models.read_manifest(model_uri).weights_sha256
         after = service.wait(service.post(batch(1, name="after")).json()["id"])
         assert after["status"] == "done" and new != old
         assert storage.read_json(storage.join(after["output"], "items", "ad-00.json"))["model_sha256"] == new

@@ -88,8 +88,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         manifest = export(args.run, args.model)
     except ExportError as e:
         raise UserError(str(e)) from None
-    prov = manifest["provenance"]
-    print(f"exported {manifest['family']}/{manifest['preset']} ({manifest['parameters']:,} parameters) "
+    prov = manifest.provenance
+    print(f"exported {manifest.family}/{manifest.preset} ({manifest.parameters:,} parameters) "
           f"from step {prov['steps']} of {prov['run']} to {args.model}")
     return 0
 

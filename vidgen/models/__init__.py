@@ -66,7 +66,8 @@ A minimal trainer, exactly as vidgen.train drives it (plain torch, no DeepSpeed)
 ## Artifacts
 
 `save(model, uri)` writes `URI/model.safetensors` (the state dict) and then `URI/model.json`
-(format, family, preset, config, label_names, provenance, metrics, vidgen version, weights sha256),
+(`vidgen.manifest.ModelManifest`: format, family, preset, config, label names, provenance, metrics,
+vidgen version, weights sha256, and what rendering needs: classes, scale),
 the json last: it is the commit marker. `load(uri)` reads only those two (no pickle) and checks the
 config and the weights against each other.
 """
@@ -75,8 +76,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
-from typing import Any
 
 import torch
 from safetensors.torch import load as load_safetensors
@@ -84,6 +83,7 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from vidgen.errors import InputError
+from vidgen.manifest import FORMAT, MANIFEST, WEIGHTS, ModelManifest, RenderCapabilities
 
 from .contract import Batch, Family, TrainStep, config_from_dict
 from .convlstm import ConvLSTM
@@ -94,9 +94,6 @@ from .vae import VAE
 
 FAMILIES: dict[str, type[nn.Module]] = {cls.name: cls for cls in (GAN, VAE, ConvLSTM, Restorer, Stylizer)}
 
-FORMAT = "vidgen-model/1"
-WEIGHTS = "model.safetensors"
-MANIFEST = "model.json"
 
 __all__ = ["FAMILIES", "GAN", "VAE", "Batch", "ConvLSTM", "Family", "Restorer", "Stylizer", "TrainStep", "build",
            "extra_state", "family_class", "family_of", "load", "mode_families", "read_manifest", "register", "save",
@@ -178,47 +175,38 @@ def _set_label_names(model: nn.Module, label_names) -> None:
     model.label_names = label_names
 
 
-def save(model: nn.Module, uri: str, provenance: dict | None = None, metrics: dict | None = None) -> dict:
-    """Write URI/model.safetensors, then URI/model.json (the commit marker). Returns the json dict."""
+def save(model: nn.Module, uri: str, provenance: dict | None = None, metrics: dict | None = None) -> ModelManifest:
+    """Write URI/model.safetensors, then URI/model.json (the commit marker). Returns the manifest."""
     from vidgen import __version__, storage
 
     family = family_of(model)
     _set_label_names(model, model.label_names)  # validate before writing anything
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     weights = save_safetensors(state, metadata={"format": FORMAT, "family": family})
-    manifest = {
-        "format": FORMAT,
-        "family": family,
-        "preset": model.preset,
-        "config": dataclasses.asdict(model.config),
-        "label_names": model.label_names,
-        "provenance": provenance or {},
-        "metrics": metrics or {},
-        "vidgen_version": __version__,
-        "weights_sha256": hashlib.sha256(weights).hexdigest(),
-        "parameters": sum(v.numel() for v in model.parameters()),
-    }
+    manifest = ModelManifest(
+        format=FORMAT,
+        family=family,
+        preset=model.preset,
+        config=dataclasses.asdict(model.config),
+        label_names=model.label_names,
+        provenance=provenance or {},
+        metrics=metrics or {},
+        vidgen_version=__version__,
+        weights_sha256=hashlib.sha256(weights).hexdigest(),
+        parameters=sum(v.numel() for v in model.parameters()),
+        render=RenderCapabilities(num_classes=int(getattr(model, "num_classes", 0) or 0),
+                                  scale=int(getattr(model, "render_scale", 1) or 1),
+                                  frame_size=getattr(model.config, "frame_size", None) if "generate" in
+                                  model.render_modes else None),
+    )
     storage.write_bytes(storage.join(uri, WEIGHTS), weights, content_type="application/octet-stream")
-    storage.write_bytes(storage.join(uri, MANIFEST), json.dumps(manifest, indent=2).encode(),
-                        content_type="application/json")
+    storage.write_bytes(storage.join(uri, MANIFEST), manifest.to_json(), content_type="application/json")
     return manifest
 
 
-def read_manifest(uri: str) -> dict[str, Any]:
+def read_manifest(uri: str) -> ModelManifest:
     """The model.json of a saved model, checked for format and family."""
-    from vidgen import storage
-
-    where = storage.join(uri, MANIFEST)
-    try:
-        manifest = json.loads(storage.read_bytes(where))
-    except json.JSONDecodeError as e:
-        raise InputError(f"{where}: not JSON ({e})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
-        raise InputError(f"{where}: not a vidgen model (format {found!r}, expected {FORMAT!r})")
-    if manifest.get("family") not in FAMILIES:
-        raise InputError(f"{where}: unknown model family {manifest.get('family')!r}; expected one of {sorted(FAMILIES)}")
-    return manifest
+    return ModelManifest.read(uri, FAMILIES)
 
 
 def load(uri: str, device: str | torch.device = "cpu") -> nn.Module:
@@ -226,21 +214,21 @@ def load(uri: str, device: str | torch.device = "cpu") -> nn.Module:
     from vidgen import storage
 
     manifest = read_manifest(uri)
-    cls = family_class(manifest["family"])
+    cls = family_class(manifest.family)
     try:
-        config = config_from_dict(cls.Config, manifest.get("config", {}))
+        config = config_from_dict(cls.Config, manifest.config)
     except (TypeError, ValueError) as e:
         raise InputError(f"{storage.join(uri, MANIFEST)}: bad config: {e}") from None
     model = cls(config)
-    model.preset = manifest.get("preset")
+    model.preset = manifest.preset
     model.manifest = manifest  # what was loaded: a server compares its digest with the one a job planned with
-    _set_label_names(model, manifest.get("label_names"))
+    _set_label_names(model, manifest.label_names)
 
     weights = storage.read_bytes(storage.join(uri, WEIGHTS))
     digest = hashlib.sha256(weights).hexdigest()
-    if manifest.get("weights_sha256") not in (None, digest):
+    if manifest.weights_sha256 not in (None, digest):
         raise InputError(f"{storage.join(uri, WEIGHTS)}: sha256 {digest} does not match model.json's "
-                         f"{manifest['weights_sha256']} (a partial or mixed save?)")
+                         f"{manifest.weights_sha256} (a partial or mixed save?)")
     state = load_safetensors(weights)
     _check_state(model, state, uri)
     model.load_state_dict(state)

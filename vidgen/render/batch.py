@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 
 from vidgen import storage
 from vidgen.errors import InputError
+from vidgen.manifest import ModelManifest
 from vidgen.render import engine, gallery
 from vidgen.render.engine import CHUNK_FRAMES, ItemError, ModelInfo
 from vidgen.render.spec import MODE_FAMILIES, RenderBatch, ResolvedItem
@@ -93,7 +94,7 @@ class Plan:
 def plan_batch(batch: RenderBatch) -> Plan:
     """Read the models' manifests and the existing records; decide what each item needs.
     A label the model does not know raises SpecError (nothing has rendered yet)."""
-    manifests: dict[str, dict | None] = {}
+    manifests: dict[str, ModelManifest | None] = {}
     model_errors: dict[str, str] = {}
     for uri in batch.models():
         try:
@@ -140,21 +141,10 @@ def plan_batch(batch: RenderBatch) -> Plan:
     return Plan(batch, entries)
 
 
-MODEL_FORMAT = "vidgen-model/1"  # vidgen.models.FORMAT, read here without importing torch
-
-
-def read_model_manifest(uri: str) -> dict:
-    """A saved model's model.json, checked like `vidgen.models.read_manifest` does; the driver
-    plans from it without importing torch (the model workers load the weights)."""
-    path = storage.join(uri, "model.json")
-    manifest = storage.read_json(path)
-    if not isinstance(manifest, dict) or manifest.get("format") != MODEL_FORMAT:
-        found = manifest.get("format") if isinstance(manifest, dict) else None
-        raise ValueError(f"{path}: not a vidgen model (format {found!r}, expected {MODEL_FORMAT!r})")
-    families = {f for fams in MODE_FAMILIES.values() for f in fams}
-    if manifest.get("family") not in families:
-        raise ValueError(f"{path}: unknown model family {manifest.get('family')!r}; expected one of {sorted(families)}")
-    return manifest
+def read_model_manifest(uri: str) -> ModelManifest:
+    """A saved model's model.json, for a family that renders; the driver plans from it without
+    importing torch (the model workers load the weights)."""
+    return ModelManifest.read(uri, {f for fams in MODE_FAMILIES.values() for f in fams})
 
 
 ASSETS = ("input", "logo", "audio", "subtitles")  # the files an item reads besides its model

@@ -42,6 +42,7 @@ from datetime import UTC, datetime
 import numpy as np
 
 from vidgen import __version__, media, storage
+from vidgen.manifest import ModelManifest
 from vidgen.render.spec import COMPARE, MAX_SIDE, MODE_FAMILIES, ResolvedItem
 
 # torch is imported by the inference functions only: encode/upload workers never load it.
@@ -69,13 +70,10 @@ class ModelInfo:
     scale: int = 1  # output size / input size (restore)
 
     @classmethod
-    def from_manifest(cls, uri: str, manifest: dict) -> ModelInfo:
-        digest = manifest.get("weights_sha256") or hashlib.sha256(
-            json.dumps(manifest, sort_keys=True).encode()).hexdigest()
-        names = manifest.get("label_names")
-        config = manifest.get("config") or {}
-        return cls(uri, manifest["family"], digest, tuple(names) if names else None,
-                   int(config.get("num_classes", 0) or 0), int(config.get("scale", 1) or 1))
+    def from_manifest(cls, uri: str, manifest: ModelManifest) -> ModelInfo:
+        names = manifest.label_names
+        return cls(uri, manifest.family, manifest.digest, tuple(names) if names else None,
+                   manifest.render.num_classes, manifest.render.scale)
 
 
 def spec_hash(item: ResolvedItem, model_sha256: str) -> str:

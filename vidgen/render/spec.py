@@ -48,6 +48,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 from vidgen import storage
 from vidgen.errors import InputError
+from vidgen.manifest import ModelManifest
 
 MAX_ITEMS = 1000
 MAX_SECONDS = 600.0
@@ -304,7 +305,7 @@ class RenderBatch(BaseModel):
         """The distinct model URIs the items use, in first-use order."""
         return list(dict.fromkeys(item.model or self.model for item in self.items))
 
-    def resolve(self, manifests: dict[str, dict | None] | None = None) -> list[ResolvedItem]:
+    def resolve(self, manifests: dict[str, ModelManifest | None] | None = None) -> list[ResolvedItem]:
         """Items with defaults applied. `manifests` (model URI -> model.json, or None when it cannot
         be read) lets labels by name become indices and be checked now; a label the model does not
         know is a SpecError naming the item."""
@@ -312,7 +313,7 @@ class RenderBatch(BaseModel):
         return [_resolve(self, i, item, manifests.get(item.model or self.model)) for i, item in enumerate(self.items)]
 
 
-def _resolve(batch: RenderBatch, index: int, item: RenderItem, manifest: dict | None) -> ResolvedItem:
+def _resolve(batch: RenderBatch, index: int, item: RenderItem, manifest: ModelManifest | None) -> ResolvedItem:
     d = batch.defaults
     timed = item.mode in ("generate", "predict")
     fit = item.fit or d.fit
@@ -355,13 +356,12 @@ def default_seed(item_id: str) -> int:
     return int.from_bytes(hashlib.sha256(item_id.encode()).digest()[:4], "big") & 0x7FFFFFFF
 
 
-def _resolve_label(label: int | str | None, manifest: dict | None, where: str, model: str) -> int | str | None:
+def _resolve_label(label: int | str | None, manifest: ModelManifest | None, where: str, model: str) -> int | str | None:
     if label is None or manifest is None:
         return label  # an unreadable model: checked when it renders
-    classes = int((manifest.get("config") or {}).get("num_classes", 0) or 0)
-    names = manifest.get("label_names") or []
+    classes, names = manifest.render.num_classes, manifest.label_names or []
     if classes == 0:
-        raise SpecError(f"{where}: the model {model} is unconditional ({manifest.get('family')}); remove the label")
+        raise SpecError(f"{where}: the model {model} is unconditional ({manifest.family}); remove the label")
     if isinstance(label, str):
         if label not in names:
             known = ", ".join(names) if names else "none (it has no label names; use an index)"

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 
 from vidgen import __version__, storage
+from vidgen.manifest import ModelManifest
 from vidgen.render.spec import MAX_ITEMS, MODE_FAMILIES, Defaults, RenderBatch, RenderItem, SpecError, parse_batch
 from vidgen.serving.settings import MODEL_NAME, ServiceSettings, input_limits, readable
 from vidgen.serving.store import (
@@ -259,7 +260,7 @@ class _Ingress:
         self.runner = runner
         self.pool = _executor()
         self.admit = asyncio.Lock()  # admission (count + create) is one step per replica
-        self.manifests: dict[str, tuple[float, dict | None]] = {}
+        self.manifests: dict[str, tuple[float, ModelManifest | None]] = {}
         self.jobs: OrderedDict[str, dict] = OrderedDict()  # job records (written once)
         self.records: OrderedDict[tuple[str, str], dict] = OrderedDict()  # final item records
         self.background: set[asyncio.Task] = set()
@@ -410,7 +411,7 @@ class _Ingress:
             return
         self.store.finish(job_id)
 
-    def _batch(self, body: RenderRequest, job_id: str, manifests: dict[str, dict | None]) -> RenderBatch:
+    def _batch(self, body: RenderRequest, job_id: str, manifests: dict[str, ModelManifest | None]) -> RenderBatch:
         """The render batch of a request: model names -> URIs, output under the root; resolved once
         against the models' manifests (labels by name, crf per codec), a SpecError becoming a 422."""
         items = []
@@ -430,9 +431,9 @@ class _Ingress:
             raise RequestValidationError([_invalid(loc, msg)]) from None
         return batch
 
-    async def _manifests(self, names: set[str]) -> dict[str, dict | None]:
+    async def _manifests(self, names: set[str]) -> dict[str, ModelManifest | None]:
         """model.json of each named model (None when unreadable), cached for 30 s."""
-        from vidgen import models
+        from vidgen.render.batch import read_model_manifest
 
         out = {}
         for name in names:
@@ -441,7 +442,7 @@ class _Ingress:
             at, manifest = self.manifests.get(name, (0.0, None))
             if time.monotonic() - at > 30:
                 try:
-                    manifest = await _io(self.pool, models.read_manifest, self.settings.model_uri(name))
+                    manifest = await _io(self.pool, read_model_manifest, self.settings.model_uri(name))
                 except Exception as e:  # noqa: BLE001 - checked again when it renders
                     logger.warning(f"model {name}: cannot read its manifest ({e})")
                     manifest = None
@@ -471,7 +472,7 @@ class _Ingress:
         with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
             return dict(zip(uris, pool.map(probe, uris), strict=True))
 
-    def _check(self, body: RenderRequest, manifests: dict[str, dict | None],
+    def _check(self, body: RenderRequest, manifests: dict[str, ModelManifest | None],
                inputs: dict | None = None) -> list[dict]:
         """The service's rules beyond the spec's: model names, readable inputs, per-request limits
         (restore and stylize items counted from their inputs' probed facts, `inputs`)."""
@@ -503,9 +504,9 @@ class _Ingress:
                 if value is not None and not self._readable(value):
                     errors.append(_invalid((*where, field), self._unreadable(value), value))
             manifest = manifests.get(name) if name else None
-            if manifest and manifest.get("family") not in MODE_FAMILIES[item.mode]:
+            if manifest and manifest.family not in MODE_FAMILIES[item.mode]:
                 need = " or ".join(MODE_FAMILIES[item.mode])
-                errors.append(_invalid((*where, "mode"), f"model {name} is a {manifest.get('family')} model; mode "
+                errors.append(_invalid((*where, "mode"), f"model {name} is a {manifest.family} model; mode "
                                                          f"{item.mode} needs a {need} model", item.mode))
             timed = item.mode in ("generate", "predict")
             seconds = item.seconds if item.seconds is not None else (body.defaults.seconds if timed else None)
@@ -515,7 +516,7 @@ class _Ingress:
             if isinstance(info, str):
                 errors.append(_invalid((*where, "input"), info, item.input))
             elif info is not None and not timed:  # restore / stylize: what renders is the input's length, rate, size
-                scale = int((manifest or {}).get("config", {}).get("scale", 1)) if item.mode == "restore" else 1
+                scale = manifest.render.scale if manifest and item.mode == "restore" else 1
                 errors += [_invalid((*where, "input"), p, item.input) for p in input_limits(info, item, scale, lim)]
                 seconds = min(seconds, info.seconds) if seconds is not None else info.seconds
                 fps = fps if fps is not None else info.fps
@@ -536,7 +537,7 @@ class _Ingress:
                                                 f"pixels a side", list(wh)))
             if seconds is not None and fps is not None:
                 frames = max(1, round(seconds * fps))
-                native = (manifest or {}).get("config", {}).get("frame_size") if item.mode == "generate" else None
+                native = manifest.render.frame_size if manifest and item.mode == "generate" else None
                 main = size or input_size or ((native, native) if native else None)
                 outputs = [main, *(r.size for r in item.renditions)]
                 if item.compare and main:

@@ -57,8 +57,8 @@ def _download(uri: str, local: str) -> None:
         storage.download_file(obj, path)
 
 
-def export(run: str, out: str) -> dict:
-    """Consolidate RUN's newest checkpoint into the model at OUT; returns model.json's content."""
+def export(run: str, out: str) -> ModelManifest:
+    """Consolidate RUN's newest checkpoint into the model at OUT; returns its manifest (model.json)."""
     import tempfile
 
     run, out = storage.normalize(run), storage.normalize(out)
