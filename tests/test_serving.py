@@ -335,7 +335,7 @@ def test_retried_post_with_the_same_idempotency_key_is_one_job(service):
     assert again.status_code == 202 and again.json() == {"id": job_id, "status": "replayed",
                                                          "status_url": f"/v1/renders/{job_id}"}
     jobs = serving.JobStore(service.root).jobs()
-    assert sum(serving.JobStore(service.root).read(j)["name"] == "idem" for j in jobs) == 1
+    assert sum(serving.JobStore(service.root).read(j).name == "idem" for j in jobs) == 1
     assert service.wait(job_id)["status"] == "done"
     other = service.post(batch(2, name="idem"), **{"Idempotency-Key": key})
     assert other.status_code == 409  # the same key with another request
@@ -343,11 +343,11 @@ def test_retried_post_with_the_same_idempotency_key_is_one_job(service):
 
 def test_a_crash_between_a_jobs_two_writes_never_leaves_a_job_no_runner_sees(tmp_path, monkeypatch):
     store = serving.JobStore(str(tmp_path))
-    job = {"id": serving.new_job_id(), "created": "2026-11-29T00:00:00Z", "created_ts": time.time()}
+    job = serving.Job(id=serving.new_job_id(), created="2026-11-29T00:00:00Z", created_ts=time.time())
     real_put = serving.put_json
 
     def crash_on_the_record(uri, obj, **kw):
-        if uri == store.job_uri(job["id"]):
+        if uri == store.job_uri(job.id):
             raise ConnectionError("the ingress died here")
         return real_put(uri, obj, **kw)
 
@@ -355,17 +355,17 @@ def test_a_crash_between_a_jobs_two_writes_never_leaves_a_job_no_runner_sees(tmp
     with pytest.raises(ConnectionError):
         store.create(job)
     monkeypatch.setattr(serving.store, "put_json", real_put)
-    assert store.read(job["id"]) is None and store.queued() == [job["id"]]  # never a record without a marker
+    assert store.read(job.id) is None and store.queued() == [job.id]  # never a record without a marker
     store.create(job)  # the Idempotency-Key retry creates the job again: a runner finds it
-    assert store.read(job["id"]) == job and store.queued() == [job["id"]]
-    assert not store.drop_orphan_marker(job["id"]) and store.queued() == [job["id"]]  # it has its record: kept
+    assert store.read(job.id) == job and store.queued() == [job.id]
+    assert not store.drop_orphan_marker(job.id) and store.queued() == [job.id]  # it has its record: kept
 
     orphan = serving.new_job_id()  # a marker whose ingress died before the record: a runner drops it
     serving.put_json(store.queue_uri(orphan), {"id": orphan})
     runner = bare_runner(store, stale_s=0.3)
-    assert runner._claim(orphan) is None and store.queued() == sorted([job["id"], orphan])  # maybe still coming
+    assert runner._claim(orphan) is None and store.queued() == sorted([job.id, orphan])  # maybe still coming
     time.sleep(0.35)
-    assert runner._claim(orphan) is None and store.queued() == [job["id"]]
+    assert runner._claim(orphan) is None and store.queued() == [job.id]
 
 
 def test_a_conditional_write_retried_after_it_landed_is_not_a_conflict(s3_root):
@@ -392,8 +392,8 @@ def test_a_heartbeat_in_flight_when_the_job_ends_does_not_lose_the_lease(tmp_pat
     """The job ends while a heartbeat's write is on its way: that write lands, and the final write
     (state finished) must follow it, not fail its condition as if another runner held the job."""
     store = serving.JobStore(str(tmp_path / "renders"))
-    job = {"id": serving.new_job_id(), "created": "2026-11-29T00:00:00Z", "created_ts": time.time(),
-           "batch": {"output": str(tmp_path / "out"), "name": "ads"}}
+    job = serving.Job(id=serving.new_job_id(), created="2026-11-29T00:00:00Z", created_ts=time.time(),
+                      batch={"output": str(tmp_path / "out"), "name": "ads"})
     store.create(job)
     runner = bare_runner(store, stale_s=0.2)
     runner.pool = serving._executor()
@@ -402,7 +402,7 @@ def test_a_heartbeat_in_flight_when_the_job_ends_does_not_lose_the_lease(tmp_pat
 
     def slow_swap(job_id, lease, etag):
         etag = real_swap(job_id, lease, etag)
-        if lease["state"] == "running" and "beat" in lease:  # a heartbeat whose answer is slow to come
+        if lease.state == "running" and lease.beat > 0:  # a heartbeat whose answer is slow to come
             writing.set()
             time.sleep(0.3)
         return etag
@@ -414,10 +414,10 @@ def test_a_heartbeat_in_flight_when_the_job_ends_does_not_lose_the_lease(tmp_pat
 
     monkeypatch.setattr(store, "swap_lease", slow_swap)
     monkeypatch.setattr(runner, "_render", render_until_a_heartbeat_is_writing)
-    run = runner._claim(job["id"])
+    run = runner._claim(job.id)
     asyncio.run(runner._run(run))
-    lease = store.lease(job["id"])[0]
-    assert not run.lost and lease["state"] == "finished" and lease["attempt"] == 1, lease
+    lease = store.lease(job.id)[0]
+    assert not run.lost and lease.state == "finished" and lease.attempt == 1, lease
     assert store.queued() == []
 
 
@@ -425,20 +425,20 @@ def test_a_heartbeat_in_flight_when_the_job_ends_does_not_lose_the_lease(tmp_pat
 def test_a_lease_is_judged_by_the_claimers_own_clock_not_the_holders(tmp_path, skew_s):
     """The holder's clock is an hour behind (its heartbeats look old) or ahead (they look young)."""
     store = serving.JobStore(str(tmp_path))
-    job = {"id": serving.new_job_id(), "created": "2026-11-29T00:00:00Z", "created_ts": time.time()}
+    job = serving.Job(id=serving.new_job_id(), created="2026-11-29T00:00:00Z", created_ts=time.time())
     store.create(job)
-    lease = {"runner": "holder", "state": "running", "heartbeat": time.time() + skew_s, "beat": 1, "attempt": 1}
-    etag = store.swap_lease(job["id"], lease, None)
+    lease = serving.Lease(runner="holder", state="running", heartbeat=time.time() + skew_s, beat=1, attempt=1)
+    etag = store.swap_lease(job.id, lease, None)
     claimer = bare_runner(store, stale_s=0.4)
     for beat in range(2, 5):  # the holder keeps beating: never taken over, however old its clock says it is
-        assert claimer._claim(job["id"]) is None
+        assert claimer._claim(job.id) is None
         time.sleep(0.25)
-        lease = {**lease, "heartbeat": time.time() + skew_s, "beat": beat}
-        etag = store.swap_lease(job["id"], lease, etag)
-    assert claimer._claim(job["id"]) is None
+        lease = lease.model_copy(update={"heartbeat": time.time() + skew_s, "beat": beat})
+        etag = store.swap_lease(job.id, lease, etag)
+    assert claimer._claim(job.id) is None
     time.sleep(0.45)  # the holder stopped: taken over after stale_s of the claimer's own time
-    run = claimer._claim(job["id"])
-    assert run is not None and store.lease(job["id"])[0]["runner"] == claimer.runner_id
+    run = claimer._claim(job.id)
+    assert run is not None and store.lease(job.id)[0].runner == claimer.runner_id
 
 
 def test_inputs_under_a_symlinked_root_are_readable_and_links_out_of_a_root_are_not(tmp_path):

@@ -40,7 +40,8 @@ finished and some failed, or the job itself could not run), `cancelled`.
 The code, one file per concern (each imports only the ones above it):
 
     settings.py      ServiceSettings and its parts (the builder's args), input_limits, readable
-    store.py         conditional writes (put_json, read_json_etag), JobStore, job_status, storage threads
+    store.py         the typed records (Job, Lease), conditional writes (put_json, read_json_etag), JobStore,
+                     job_status, storage threads
     ingress.py       the request and response models, _Guard (auth, body bound), the Ingress deployment
     model_server.py  ModelServer (the model deployment), Served (a streamed item's source)
     runner.py        JobRunner (the job runner deployment)
@@ -61,10 +62,13 @@ from vidgen.serving.settings import (
     readable,
 )
 from vidgen.serving.store import (
+    JOB_FORMAT,
     JOB_ID,
     TERMINAL,
     Conflict,
+    Job,
     JobStore,
+    Lease,
     job_status,
     new_job_id,
     put_json,
@@ -72,7 +76,6 @@ from vidgen.serving.store import (
 )
 from vidgen.serving.store import _executor  # noqa: F401 - tests give a bare JobRunner its threads
 from vidgen.serving.ingress import (
-    JOB_FORMAT,
     MAX_BODY_BYTES,
     PUBLIC_PATHS,
     TOKEN_ENV,
@@ -91,9 +94,9 @@ from vidgen.serving.model_server import ModelServer, Served
 from vidgen.serving.runner import JobRunner
 from vidgen.serving.app import APP_NAME, app_builder, build_app, read_config, serve_forever
 
-__all__ = ["APP_NAME", "JOB_FORMAT", "JOB_ID", "MAX_BODY_BYTES", "MODEL_NAME", "PUBLIC_PATHS", "TERMINAL", "TOKEN_ENV",
-           "Accepted", "Autoscaling", "Conflict", "Ingress", "IngressDeployment", "ItemResult", "JobList", "JobRunner",
-           "JobStore", "JobView", "Limits", "ModelDeployment", "ModelServer", "Output", "RenderRequest", "RequestItem",
-           "RunnerDeployment", "Served", "ServiceSettings", "__version__", "api", "app_builder", "bearer",
-           "build_app", "input_limits", "job_status", "load_settings", "new_job_id", "put_json", "read_config",
-           "read_json_etag", "readable", "serve_forever"]
+__all__ = ["APP_NAME", "JOB_FORMAT", "JOB_ID", "MAX_BODY_BYTES", "MODEL_NAME", "PUBLIC_PATHS", "TERMINAL",
+           "TOKEN_ENV", "Accepted", "Autoscaling", "Conflict", "Ingress", "IngressDeployment", "ItemResult", "Job",
+           "JobList", "JobRunner", "JobStore", "JobView", "Lease", "Limits", "ModelDeployment", "ModelServer",
+           "Output", "RenderRequest", "RequestItem", "RunnerDeployment", "Served", "ServiceSettings", "__version__",
+           "api", "app_builder", "bearer", "build_app", "input_limits", "job_status", "load_settings", "new_job_id",
+           "put_json", "read_config", "read_json_etag", "readable", "serve_forever"]

@@ -29,7 +29,9 @@ from vidgen.serving.store import (
     JOB_ID,
     TERMINAL,
     Conflict,
+    Job,
     JobStore,
+    Lease,
     _executor,
     _io,
     _now_iso,
@@ -41,7 +43,6 @@ from vidgen.serving.store import (
 logger = logging.getLogger("ray.serve")  # Serve adds the request id to each line logged in a request
 
 TOKEN_ENV = "VIDGEN_API_TOKEN"
-JOB_FORMAT = "vidgen-serve-job/1"
 MAX_BODY_BYTES = 2 * 1024 * 1024  # a request body; MAX_ITEMS items with long titles fit
 
 
@@ -261,7 +262,7 @@ class _Ingress:
         self.pool = _executor()
         self.admit = asyncio.Lock()  # admission (count + create) is one step per replica
         self.manifests: dict[str, tuple[float, ModelManifest | None]] = {}
-        self.jobs: OrderedDict[str, dict] = OrderedDict()  # job records (written once)
+        self.jobs: OrderedDict[str, Job] = OrderedDict()  # job records (written once)
         self.records: OrderedDict[tuple[str, str], dict] = OrderedDict()  # final item records
         self.background: set[asyncio.Task] = set()
         if token_sha256 is None:
@@ -326,10 +327,9 @@ class _Ingress:
                     await _io(self.pool, put_json, self.store.key_uri(key_sha), {"job": job_id}, if_absent=True)
                 except Conflict:  # another ingress replica took this key a moment ago
                     return await self._replayed_or_busy(key_sha, request_sha)
-            job = {"format": JOB_FORMAT, "id": job_id, "name": body.name, "created": _now_iso(),
-                   "created_ts": time.time(), "request_id": rid, "request_sha256": request_sha,
-                   "idempotency_key_sha256": key_sha, "items": [item.id for item in body.items],
-                   "batch": batch.model_dump(mode="json")}
+            job = Job(id=job_id, name=body.name, created=_now_iso(), created_ts=time.time(), request_id=rid,
+                      request_sha256=request_sha, idempotency_key_sha256=key_sha,
+                      items=[item.id for item in body.items], batch=batch.model_dump(mode="json"))
             try:
                 await _io(self.pool, self.store.create, job)
             except Conflict:  # the key's job was being created by another replica
@@ -392,7 +392,7 @@ class _Ingress:
         except storage.NotFoundError:
             return None
         job = self.store.read(job_id)
-        if job is not None and job.get("request_sha256") != request_sha:
+        if job is not None and job.request_sha256 != request_sha:
             raise HTTPException(409, "Idempotency-Key was used with a different request")
         return job_id, job is not None
 
@@ -405,8 +405,7 @@ class _Ingress:
     def _cancel_unclaimed(self, job_id: str) -> None:
         """A queued job no runner holds: end it here (a runner that claims it first sees the mark)."""
         try:
-            self.store.swap_lease(job_id, {"state": "cancelled", "runner": "ingress", "heartbeat": time.time(),
-                                           "attempt": 0, "error": None, "counts": None}, None)
+            self.store.swap_lease(job_id, Lease(runner="ingress", heartbeat=time.time(), state="cancelled"), None)
         except Conflict:
             return
         self.store.finish(job_id)
@@ -570,22 +569,21 @@ class _Ingress:
             _io(self.pool, self.store.lease, job_id), _io(self.pool, self.store.cancelled, job_id),
             _io(self.pool, self.store.record_uris, job_id))
         out = self.store.output(job_id)
-        uris = {item_id: _record_uri(out, item_id) for item_id in job["items"]}
+        uris = {item_id: _record_uri(out, item_id) for item_id in job.items}
         finished = [i for i, u in uris.items() if u in present]
-        beat = (lease or {}).get("heartbeat")
-        view = {"id": job_id, "name": job["name"], "created": job["created"], "status_url": f"/v1/renders/{job_id}",
-                "error": (lease or {}).get("error"), "attempt": (lease or {}).get("attempt"),
-                "heartbeat_age_s": round(time.time() - beat, 1) if beat else None}
+        view = {"id": job_id, "name": job.name, "created": job.created, "status_url": f"/v1/renders/{job_id}",
+                "error": lease.error if lease else None, "attempt": lease.attempt if lease else None,
+                "heartbeat_age_s": round(time.time() - lease.heartbeat, 1) if lease else None}
         status = job_status(lease, cancelled)
         if not detail:
-            counts = (lease or {}).get("counts") or {"items": len(uris), "finished": len(finished)}
+            counts = (lease.counts if lease else None) or {"items": len(uris), "finished": len(finished)}
             return {**view, "status": status, "counts": counts}
         fetched = await asyncio.gather(*(self._record(job_id, uris[i], status in TERMINAL) for i in finished))
         records = dict(zip(finished, fetched, strict=True))
         failed = sum(1 for r in records.values() if r is None or r.get("status") != "ok")
         expiry = self.settings.url_expiry_s
-        items = [self._item(item_id, job, records.get(item_id)) for item_id in job["items"]]
-        finished_state = (lease or {}).get("state") == "finished"
+        items = [self._item(item_id, job, records.get(item_id)) for item_id in job.items]
+        finished_state = lease is not None and lease.state == "finished"
         return {**view, "status": status, "output": out,
                 "counts": {"items": len(uris), "ok": len(finished) - failed, "failed": failed,
                            "pending": len(uris) - len(finished)},
@@ -609,8 +607,8 @@ class _Ingress:
                 self.records.popitem(last=False)
         return record
 
-    def _item(self, item_id: str, job: dict, record: dict | None) -> dict:
-        mode = next((it["mode"] for it in job["batch"]["items"] if it["id"] == item_id), "")
+    def _item(self, item_id: str, job: Job, record: dict | None) -> dict:
+        mode = job.mode_of(item_id)
         if record is None:
             return {"id": item_id, "status": "pending", "mode": mode}
         expiry = self.settings.url_expiry_s

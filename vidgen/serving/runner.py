@@ -15,7 +15,7 @@ from ray import serve
 from vidgen.render.spec import INPUT_MODES, ResolvedItem, SpecError, parse_batch
 from vidgen.serving.model_server import Served
 from vidgen.serving.settings import ServiceSettings, input_limits
-from vidgen.serving.store import Conflict, JobStore, _executor, _io, read_json_etag
+from vidgen.serving.store import Conflict, Job, JobStore, Lease, _executor, _io, read_json_etag
 
 logger = logging.getLogger("ray.serve")  # Serve adds the request id to each line logged in a request
 
@@ -32,7 +32,7 @@ def _encode_task():
 class _Run:
     """A job this runner holds: its lease (and etag), and what the heartbeat has learnt."""
 
-    def __init__(self, job_id: str, lease: dict, etag: str):
+    def __init__(self, job_id: str, lease: Lease, etag: str):
         self.job_id, self.lease, self.etag = job_id, lease, etag
         self.cancelled = False
         self.lost = False  # another runner took the lease: stop
@@ -116,33 +116,32 @@ class JobRunner:
                 logger.warning(f"runner {self.runner_id}: dropped the queue marker of job {job_id}: no job record came")
             return None
         if lease is not None:
-            if lease.get("state") in ("finished", "failed", "cancelled"):
+            if lease.ended:
                 self.store.finish(job_id)  # its runner died between the lease and the marker
                 return None
-            if not lease.get("released") and not self._stale(job_id, lease, etag):
+            if not lease.released and not self._stale(job_id, lease.model_dump(mode="json"), etag):
                 return None
-        attempt = int((lease or {}).get("attempt", 0)) + 1
-        new = {"runner": self.runner_id, "node": self.node_id, "state": "running", "heartbeat": now, "started": now,
-               "attempt": attempt,
-               "error": None, "counts": None}
+        attempt = (lease.attempt if lease else 0) + 1
+        new = Lease(runner=self.runner_id, node=self.node_id, heartbeat=now, started=now, attempt=attempt)
         if attempt > self.conf.job_attempts:
-            new.update(state="failed", error=f"gave up after {self.conf.job_attempts} runners took the job and stopped")
+            new = new.model_copy(update={"state": "failed", "error": f"gave up after {self.conf.job_attempts} "
+                                                                     f"runners took the job and stopped"})
         try:
             etag = self.store.swap_lease(job_id, new, etag)
         except Conflict:
             return None
-        if new["state"] == "failed":
+        if new.state == "failed":
             self.store.finish(job_id)
             return None
         if lease is not None:
-            why = "released" if lease.get("released") else f"its lease unchanged for {self.conf.stale_s:g} s"
-            logger.warning(f"runner {self.runner_id}: took over job {job_id} from {lease.get('runner')} ({why}), "
+            why = "released" if lease.released else f"its lease unchanged for {self.conf.stale_s:g} s"
+            logger.warning(f"runner {self.runner_id}: took over job {job_id} from {lease.runner} ({why}), "
                            f"attempt {attempt}")
         return _Run(job_id, new, etag)
 
     async def _write_lease(self, run: _Run, **changes) -> bool:
         async with run.lock:
-            lease = {**run.lease, "heartbeat": time.time(), "beat": int(run.lease.get("beat", 0)) + 1, **changes}
+            lease = run.lease.beaten(**changes)
             try:
                 run.etag = await _io(self.pool, self.store.swap_lease, run.job_id, lease, run.etag)
             except Conflict:
@@ -181,15 +180,15 @@ class JobRunner:
             elif run.cancelled:
                 state = "cancelled"
             else:
-                logger.info(f"runner {self.runner_id}: job {job_id} started (attempt {run.lease['attempt']}, "
-                            f"request {job.get('request_id')})")
+                logger.info(f"runner {self.runner_id}: job {job_id} started (attempt {run.lease.attempt}, "
+                            f"request {job.request_id})")
                 records = await self._render(job, run)
                 if run.cancelled:
                     state = "cancelled"
                 elif not run.lost:
                     from vidgen.render.batch import write_index
 
-                    await _io(self.pool, write_index, job["batch"]["output"], job["batch"]["name"], records)
+                    await _io(self.pool, write_index, job.batch["output"], job.batch["name"], records)
                     failed = sum(r["status"] != "ok" or r["id"] in run.kept for r in records)
                     state, counts = "finished", {"items": len(records), "ok": len(records) - failed, "failed": failed}
                     if run.kept:  # their earlier ok records stand; the job says why they were not rendered
@@ -213,12 +212,12 @@ class JobRunner:
             else:
                 await self._write_lease(run, released=True)  # the next poll of any runner takes it again
 
-    async def _render(self, job: dict, run: _Run) -> list[dict]:
+    async def _render(self, job: Job, run: _Run) -> list[dict]:
         """Plan the batch (items with an ok record are kept), render the rest; the records, in order."""
         from vidgen.render import engine
         from vidgen.render.batch import abort_killed_runs_uploads, plan_batch, unwritten_error
 
-        batch = parse_batch(job["batch"], source=f"job {job['id']}")
+        batch = parse_batch(job.batch, source=f"job {job.id}")
         plan = await _io(self.pool, plan_batch, batch)
         out = batch.output
         records: dict[str, dict] = {}

@@ -12,14 +12,70 @@ import json
 import os
 import re
 import secrets
-from typing import Any
+import time
+from typing import Any, Literal
 
 import botocore.exceptions
+from pydantic import BaseModel, ConfigDict
 
 from vidgen import storage
 
 JOB_ID = r"^\d{8}T\d{6}Z-[0-9a-f]{8}$"
+JOB_FORMAT = "vidgen-serve-job/1"
 TERMINAL = ("done", "failed", "cancelled")
+
+
+# --------------------------------------------------------------------------------------------
+# The records: a job (written once by the ingress) and its lease (rewritten by the runner that
+# holds the job, and by nobody else). Every default lives here.
+
+
+class Job(BaseModel):
+    """ROOT/_jobs/<id>.json: what was asked, as the ingress accepted it."""
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+    id: str
+    created: str                 # ISO time, UTC
+    created_ts: float            # the same, in seconds since the epoch
+    format: str = JOB_FORMAT
+    name: str = ""
+    request_id: str | None = None
+    request_sha256: str | None = None           # the request's canonical digest (Idempotency-Key replays)
+    idempotency_key_sha256: str | None = None
+    items: list[str] = []                       # item ids, in the request's order
+    batch: dict[str, Any] = {}                  # the render batch (a RenderBatch dumped as JSON)
+
+    def mode_of(self, item_id: str) -> str:
+        return next((it["mode"] for it in self.batch.get("items", []) if it["id"] == item_id), "")
+
+
+class Lease(BaseModel):
+    """ROOT/_leases/<id>.json: which runner holds a job, how alive it is, and how the job ended.
+    The one source of truth for a job's end. Its holder rewrites it with a new `beat` at every
+    heartbeat, so a claimer judges it stale by its own clock (an unchanged version), never by
+    `heartbeat`'s wall time."""
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+    runner: str
+    heartbeat: float
+    state: Literal["running", "finished", "failed", "cancelled"] = "running"
+    node: str | None = None
+    started: float | None = None
+    attempt: int = 0             # how many runners have taken the job, this one included
+    beat: int = 0
+    released: bool = False       # its runner stopped without ending it: any runner takes it now
+    error: str | None = None
+    counts: dict[str, int] | None = None
+
+    @property
+    def ended(self) -> bool:
+        return self.state in ("finished", "failed", "cancelled")
+
+    def beaten(self, **changes) -> "Lease":
+        """This lease at its next heartbeat (a new version), with `changes`."""
+        return self.model_copy(update={"heartbeat": time.time(), "beat": self.beat + 1, **changes})
 
 
 # --------------------------------------------------------------------------------------------
@@ -148,16 +204,16 @@ class JobStore:
         names = (storage.basename(u) for u in uris)
         return sorted(n[:-5] for n in names if n.endswith(".json") and re.fullmatch(JOB_ID, n[:-5]))
 
-    def create(self, job: dict) -> None:
+    def create(self, job: Job) -> None:
         """The queue marker, then the job record (once). A runner finds jobs from their markers, so
         every record has one; a crash in between leaves a marker without a job, which runners drop
         once it has stayed so for `stale_s` (`drop_orphan_marker`), and an Idempotency-Key retry
         creates the job again."""
-        marker = {"id": job["id"], "created": job["created"], "created_ts": job["created_ts"]}
-        put_json(self.queue_uri(job["id"]), marker)
-        put_json(self.job_uri(job["id"]), job, if_absent=True)
-        if not storage.exists(self.queue_uri(job["id"])):  # a runner took it for an orphan while the record was slow
-            put_json(self.queue_uri(job["id"]), marker)
+        marker = {"id": job.id, "created": job.created, "created_ts": job.created_ts}
+        put_json(self.queue_uri(job.id), marker)
+        put_json(self.job_uri(job.id), job.model_dump(mode="json"), if_absent=True)
+        if not storage.exists(self.queue_uri(job.id)):  # a runner took it for an orphan while the record was slow
+            put_json(self.queue_uri(job.id), marker)
 
     def drop_orphan_marker(self, job_id: str) -> bool:
         """Remove the queue marker of a job that has no record (its ingress died between the two
@@ -170,9 +226,9 @@ class JobStore:
             return False
         return True
 
-    def read(self, job_id: str) -> dict | None:
+    def read(self, job_id: str) -> Job | None:
         try:
-            return storage.read_json(self.job_uri(job_id))
+            return Job.model_validate(storage.read_json(self.job_uri(job_id)))
         except storage.NotFoundError:
             return None
 
@@ -184,12 +240,13 @@ class JobStore:
         """Every job, oldest first."""
         return self._ids(storage.list_prefix(storage.join(self.root, "_jobs"), recursive=False))
 
-    def lease(self, job_id: str) -> tuple[dict | None, str | None]:
-        return read_json_etag(self.lease_uri(job_id))
+    def lease(self, job_id: str) -> tuple[Lease | None, str | None]:
+        data, etag = read_json_etag(self.lease_uri(job_id))
+        return (None if data is None else Lease.model_validate(data)), etag
 
-    def swap_lease(self, job_id: str, lease: dict, etag: str | None) -> str:
+    def swap_lease(self, job_id: str, lease: Lease, etag: str | None) -> str:
         """Write the lease if it is still at `etag` (None: if there is none yet); Conflict otherwise."""
-        return put_json(self.lease_uri(job_id), lease, if_match=etag, if_absent=etag is None)
+        return put_json(self.lease_uri(job_id), lease.model_dump(mode="json"), if_match=etag, if_absent=etag is None)
 
     def cancel(self, job_id: str) -> None:
         put_json(self.cancel_uri(job_id), {"cancelled": _now_iso()})
@@ -204,12 +261,12 @@ class JobStore:
         return set(storage.list_prefix(storage.join(self.output(job_id), "items"), recursive=False))
 
 
-def job_status(lease: dict | None, cancelled: bool) -> str:
+def job_status(lease: Lease | None, cancelled: bool) -> str:
     """A job's status from its lease and its cancel mark. The lease is the one source of truth for
     the end: a runner marks a job finished after every record, the manifest and the gallery."""
-    state = (lease or {}).get("state")
+    state = lease.state if lease else None
     if state == "finished":
-        return "failed" if (lease.get("counts") or {}).get("failed") else "done"
+        return "failed" if (lease.counts or {}).get("failed") else "done"
     if state in ("failed", "cancelled"):
         return state
     if cancelled:
