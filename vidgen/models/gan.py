@@ -72,7 +72,8 @@ class GANConfig:
                                 # backward, tested under ZeRO-0/2 only
     spectral_norm: bool = False # spectral norm on every D layer (Miyato et al. 2018)
     aux_weight: float = 0.0     # > 0: D also classifies real clips, G is pushed towards the asked class (AC-GAN)
-    diffaugment: str = ""       # "translation,color,cutout": random augmentations (one draw per clip) of real
+    diffaugment: str = ""       # "translation,color,cutout" (color: brightness, saturation and contrast, each also
+                                # by itself): random augmentations (one draw per clip) of real
                                 # and fake clips alike before D (Zhao et al. 2020), so a small set does not overfit D
     lr_g: float = 2e-4
     lr_d: float = 2e-4
@@ -111,11 +112,14 @@ PRESETS = {
     # Then against one palette per class (every sample of a class had the same background, whatever
     # its noise): modulated colours, and an EMA over ~1,000 steps instead of ~100, which stopped the
     # Frechet ratio swinging between 3 and 37 from one 400-step check to the next (2.6 at 2,000 and
-    # 2,400 steps in-process, 2026-11-30).
+    # 2,400 steps in-process); and colour augmentation without saturation, which hid from D how
+    # saturated real clips are (Frechet ratio 2.2 / 1.0 / 1.1 at 1,600 / 2,000 / 2,400 steps;
+    # bench/gan_curve.py, 2026-11-30).
     "tiny": dict(frame_size=32, num_frames=8, content_dim=32, motion_dim=16, noise_dim=8, class_dim=16,
                  g_width=16, g_max_width=64, d_width=16, d_max_width=64, image_frames=2, ema_decay=0.999,
                  g_norm="pixel", rgb_modulation=True, sprite=True, spectral_norm=True, aux_weight=1.0,
-                 diffaugment="translation,color", train_frames=4, lr_d=4e-4, lr_g=2e-4, beta1=0.0, beta2=0.99),
+                 diffaugment="translation,brightness,contrast", train_frames=4, lr_d=4e-4, lr_g=2e-4, beta1=0.0,
+                 beta2=0.99),
     # CPU demo: 64x64, G 2.2M and D 5.1M parameters.
     "small": dict(frame_size=64, num_frames=16, g_width=32, g_max_width=256, d_width=32, d_max_width=256,
                   ema_decay=0.995),
@@ -139,15 +143,28 @@ def _translation(video: Tensor, ratio: float = 0.125) -> Tensor:
     return frames.permute(0, 3, 4, 1, 2)
 
 
-def _color(video: Tensor) -> Tensor:
-    """Random brightness, saturation and contrast per clip."""
-    B = video.shape[0]
-    r = lambda: torch.rand(B, 1, 1, 1, 1, device=video.device, dtype=video.dtype)  # noqa: E731
-    video = video + (r() - 0.5)
+def _uniform(video: Tensor) -> Tensor:
+    """One draw in [0, 1) per clip, shaped to broadcast over (B, C, T, H, W)."""
+    return torch.rand(video.shape[0], 1, 1, 1, 1, device=video.device, dtype=video.dtype)
+
+
+def _brightness(video: Tensor) -> Tensor:
+    return video + (_uniform(video) - 0.5)
+
+
+def _saturation(video: Tensor) -> Tensor:
     mean = video.mean(1, keepdim=True)
-    video = (video - mean) * (r() * 2) + mean
+    return (video - mean) * (_uniform(video) * 2) + mean
+
+
+def _contrast(video: Tensor) -> Tensor:
     mean = video.mean((1, 2, 3, 4), keepdim=True)
-    return (video - mean) * (r() + 0.5) + mean
+    return (video - mean) * (_uniform(video) + 0.5) + mean
+
+
+def _color(video: Tensor) -> Tensor:
+    """Random brightness, saturation and contrast per clip (DiffAugment's "color")."""
+    return _contrast(_saturation(_brightness(video)))
 
 
 def _cutout(video: Tensor, ratio: float = 0.5) -> Tensor:
@@ -161,7 +178,8 @@ def _cutout(video: Tensor, ratio: float = 0.5) -> Tensor:
     return video * keep[:, None, None].to(video.dtype)
 
 
-AUGMENTS = {"translation": _translation, "color": _color, "cutout": _cutout}
+AUGMENTS = {"translation": _translation, "color": _color, "brightness": _brightness, "saturation": _saturation,
+            "contrast": _contrast, "cutout": _cutout}
 
 
 def diff_augment(video: Tensor, policy: str) -> Tensor:
