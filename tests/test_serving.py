@@ -368,6 +368,32 @@ def test_a_crash_between_a_jobs_two_writes_never_leaves_a_job_no_runner_sees(tmp
     assert runner._claim(orphan) is None and store.queued() == [job.id]
 
 
+def test_replicas_admitting_at_once_never_queue_more_jobs_than_the_limit(root):
+    """Each ingress replica used to count the queue and then create its job: two replicas that
+    counted at the same moment both took the last place (CI: 5 jobs queued under a limit of 4)."""
+    barrier = threading.Barrier(12)
+
+    def submit(_):
+        store = serving.JobStore(root)  # one store per replica, as in the deployment
+        job = serving.Job(id=serving.new_job_id(), created="2026-11-30T00:00:00Z", created_ts=time.time())
+        barrier.wait()
+        if store.admit(job.id, limit=4) is not None:
+            return None
+        store.create(job)
+        return job.id
+
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        created = [j for j in pool.map(submit, range(12)) if j]
+    store = serving.JobStore(root)
+    assert len(created) == 4 and sorted(created) == store.queued()
+    late = serving.new_job_id()
+    assert store.admit(late, limit=4) == 4  # full: refused, with the count
+    store.finish(created[0])  # a job ends: its place frees
+    assert store.admit(late, limit=4) is None
+    store.unadmit(late)  # its creation failed after all: the place frees again
+    assert store.admit(serving.new_job_id(), limit=4) is None
+
+
 def test_a_conditional_write_retried_after_it_landed_is_not_a_conflict(s3_root):
     """botocore retries a PUT whose answer was lost; if the first try landed, the retry's condition
     fails on our own write. That must not read as another runner taking the lease."""

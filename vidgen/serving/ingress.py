@@ -260,7 +260,6 @@ class _Ingress:
         self.token_sha256 = token_sha256
         self.runner = runner
         self.pool = _executor()
-        self.admit = asyncio.Lock()  # admission (count + create) is one step per replica
         self.manifests: dict[str, tuple[float, ModelManifest | None]] = {}
         self.jobs: OrderedDict[str, Job] = OrderedDict()  # job records (written once)
         self.records: OrderedDict[tuple[str, str], dict] = OrderedDict()  # final item records
@@ -309,31 +308,31 @@ class _Ingress:
         batch = self._batch(body, new_job_id(), manifests)  # whole-spec rules (labels, crf), before any write
         request_sha = hashlib.sha256(body.model_dump_json().encode()).hexdigest()
         key_sha = hashlib.sha256(idempotency_key.encode()).hexdigest() if idempotency_key else None
-        async with self.admit:
-            found = await _io(self.pool, self._replay, key_sha, request_sha) if key_sha else None
-            if found and found[1]:
-                logger.info(f"POST /v1/renders: Idempotency-Key replay of job {found[0]} (request {rid})")
-                return self._accepted(found[0], "replayed")
-            queued = await _io(self.pool, self.store.queued)
-            if len(queued) >= self.settings.limits.max_queued_jobs:
-                return JSONResponse({"detail": f"{len(queued)} unfinished jobs; this service queues at most "
-                                               f"{self.settings.limits.max_queued_jobs}"},
-                                    429, headers={"Retry-After": str(max(1, round(self.settings.runner.poll_s)))})
-            if found:  # the key's job never got its record (its ingress died in between): create it now
-                batch = self._batch(body, found[0], manifests)
-            job_id = storage.basename(batch.output)
-            if key_sha and not found:
-                try:
-                    await _io(self.pool, put_json, self.store.key_uri(key_sha), {"job": job_id}, if_absent=True)
-                except Conflict:  # another ingress replica took this key a moment ago
-                    return await self._replayed_or_busy(key_sha, request_sha)
-            job = Job(id=job_id, name=body.name, created=_now_iso(), created_ts=time.time(), request_id=rid,
-                      request_sha256=request_sha, idempotency_key_sha256=key_sha,
-                      items=[item.id for item in body.items], batch=batch.model_dump(mode="json"))
+        # No lock: replicas (and the requests within one) meet only in storage's conditional writes.
+        found = await _io(self.pool, self._replay, key_sha, request_sha) if key_sha else None
+        if found and found[1]:
+            logger.info(f"POST /v1/renders: Idempotency-Key replay of job {found[0]} (request {rid})")
+            return self._accepted(found[0], "replayed")
+        if found:  # the key's job never got its record (refused, or its ingress died in between): create it now
+            batch = self._batch(body, found[0], manifests)
+        job_id = storage.basename(batch.output)
+        if key_sha and not found:
             try:
-                await _io(self.pool, self.store.create, job)
-            except Conflict:  # the key's job was being created by another replica
+                await _io(self.pool, put_json, self.store.key_uri(key_sha), {"job": job_id}, if_absent=True)
+            except Conflict:  # another request with this key took it a moment ago
                 return await self._replayed_or_busy(key_sha, request_sha)
+        limit = self.settings.limits.max_queued_jobs
+        filled = await _io(self.pool, self.store.admit, job_id, limit)
+        if filled is not None:  # a retry with the same key gets the same job id, if there is room then
+            return JSONResponse({"detail": f"{filled} unfinished jobs; this service queues at most {limit}"},
+                                429, headers={"Retry-After": str(max(1, round(self.settings.runner.poll_s)))})
+        job = Job(id=job_id, name=body.name, created=_now_iso(), created_ts=time.time(), request_id=rid,
+                  request_sha256=request_sha, idempotency_key_sha256=key_sha,
+                  items=[item.id for item in body.items], batch=batch.model_dump(mode="json"))
+        try:
+            await _io(self.pool, self.store.create, job)
+        except Conflict:  # the key's job was being created by another request
+            return await self._replayed_or_busy(key_sha, request_sha)
         logger.info(f"POST /v1/renders: job {job_id} queued, {len(body.items)} items (request {rid})")
         self._poke()
         return self._accepted(job_id, "queued")

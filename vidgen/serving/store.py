@@ -10,6 +10,7 @@ import functools
 import hashlib
 import json
 import os
+import random
 import re
 import secrets
 import time
@@ -22,6 +23,7 @@ from vidgen import storage
 
 JOB_ID = r"^\d{8}T\d{6}Z-[0-9a-f]{8}$"
 JOB_FORMAT = "vidgen-serve-job/1"
+ADMISSION_GRACE_S = 60.0  # how long an admitted job may take to write its queue marker
 TERMINAL = ("done", "failed", "cancelled")
 
 
@@ -198,6 +200,51 @@ class JobStore:
 
     def key_uri(self, key_sha256: str) -> str:
         return storage.join(self.root, "_idempotency", f"{key_sha256}.json")
+
+    def admission_uri(self) -> str:
+        return storage.join(self.root, "_admitted.json")
+
+    def admit(self, job_id: str, limit: int, grace_s: float = ADMISSION_GRACE_S) -> int | None:
+        """Take one of `limit` places for a job about to be created: None when it is taken, else
+        the number of unfinished jobs that fill them. Every ingress replica admits through one
+        ledger (`_admitted.json`, swapped on its ETag), so replicas that list the queue at the same
+        moment cannot both take its last place. A ledger entry holds its place while the job's
+        queue marker exists, or, before the marker is written, for `grace_s` (an ingress that died
+        between admitting and creating frees its place then)."""
+        uri = self.admission_uri()
+        for attempt in range(100):
+            data, etag = read_json_etag(uri)
+            admitted = (data or {}).get("admitted", {})
+            queued = set(self.queued())
+            now = time.time()
+            held = {i: ts for i, ts in admitted.items()
+                    if i in queued or (now - ts < grace_s and not storage.exists(self.job_uri(i)))}
+            if job_id in held or job_id in queued:  # an Idempotency-Key retry of a job that has its place
+                return None
+            filled = len(held.keys() | queued)
+            if filled >= limit:
+                return filled
+            held[job_id] = now
+            try:
+                put_json(uri, {"admitted": held}, if_match=etag, if_absent=etag is None)
+                return None
+            except Conflict:  # another replica admitted a job meanwhile: count again
+                time.sleep(random.uniform(0.005, 0.05) * min(attempt + 1, 10))
+        raise Conflict(uri)
+
+    def unadmit(self, job_id: str) -> None:
+        """Give back the place `admit` took for a job that will not be created after all."""
+        uri = self.admission_uri()
+        for attempt in range(100):
+            data, etag = read_json_etag(uri)
+            admitted = (data or {}).get("admitted", {})
+            if job_id not in admitted:
+                return
+            try:
+                put_json(uri, {"admitted": {i: ts for i, ts in admitted.items() if i != job_id}}, if_match=etag)
+                return
+            except Conflict:
+                time.sleep(random.uniform(0.005, 0.05) * min(attempt + 1, 10))
 
     @staticmethod
     def _ids(uris: list[str]) -> list[str]:
