@@ -11,6 +11,8 @@ import os
 import traceback
 from collections.abc import Callable, Iterable
 
+from harness import machine
+
 from vidgen import quality
 
 
@@ -28,6 +30,7 @@ def run_families(names: Iterable[str], run: Callable[[str], dict], report: dict,
             continue
         result["figures"] = [f.row() for f in result["figures"]]
         report["families"][name] = result
+        report["_machine"] = machine()  # run directly (not through run_all.py), the table still knows where
         line = describe(name, result)
         if line:
             print(line)
