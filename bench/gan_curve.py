@@ -53,14 +53,14 @@ def main() -> None:
     torch.set_num_threads(2)
 
     x, y = clips(288, seed=0)
-    xv, _ = clips(96, seed=1)
+    xv, _ = clips(288, seed=1)  # as many held-out clips as train clips and samples (see quality.score_conditional)
     judge = quality.train_classifier(x, y, 3)
     real_val = judge.features(xv).detach()
     real = quality.frechet_distance(judge.features(x).detach(), real_val)
     torch.manual_seed(0)
     model = models.build("gan", "tiny", num_classes=3, label_names=["circle", "square", "triangle"], **overrides)
     optimizers = {p: torch.optim.AdamW(m.parameters(), **model.optimizer_settings(p)) for p, m in model.parts().items()}
-    asked = torch.arange(3).repeat(50)
+    asked = y.clone()  # one sample per train clip, with its label
     print(f"gan tiny {overrides or ''}: real train vs val Frechet distance {real:.3f}")
     print(" step      s  label accuracy  Frechet ratio")
     started = time.perf_counter()

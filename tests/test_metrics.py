@@ -127,3 +127,28 @@ def test_figure_prints_its_baseline_and_a_verdict():
     assert not tie.better and tie.verdict() == "no better than chance"
     ratio = Figure("frechet ratio", 2.5, "real vs real", 1.0, unit="x", target=3.0, higher_is_better=False)
     assert ratio.met and ratio.row()["verdict"].startswith("meets the target (<= 3x)")
+
+
+def test_conditional_scores_ask_one_sample_per_train_clip_so_both_frechet_distances_have_equal_n():
+    """A Frechet distance from n clips is biased upwards by about tr(cov)/n. Samples fewer than the
+    train clips (150 against 288, as the scoring used to ask) made the ratio's two distances unequal."""
+    import numpy as np
+
+    from vidgen.data.synth import synth_clip
+    from vidgen.data.tensors import frames_to_video
+    from vidgen.quality import score_conditional
+
+    def clips(n: int, seed: int):
+        rows = [synth_clip("shapes", seed, i, 8, 32, 0.0) for i in range(n)]
+        return frames_to_video(np.stack([r.frames for r in rows])), torch.tensor([r.label for r in rows])
+
+    train, held_out = clips(60, seed=0), clips(60, seed=1)
+    asked: list[list[int]] = []
+
+    def copy_of_train(labels, seed):  # a generator that reproduces the train clips exactly
+        asked.append(labels)
+        return train[0]
+
+    scores = score_conditional(copy_of_train, train, held_out, classes=3)
+    assert asked == [train[1].tolist()]
+    assert scores.frechet_ratio == pytest.approx(1.0, abs=1e-4)  # the train clips themselves: exactly the baseline

@@ -235,7 +235,7 @@ def export_and_measure(demo: Demo) -> None:
                unit=" dB", target=3.0).row()]
 
 
-def measure_gan(demo: Demo, per_class: int = 30) -> dict:
+def measure_gan(demo: Demo) -> dict:
     """A judge trained on the real train clips scores the GAN's samples; also writes the per-class
     sample grid (OUT/samples-per-class.png and .mp4)."""
     from vidgen import models, quality
@@ -253,7 +253,7 @@ def measure_gan(demo: Demo, per_class: int = 30) -> dict:
     gan = models.load(demo.uri("models", "gan"))
     frames = ds.clip_shape[0]
     scores = quality.score_conditional(lambda labels, seed: gan.sample(len(labels), frames, labels, seed),
-                                       tensors(train_rows), tensors(val_rows), len(ds.labels), per_class)
+                                       tensors(train_rows), tensors(val_rows), len(ds.labels))
     write_class_grid(demo, gan, ds.labels)
     chance = 1 / len(ds.labels)
     return {

@@ -90,14 +90,19 @@ class ConditionalScores:
 
 @torch.no_grad()
 def score_conditional(sample, train: tuple[Tensor, Tensor], held_out: tuple[Tensor, Tensor], classes: int,
-                      per_class: int = 50, seed: int = 123) -> ConditionalScores:
+                      seed: int = 123) -> ConditionalScores:
     """Train a judge on the real train clips, then score `sample(labels, seed) -> videos` against the
-    held-out clips. Videos are (N, C, T, H, W) in [-1, 1]; labels (N,) long."""
+    held-out clips. Videos are (N, C, T, H, W) in [-1, 1]; labels (N,) long.
+
+    The samples are asked for the train clips' labels, one each, so both Frechet distances (samples
+    vs held-out, real train vs held-out) are measured with the same number of clips and the same mix
+    of classes: a Frechet distance estimated from n clips is biased upwards by about tr(cov)/n, and
+    fewer samples than train clips made a perfect generator score above 1."""
     x, y = train
     xv, yv = held_out
     with torch.enable_grad():
         judge = train_classifier(x, y, classes)
-    asked = torch.arange(classes).repeat(per_class)
+    asked = y.clone()
     samples = sample(asked.tolist(), seed)
     asked = asked.to(samples.device)
     fd = frechet_distance(judge.features(samples), judge.features(xv))
