@@ -207,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     # `vidgen train` and `vidgen render` are also what a job runs (jobs/train.py, a submitted job):
     # their arguments and library calls live in vidgen.jobs.entry, below the CLI.
     from vidgen.jobs import entry
+    from vidgen.render.spec import MODES  # the render spec's modes: one list, here and in batch files
 
     parser = argparse.ArgumentParser(
         prog="vidgen",
@@ -267,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--codec", choices=["h264", "vp9"], default="h264")
     p.add_argument("--preset", default="medium", help="x264 preset (vp9: its speed equivalent)")
     p.add_argument("--model", default="gan/tiny", help="FAMILY/PRESET of the rendering model")
-    p.add_argument("--mode", choices=["generate", "restore", "stylize", "predict"], default="generate")
+    p.add_argument("--mode", choices=MODES, default="generate")
     p.add_argument("--video-seconds", type=float, default=10.0, help="length of one video")
     p.add_argument("--hours", type=float, default=24.0, help="the day's renders must finish within these hours")
     p.add_argument("--peak-factor", type=float, default=3.0, help="the endpoint's busiest hour / the average")

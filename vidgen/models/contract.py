@@ -60,8 +60,9 @@ class Family(Protocol):
       it takes no input: export compares a live model with its export through it.
 
     Rendering (vidgen.render), per mode in `render_modes` (of generate, restore, stylize, predict):
-    - generate: `sample_chunks(seeds, num_frames, labels, chunk_frames)`, `config.frame_size`,
-      `num_classes` (labels an item may ask for; 0: unconditional).
+    - generate: `sample_chunks(seeds, num_frames, labels, chunk_frames)` and `num_classes` (labels
+      an item may ask for; 0: unconditional); `config.frame_size`, the side it samples, is saved in
+      the manifest (`render.frame_size`) so that a batch is planned and limited without torch.
     - restore, stylize: `transform(video)` -> (B, C, T, H * render_scale, W * render_scale); an
       output frame reads the input frames within `render_radius`; input sides are cut down to a
       multiple of `input_multiple`.

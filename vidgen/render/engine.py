@@ -252,12 +252,13 @@ def _generate(model, group: list[tuple[int, ResolvedItem]], chunk_frames: int) -
     per_item = max(1, chunk_frames // len(group))  # at most chunk_frames frames in one forward pass
     chunks = model.sample_chunks([it.seed for _, it in group], num_frames,
                                  None if all(label is None for label in labels) else labels, per_item)
-    side = model.config.frame_size
-    for chunk in chunks:  # (n, C, t, H, W)
+    height = width = None
+    for chunk in chunks:  # (n, C, t, H, W): the frames' size is what the model samples
+        height, width = chunk.shape[-2:]
         for j, (i, _) in enumerate(group):
             yield Chunk(i, "video", video_to_frames(chunk[j]))
     for i, item in group:
-        yield Done(i, {"fps": item.fps, "frames": num_frames, "width": side, "height": side, "scale": 1})
+        yield Done(i, {"fps": item.fps, "frames": num_frames, "width": width, "height": height, "scale": 1})
 
 
 def _probe_input(item: ResolvedItem) -> media.VideoInfo:
