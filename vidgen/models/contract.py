@@ -13,7 +13,7 @@ import typing
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Mapping, Protocol
 
-from torch import Tensor
+from torch import Tensor, nn
 
 if TYPE_CHECKING:
     import numpy as np
@@ -45,7 +45,8 @@ class Family(Protocol):
     - `name`: the family's name in configs and model.json; `Config`: its config dataclass, with
       `Config.preset(name, **overrides)`; `config`, `label_names`, `preset` on each instance.
     - `parts()`, `optimizer_settings(part)`, `train_steps()`, `after_step(part)`: see
-      `vidgen/models/__init__.py`. `after_step_gathers`: parts whose `after_step` reads their
+      `vidgen/models/__init__.py`; a family with one trained part inherits them from
+      `OnePartFamily` and writes only its `_loss`. `after_step_gathers`: parts whose `after_step` reads their
       weights (under ZeRO-3 the trainer gathers them for it); empty when the hook is a no-op.
     - `conditional`: trained on the dataset's labels (the trainer sets `num_classes` from them and
       saves their names); `needs_style_image`: the config's `style_image` is required and handed to
@@ -88,6 +89,42 @@ class Family(Protocol):
     def val_metrics(self, video: Tensor, index: int, life_cell: int | None) -> dict[str, float]: ...
     def preview(self, video: Tensor | None, seed: int, num_frames: int | None) -> np.ndarray: ...
     def probe(self, x: Tensor) -> Tensor: ...
+
+
+class OnePartFamily(nn.Module):
+    """The training contract of a family with one trained part, `net` (trained as "model"): one
+    AdamW step a batch on `_loss`, with the config's lr, betas and weight decay, and nothing after
+    it. A subclass sets `name`, `Config`, `render_modes` and what differs, and writes `_loss`."""
+
+    conditional = False
+    needs_style_image = False
+    preview_needs_input = True
+    after_step_gathers: frozenset[str] = frozenset()
+
+    def __init__(self, config, net: nn.Module):
+        super().__init__()
+        self.config = config
+        self.label_names: list[str] | None = None
+        self.preset: str | None = None
+        self.net = net
+
+    def parts(self) -> dict[str, nn.Module]:
+        return {"model": self.net}
+
+    def optimizer_settings(self, part: str) -> dict:
+        if part != "model":
+            raise ValueError(f"unknown {type(self).__name__} part {part!r}; expected 'model'")
+        cfg = self.config
+        return {"lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2), "weight_decay": cfg.weight_decay}
+
+    def train_steps(self) -> list[TrainStep]:
+        return [TrainStep("model", self._loss)]
+
+    def after_step(self, part: str) -> None:
+        pass
+
+    def _loss(self, batch: Batch, modules) -> tuple[Tensor, dict[str, float]]:
+        raise NotImplementedError
 
 
 class Generates(Family, Protocol):

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .contract import Batch, TrainStep, config_from_preset, require
+from .contract import Batch, OnePartFamily, config_from_preset, require
 
 
 @dataclass
@@ -131,41 +131,18 @@ class ConvLSTMNet(nn.Module):
         return torch.stack(predictions, 2)                       # (B, C, num_frames, H, W)
 
 
-class ConvLSTM(nn.Module):
+class ConvLSTM(OnePartFamily):
     """The family: one part, `net`."""
 
     Config = ConvLSTMConfig
 
     name = "convlstm"
     render_modes = ("predict",)
-    conditional = False
-    needs_style_image = False
-    preview_needs_input = True
-    after_step_gathers: frozenset[str] = frozenset()
 
     def __init__(self, config: ConvLSTMConfig):
-        super().__init__()
-        self.config = config
-        self.label_names: list[str] | None = None
-        self.preset: str | None = None
-        self.net = ConvLSTMNet(config)
+        super().__init__(config, ConvLSTMNet(config))
 
-    # --- training contract -------------------------------------------------------------------
-
-    def parts(self) -> dict[str, nn.Module]:
-        return {"model": self.net}
-
-    def optimizer_settings(self, part: str) -> dict:
-        if part != "model":
-            raise ValueError(f"unknown ConvLSTM part {part!r}; expected 'model'")
-        cfg = self.config
-        return {"lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2), "weight_decay": cfg.weight_decay}
-
-    def train_steps(self) -> list[TrainStep]:
-        return [TrainStep("model", self._loss)]
-
-    def after_step(self, part: str) -> None:
-        pass
+    # --- training contract: OnePartFamily's, with this loss ------------------------------------
 
     def _loss(self, batch: Batch, modules) -> tuple[Tensor, dict[str, float]]:
         video = batch["video"]                                   # (B, C, T, H, W)

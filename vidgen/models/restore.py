@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .contract import EVAL_SEED, Batch, TrainStep, config_from_preset, require
+from .contract import EVAL_SEED, Batch, OnePartFamily, config_from_preset, require
 
 DEGRADATIONS = ("blur", "downscale", "noise", "h264")  # the order they are applied in
 
@@ -236,41 +236,18 @@ class RestoreNet(nn.Module):
         return self.body(F.pad(x, (0, pad_w, 0, pad_h), mode="replicate"))[..., :h, :w]
 
 
-class Restorer(nn.Module):
+class Restorer(OnePartFamily):
     """The family: one part, `net`."""
 
     Config = RestoreConfig
 
     name = "restore"
     render_modes = ("restore",)
-    conditional = False
-    needs_style_image = False
-    preview_needs_input = True
-    after_step_gathers: frozenset[str] = frozenset()
 
     def __init__(self, config: RestoreConfig):
-        super().__init__()
-        self.config = config
-        self.label_names: list[str] | None = None
-        self.preset: str | None = None
-        self.net = RestoreNet(config)
+        super().__init__(config, RestoreNet(config))
 
-    # --- training contract -------------------------------------------------------------------
-
-    def parts(self) -> dict[str, nn.Module]:
-        return {"model": self.net}
-
-    def optimizer_settings(self, part: str) -> dict:
-        if part != "model":
-            raise ValueError(f"unknown Restorer part {part!r}; expected 'model'")
-        cfg = self.config
-        return {"lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2), "weight_decay": cfg.weight_decay}
-
-    def train_steps(self) -> list[TrainStep]:
-        return [TrainStep("model", self._loss)]
-
-    def after_step(self, part: str) -> None:
-        pass
+    # --- training contract: OnePartFamily's, with this loss ------------------------------------
 
     def _loss(self, batch: Batch, modules) -> tuple[Tensor, dict[str, float]]:
         clean = self.patches(batch["video"])                     # (B, C, T', H', W')

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .contract import Batch, TrainStep, config_from_preset, require
+from .contract import Batch, OnePartFamily, config_from_preset, require
 
 INFER_PIXELS = 1 << 20  # pixels (frames x height x width) a forward pass of stylize(): bounded memory
 STATIC_SHARPNESS = 50.0  # temporal mask exp(-50 |dx|): |dx| = 0.02 (2.5/255 of range) -> 0.37
@@ -162,24 +162,17 @@ def default_style_image(channels: int, size: int) -> Tensor:
     return 0.8 * torch.sin(phase + shift).float()
 
 
-class Stylizer(nn.Module):
+class Stylizer(OnePartFamily):
     """The family: one part, `net`; plus the style image buffer and the fixed feature extractor."""
 
     Config = StyleConfig
 
     name = "style"
     render_modes = ("stylize",)
-    conditional = False
     needs_style_image = True    # the config's style_image, given to set_style_image before training
-    preview_needs_input = True
-    after_step_gathers: frozenset[str] = frozenset()
 
     def __init__(self, config: StyleConfig):
-        super().__init__()
-        self.config = config
-        self.label_names: list[str] | None = None
-        self.preset: str | None = None
-        self.net = StyleNet(config)
+        super().__init__(config, StyleNet(config))
         self.features = RandomFeatures(config.channels, config.feature_widths, config.feature_seed)
         self.register_buffer("style_image", default_style_image(config.channels, config.style_size))
 
@@ -197,22 +190,7 @@ class Stylizer(nn.Module):
         resized = F.interpolate(square.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
         self.style_image.copy_(resized[0].clamp(-1, 1))
 
-    # --- training contract -------------------------------------------------------------------
-
-    def parts(self) -> dict[str, nn.Module]:
-        return {"model": self.net}
-
-    def optimizer_settings(self, part: str) -> dict:
-        if part != "model":
-            raise ValueError(f"unknown Stylizer part {part!r}; expected 'model'")
-        cfg = self.config
-        return {"lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2), "weight_decay": cfg.weight_decay}
-
-    def train_steps(self) -> list[TrainStep]:
-        return [TrainStep("model", self._loss)]
-
-    def after_step(self, part: str) -> None:
-        pass
+    # --- training contract: OnePartFamily's, with this loss ------------------------------------
 
     def losses(self, content: Tensor, stylized: Tensor) -> dict[str, Tensor]:
         """The three loss terms (unweighted) of stylized vs. content, both (B, C, T, H, W)."""

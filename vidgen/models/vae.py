@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .contract import Batch, TrainStep, config_from_preset, require
+from .contract import Batch, OnePartFamily, config_from_preset, require
 
 
 @dataclass
@@ -124,41 +124,18 @@ class VAENet(nn.Module):
         return self.decode(z, video.shape[2]), mu, logvar
 
 
-class VAE(nn.Module):
+class VAE(OnePartFamily):
     """The family: one part, `net`."""
 
     Config = VAEConfig
 
     name = "vae"
     render_modes = ("generate",)
-    conditional = False
-    needs_style_image = False
-    preview_needs_input = True
-    after_step_gathers: frozenset[str] = frozenset()
 
     def __init__(self, config: VAEConfig):
-        super().__init__()
-        self.config = config
-        self.label_names: list[str] | None = None
-        self.preset: str | None = None
-        self.net = VAENet(config)
+        super().__init__(config, VAENet(config))
 
-    # --- training contract -------------------------------------------------------------------
-
-    def parts(self) -> dict[str, nn.Module]:
-        return {"model": self.net}
-
-    def optimizer_settings(self, part: str) -> dict:
-        if part != "model":
-            raise ValueError(f"unknown VAE part {part!r}; expected 'model'")
-        cfg = self.config
-        return {"lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2), "weight_decay": cfg.weight_decay}
-
-    def train_steps(self) -> list[TrainStep]:
-        return [TrainStep("model", self._loss)]
-
-    def after_step(self, part: str) -> None:
-        pass
+    # --- training contract: OnePartFamily's, with this loss ------------------------------------
 
     def _loss(self, batch: Batch, modules) -> tuple[Tensor, dict[str, float]]:
         video = batch["video"]                                   # (B, C, T, H, W)

@@ -48,8 +48,13 @@ class Job(BaseModel):
     items: list[str] = []                       # item ids, in the request's order
     batch: dict[str, Any] = {}                  # the render batch (a RenderBatch dumped as JSON)
 
+    @functools.cached_property
+    def modes(self) -> dict[str, str]:
+        """item id -> its mode (one pass over the batch: a job view asks for every item's)."""
+        return {it["id"]: it["mode"] for it in self.batch.get("items", [])}
+
     def mode_of(self, item_id: str) -> str:
-        return next((it["mode"] for it in self.batch.get("items", []) if it["id"] == item_id), "")
+        return self.modes.get(item_id, "")
 
 
 class Lease(BaseModel):
