@@ -108,7 +108,7 @@ def test_export_unpickles_only_tensors_and_refuses_keys_leaving_its_folder(datas
 
 @pytest.mark.parametrize("family,stage,precision", [("gan", 2, "bf16"), ("gan", 3, "fp32"), ("restore", 2, "fp32"),
                                                      ("restore", 3, "fp32")])
-def test_two_workers_zero_stages_on_s3(family, stage, precision, datasets, s3_root, ray_session, tmp_path, monkeypatch):
+def test_two_workers_zero_stages_on_s3(family, stage, precision, datasets, s3_root, ray_session, tmp_path):
     """Two ranks under ZeRO-2/3 with the run in S3; the GAN at stage 3 also resumes and exports.
 
     The GAN at stage 2 trains in bf16 (the GPU configs' precision): both engines' weights are bf16
@@ -116,8 +116,8 @@ def test_two_workers_zero_stages_on_s3(family, stage, precision, datasets, s3_ro
     """
     run = storage.join(s3_root, "runs", f"{family}-z{stage}")
     probe = tmp_path / "live.safetensors"
-    monkeypatch.setenv("VIDGEN_TEST_PROBE", str(probe))
-    cfg = config(datasets, run, family=family, workers=2, zero_stage=stage, precision=precision, max_steps=2)
+    cfg = config(datasets, run, family=family, workers=2, zero_stage=stage, precision=precision, max_steps=2,
+                 probe_out=str(probe))
     train(cfg)
     assert [r["step"] for r in read_metrics(run)] == [1, 2]
     names = {u.split("/")[-1] for u in storage.list_prefix(storage.join(run, "checkpoint-step-000002"))}
@@ -125,7 +125,7 @@ def test_two_workers_zero_stages_on_s3(family, stage, precision, datasets, s3_ro
         assert any(n.startswith("zero_pp_rank_0") for n in names) and any(n.startswith("zero_pp_rank_1") for n in names)
     if family == "gan" and stage == 3:
         # A second run with a higher max_steps trains steps 3-4 only.
-        train(config(datasets, run, family=family, workers=2, zero_stage=stage, max_steps=4))
+        train(config(datasets, run, family=family, workers=2, zero_stage=stage, max_steps=4, probe_out=str(probe)))
         assert [r["step"] for r in read_metrics(run)] == [1, 2, 3, 4]
     # The export of the newest checkpoint equals the live model captured inside the run.
     out = storage.join(s3_root, "models", f"{family}-z{stage}")

@@ -87,7 +87,7 @@ def forwarded_env(environ: dict[str, str] | None = None) -> dict[str, str]:
     environ = dict(os.environ if environ is None else environ)
     out = {k: environ[k] for k in FORWARDED_ENV if environ.get(k)}
     for k, v in environ.items():
-        if k.startswith("VIDGEN_") and k != SPEC_ENV and not k.startswith("VIDGEN_TEST_") and not SECRET_NAME.search(k):
+        if k.startswith("VIDGEN_") and k != SPEC_ENV and not SECRET_NAME.search(k):
             out[k] = v
     return dict(sorted(out.items()))
 

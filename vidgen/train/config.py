@@ -54,6 +54,9 @@ class TrainConfig(BaseModel):
     eval_batches: int = Field(4, ge=0, description="validation micro-batches evaluated at each checkpoint")
     style_image: str | None = Field(None, description="style family: the style image (PNG/JPEG URI)")
     stage3_param_persistence_threshold: int = Field(0, ge=0, description="ZeRO-3: params this small stay whole")
+    probe_out: str | None = Field(None, description="at the end, write the live model's output on its family's "
+                                                    "fixed probe input here (safetensors 'output'): what its export "
+                                                    "must reproduce (vidgen.train.loop.probe_output)")
 
     @field_validator("family")
     @classmethod
@@ -66,7 +69,7 @@ class TrainConfig(BaseModel):
                                       {"expected": f"{', '.join(names)} or {last}" if names else last})
         return v
 
-    @field_validator("data", "run", "style_image")
+    @field_validator("data", "run", "style_image", "probe_out")
     @classmethod
     def _uri(cls, v: str | None) -> str | None:
         if v is None:

@@ -121,7 +121,7 @@ def train_loop_per_worker(payload: dict) -> None:
                     f"use a smaller --micro-batch or fewer --workers"
                 )
             epoch, position = epoch + 1, 0
-    _test_probe_hook(cfg, model, engines, rank)
+    write_probe(cfg, model, engines, rank)
     log.close()
 
 
@@ -504,18 +504,14 @@ def _rss_peak_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
-# --------------------------------------------------------------------------------------------
-# Test hooks (environment variables; inert unless set)
-
-
-def _test_probe_hook(cfg: TrainConfig, model, engines: dict, rank: int) -> None:
-    """VIDGEN_TEST_PROBE=path: rank 0 saves the live model's output on a fixed input (whole params)."""
-    path = os.environ.get("VIDGEN_TEST_PROBE")
-    if not path:
+def write_probe(cfg: TrainConfig, model, engines: dict, rank: int) -> None:
+    """--probe-out URI: rank 0 writes the live model's output on its fixed probe input (whole
+    parameters, gathered under ZeRO-3), the reference its export is checked against."""
+    if not cfg.probe_out:
         return
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     with gathered(engines):
         if rank == 0:
             model.eval()
-            save_file({"output": probe_output(model).contiguous()}, path)
+            storage.write_bytes(cfg.probe_out, save({"output": probe_output(model).contiguous()}))

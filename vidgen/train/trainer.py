@@ -271,10 +271,8 @@ WORKER_ENV_DEFAULTS = {
 
 def _worker_env() -> dict[str, str]:
     """Settings workers need that Ray does not carry: DeepSpeed's accelerator, Ray Train's print
-    patch off, test hooks."""
-    keep = ("VIDGEN_TEST_PROBE",)
-    env = {k: os.environ[k] for k in keep if k in os.environ}
-    return env | {k: os.environ.get(k, default) for k, default in WORKER_ENV_DEFAULTS.items()}
+    patch off."""
+    return {k: os.environ.get(k, default) for k, default in WORKER_ENV_DEFAULTS.items()}
 
 
 def plot_losses(run: str, rows: list[dict]) -> str | None:
