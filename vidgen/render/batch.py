@@ -26,8 +26,10 @@ failure must become its record while the rest go on, each item commits with its 
 restore/stylize stream video chunks of unknown count; Ray Data's row blocks and operator-level
 retries fit none of these well. Measured (bench/render.py runs the same stages as a Ray Data
 pipeline: an actor pool for the model, map_batches of 8, a map of encodes): 48 generate items on
-2 cores, 8.6 videos/s here against 6.5 with Ray Data into S3 (1.34x), 9.6 against 6.8 into a local
-folder (1.42x). Both are slower than a plain loop on 2 cores (0.73x): see the bench's cost breakdown.
+2 cores, 8.4 videos/s here against 6.5 with Ray Data into S3 (1.29x), 10.2 against 7.1 into a local
+folder (1.45x). On so short a batch both are slower than a plain loop on 2 cores (0.68x into S3): a
+model worker's start (1.8 s, mostly `import torch`) comes before any frame. Past such fixed costs
+(48 -> 240 items) this pipeline renders 1.38x the loop's rate, 0.83 of what 2 cores can do.
 """
 
 from __future__ import annotations
