@@ -93,7 +93,7 @@ class Family(Protocol):
 
 class OnePartFamily(nn.Module):
     """The training contract of a family with one trained part, `net` (trained as "model"): one
-    AdamW step a batch on `_loss`, with the config's lr, betas and weight decay, and nothing after
+    optimizer step a batch on `_loss`, with the config's lr, betas and weight decay, and nothing after
     it. A subclass sets `name`, `Config`, `render_modes` and what differs, and writes `_loss`."""
 
     conditional = False

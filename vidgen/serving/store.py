@@ -14,6 +14,7 @@ import random
 import re
 import secrets
 import time
+from collections.abc import Callable
 from typing import Any, Literal
 
 import botocore.exceptions
@@ -216,40 +217,41 @@ class JobStore:
         moment cannot both take its last place. A ledger entry holds its place while the job's
         queue marker exists, or, before the marker is written, for `grace_s` (an ingress that died
         between admitting and creating frees its place then)."""
-        uri = self.admission_uri()
-        for attempt in range(100):
-            data, etag = read_json_etag(uri)
-            admitted = (data or {}).get("admitted", {})
+        def take(admitted: dict[str, float]):
             queued = set(self.queued())
             now = time.time()
             held = {i: ts for i, ts in admitted.items()
                     if i in queued or (now - ts < grace_s and not storage.exists(self.job_uri(i)))}
             if job_id in held or job_id in queued:  # an Idempotency-Key retry of a job that has its place
-                return None
+                return None, None
             filled = len(held.keys() | queued)
             if filled >= limit:
-                return filled
-            held[job_id] = now
-            try:
-                put_json(uri, {"admitted": held}, if_match=etag, if_absent=etag is None)
-                return None
-            except Conflict:  # another replica admitted a job meanwhile: count again
-                time.sleep(random.uniform(0.005, 0.05) * min(attempt + 1, 10))
-        raise Conflict(uri)
+                return None, filled
+            return {**held, job_id: now}, None
+
+        return self._swap_admissions(take)
 
     def unadmit(self, job_id: str) -> None:
         """Give back the place `admit` took for a job that will not be created after all."""
+        self._swap_admissions(lambda admitted: (
+            ({i: ts for i, ts in admitted.items() if i != job_id} if job_id in admitted else None), None))
+
+    def _swap_admissions(self, change: Callable[[dict[str, float]], tuple[dict[str, float] | None, Any]]) -> Any:
+        """`change(admitted)` -> (the new ledger, or None to leave it as it is; a result), applied
+        by compare-and-swap on the ledger's ETag, again on a fresh read when another replica wrote
+        it meanwhile. Returns the result."""
         uri = self.admission_uri()
         for attempt in range(100):
             data, etag = read_json_etag(uri)
-            admitted = (data or {}).get("admitted", {})
-            if job_id not in admitted:
-                return
+            admitted, result = change((data or {}).get("admitted", {}))
+            if admitted is None:
+                return result
             try:
-                put_json(uri, {"admitted": {i: ts for i, ts in admitted.items() if i != job_id}}, if_match=etag)
-                return
+                put_json(uri, {"admitted": admitted}, if_match=etag, if_absent=etag is None)
+                return result
             except Conflict:
                 time.sleep(random.uniform(0.005, 0.05) * min(attempt + 1, 10))
+        raise Conflict(uri)
 
     @staticmethod
     def _ids(uris: list[str]) -> list[str]:
