@@ -146,8 +146,8 @@ def test_a_family_defined_in_a_test_trains_exports_and_renders(inverter, tmp_pat
 
 
 def test_the_render_specs_index_of_modes_is_the_families_own():
-    """spec.MODE_FAMILIES answers without importing torch (the ingress, the planner); it must say
+    """vidgen.manifest.MODE_FAMILIES answers without importing torch (the ingress, the planner); it must say
     what the families' `render_modes` say."""
-    from vidgen.render.spec import MODE_FAMILIES
+    from vidgen.manifest import MODE_FAMILIES
 
     assert {m: set(f) for m, f in MODE_FAMILIES.items()} == {m: set(f) for m, f in models.mode_families().items()}

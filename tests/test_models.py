@@ -446,14 +446,17 @@ def test_model_json_is_a_typed_record_that_says_what_rendering_needs(tmp_path):
 
     gan = models.build("gan", "tiny", num_classes=3, label_names=["a", "b", "c"])
     restore = models.build("restore", "tiny", scale=2, degradations=["downscale", "noise"])
-    for name, model, classes, scale, side in (("g", gan, 3, 1, 32), ("r", restore, 0, 2, None)):
+    for name, model, modes, classes, scale, side in (("g", gan, ["generate"], 3, 1, 32),
+                                                     ("r", restore, ["restore"], 0, 2, None)):
         saved = models.save(model, str(tmp_path / name))
         on_disk = json.loads((tmp_path / name / "model.json").read_text())
-        assert on_disk["render"] == {"num_classes": classes, "scale": scale, "frame_size": side}
+        assert on_disk["render"] == {"modes": modes, "num_classes": classes, "scale": scale, "frame_size": side}
         read = ModelManifest.read(str(tmp_path / name), families=["gan", "restore"])
         assert read == saved and read.digest == on_disk["weights_sha256"]
         older = {k: v for k, v in on_disk.items() if k != "render"}
         assert ModelManifest.parse(older, "old", ["gan", "restore"]).render == read.render
+        without_modes = {**on_disk, "render": {k: v for k, v in on_disk["render"].items() if k != "modes"}}
+        assert ModelManifest.parse(without_modes, "old", ["gan", "restore"]).render == read.render
     with pytest.raises(InputError, match=r"^m/model.json: parameters: "):
         ModelManifest.parse({**on_disk, "parameters": "many"}, "m/model.json", ["restore"])
     with pytest.raises(InputError, match=r"unknown model family 'restore'; expected one of \['gan'\]"):

@@ -113,9 +113,9 @@ def calibrate(load: Load, frames: int = 48) -> Figures:
     media.encode(clip, load.fps, load.codec, preset=load.preset, threads=1)
     encode = (cpu_seconds() - start) / frames / (load.width * load.height / 1e6)
 
-    from vidgen.render.spec import MODE_FAMILIES
+    from vidgen.manifest import MODE_FAMILIES
 
-    if load.family not in MODE_FAMILIES.get(load.mode, ()):
+    if load.mode not in models.family_class(load.family).render_modes:
         raise InputError(f"--model {load.family}/{load.model_preset}: a {load.family} model does not {load.mode} "
                          f"(that takes {' or '.join(sorted(MODE_FAMILIES.get(load.mode, ())))})")
     if load.mode == "predict":

@@ -24,6 +24,13 @@ FORMAT = "vidgen-model/1"
 MANIFEST = "model.json"
 WEIGHTS = "model.safetensors"
 
+# Which families render each mode, without importing them (torch): the built-in families'
+# `render_modes` (a test keeps the two equal); `vidgen.models.register` adds a new family's. A
+# model.json names its own modes (`render.modes`); this index fills them in for a model.json from
+# before that field, and names the families an error suggests for a mode.
+MODE_FAMILIES: dict[str, tuple[str, ...]] = {
+    "generate": ("gan", "vae"), "restore": ("restore",), "stylize": ("style",), "predict": ("convlstm",)}
+
 
 class RenderCapabilities(BaseModel):
     """What the render stages need to know about a model before loading it (the family's answers
@@ -31,6 +38,7 @@ class RenderCapabilities(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="allow")
 
+    modes: tuple[str, ...] = ()    # the render modes it serves (the family's `render_modes`)
     num_classes: int = 0           # > 0: a generate item may ask for a label
     scale: int = 1                 # restore: output side / input side
     frame_size: int | None = None  # generate: the side of the frames it samples
@@ -56,12 +64,18 @@ class ModelManifest(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _render_of_older_saves(cls, data: Any) -> Any:
-        """A model.json written before the `render` block: its family config said the same."""
-        if isinstance(data, dict) and "render" not in data and isinstance(data.get("config"), dict):
+        """A model.json written before the `render` block, or before its `modes`: its family config
+        and family said the same."""
+        if not isinstance(data, dict):
+            return data
+        render = data.get("render")
+        if render is None and isinstance(data.get("config"), dict):
             config = data["config"]
-            data = {**data, "render": {"num_classes": int(config.get("num_classes") or 0),
-                                       "scale": int(config.get("scale") or 1), "frame_size": config.get("frame_size")}}
-        return data
+            render = {"num_classes": int(config.get("num_classes") or 0), "scale": int(config.get("scale") or 1),
+                      "frame_size": config.get("frame_size")}
+        if isinstance(render, dict) and "modes" not in render:
+            render = {**render, "modes": [m for m, families in MODE_FAMILIES.items() if data.get("family") in families]}
+        return data if render is None else {**data, "render": render}
 
     @field_validator("config", "provenance", "metrics")
     @classmethod
@@ -75,6 +89,12 @@ class ModelManifest(BaseModel):
         without one, the manifest's own)."""
         return self.weights_sha256 or hashlib.sha256(
             json.dumps(self.model_dump(mode="json", exclude={"render"}), sort_keys=True).encode()).hexdigest()
+
+    def mode_problem(self, mode: str, name: str) -> str | None:
+        """None when this model renders `mode`; else the one-line reason, naming the model `name`."""
+        if mode in self.render.modes:
+            return None
+        return mode_error(mode, self.family, name)
 
     @classmethod
     def parse(cls, data: Any, where: str, families: Iterable[str]) -> ModelManifest:
@@ -104,3 +124,9 @@ class ModelManifest(BaseModel):
 
     def to_json(self) -> bytes:
         return json.dumps(self.model_dump(mode="json"), indent=2).encode()
+
+
+def mode_error(mode: str, family: str, name: str) -> str:
+    """What to tell a user who asked a `family` model for a mode it does not render."""
+    need = " or ".join(MODE_FAMILIES.get(mode, ())) or "another"
+    return f"model {name} is a {family} model; mode {mode} needs a {need} model"

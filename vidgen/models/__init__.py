@@ -110,7 +110,7 @@ def register(cls: type[nn.Module], replace: bool = False) -> type[nn.Module]:
     if not replace and FAMILIES.get(name, cls) is not cls:
         raise ValueError(f"model family {name!r} is already {FAMILIES[name].__name__}")
     FAMILIES[name] = cls
-    from vidgen.render.spec import MODE_FAMILIES  # the render spec's index of it, kept without torch
+    from vidgen.manifest import MODE_FAMILIES  # the torch-free index of it
 
     for mode in cls.render_modes:
         if name not in MODE_FAMILIES.get(mode, ()):
@@ -119,8 +119,8 @@ def register(cls: type[nn.Module], replace: bool = False) -> type[nn.Module]:
 
 
 def unregister(name: str) -> None:
-    """Remove a family `register` added (and its render modes from the render spec's index)."""
-    from vidgen.render.spec import MODE_FAMILIES
+    """Remove a family `register` added (and its render modes from the torch-free index)."""
+    from vidgen.manifest import MODE_FAMILIES
 
     FAMILIES.pop(name, None)
     for mode, names in MODE_FAMILIES.items():
@@ -194,7 +194,7 @@ def save(model: nn.Module, uri: str, provenance: dict | None = None, metrics: di
         vidgen_version=__version__,
         weights_sha256=hashlib.sha256(weights).hexdigest(),
         parameters=sum(v.numel() for v in model.parameters()),
-        render=RenderCapabilities(num_classes=int(getattr(model, "num_classes", 0) or 0),
+        render=RenderCapabilities(modes=tuple(model.render_modes), num_classes=int(getattr(model, "num_classes", 0) or 0),
                                   scale=int(getattr(model, "render_scale", 1) or 1),
                                   frame_size=getattr(model.config, "frame_size", None) if "generate" in
                                   model.render_modes else None),

@@ -47,10 +47,10 @@ from dataclasses import dataclass, field
 
 from vidgen import storage
 from vidgen.errors import InputError
-from vidgen.manifest import ModelManifest
+from vidgen.manifest import MODE_FAMILIES, ModelManifest
 from vidgen.render import engine, gallery
 from vidgen.render.engine import CHUNK_FRAMES, ItemError, ModelInfo
-from vidgen.render.spec import MODE_FAMILIES, RenderBatch, ResolvedItem
+from vidgen.render.spec import RenderBatch, ResolvedItem
 
 ACTOR_CPUS = 0.5  # logical CPUs of a model worker: torch and ffmpeg share the cores; `workers` bounds the work
 ENCODE_CPUS = 0.5
@@ -123,10 +123,9 @@ def plan_batch(batch: RenderBatch) -> Plan:
         item_hash = engine.spec_hash(item, info.sha256)
         prev = previous.get(item.id)
         entry = PlanEntry(item, "render", info, item_hash, prev)
-        try:
-            engine.check_mode(item.mode, info.family, item.model)
-        except ItemError as e:
-            entry.action, entry.error = "fail", str(e)
+        problem = manifest.mode_problem(item.mode, item.model)
+        if problem:
+            entry.action, entry.error = "fail", problem
         if prev and prev.get("status") == "ok" and prev.get("spec_hash") == item_hash:
             entry.action = "skip"
         elif entry.action == "render" and any(uri in missing for uri in _assets(item).values()):

@@ -42,8 +42,8 @@ from datetime import UTC, datetime
 import numpy as np
 
 from vidgen import __version__, media, storage
-from vidgen.manifest import ModelManifest
-from vidgen.render.spec import COMPARE, MAX_SIDE, MODE_FAMILIES, ResolvedItem
+from vidgen.manifest import ModelManifest, mode_error
+from vidgen.render.spec import COMPARE, MAX_SIDE, ResolvedItem
 
 # torch is imported by the inference functions only: encode/upload workers never load it.
 
@@ -85,10 +85,12 @@ def spec_hash(item: ResolvedItem, model_sha256: str) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
-def check_mode(mode: str, family: str, model_uri: str) -> None:
-    if family not in MODE_FAMILIES[mode]:
-        need = " or ".join(MODE_FAMILIES[mode])
-        raise ItemError(f"model {model_uri} is a {family} model; mode {mode} needs a {need} model")
+def check_mode(mode: str, model, model_uri: str) -> None:
+    """ItemError unless the loaded `model`'s family renders `mode` (its `render_modes`)."""
+    from vidgen import models
+
+    if mode not in model.render_modes:
+        raise ItemError(mode_error(mode, models.family_of(model), model_uri))
 
 
 # --------------------------------------------------------------------------------------------
@@ -175,7 +177,7 @@ def infer(model, items: list[ResolvedItem], chunk_frames: int = CHUNK_FRAMES) ->
     ready: list[tuple[int, ResolvedItem]] = []
     for i, item in enumerate(items):
         try:
-            check_mode(item.mode, family, item.model)
+            check_mode(item.mode, model, item.model)
             if item.mode == "generate":
                 _check_label(model, family, item)  # (a generate family: `num_classes`)
             ready.append((i, item))

@@ -65,11 +65,6 @@ COMPARE = "compare"  # the output name of restore's side-by-side video; no rendi
 MODES = ("generate", "restore", "stylize", "predict")
 INPUT_MODES = ("restore", "stylize", "predict")
 
-# Which model families serve each mode, without importing them (torch): the built-in families'
-# `render_modes` (a test keeps the two equal); `vidgen.models.register` adds a new family's.
-MODE_FAMILIES: dict[str, tuple[str, ...]] = {
-    "generate": ("gan", "vae"), "restore": ("restore",), "stylize": ("style",), "predict": ("convlstm",)}
-
 Mode = Literal["generate", "restore", "stylize", "predict"]
 Fit = Literal["crop", "pad", "stretch"]
 Codec = Literal["h264", "vp9"]
@@ -379,12 +374,7 @@ def _resolve_label(label: int | str | None, manifest: ModelManifest | None, wher
 def load_batch(uri: str, out: str | None = None, model: str | None = None) -> RenderBatch:
     """Read and validate a spec (YAML or JSON, local or s3://). `out` and `model` override the
     spec's `output` and default `model` (the command line's --out/--model). Raises SpecError."""
-    try:
-        text = storage.read_text(uri)
-    except storage.StorageError as e:
-        raise SpecError(f"render spec {e}") from None
-    except UnicodeDecodeError:
-        raise SpecError(f"{uri}: not a text file (expected a YAML or JSON render spec)") from None
+    text = storage.read_spec_text(uri, "render spec", SpecError)
     try:
         data = json.loads(text) if uri.lower().endswith(".json") else yaml.safe_load(text)
     except (ValueError, yaml.YAMLError) as e:

@@ -23,7 +23,7 @@ from ray import serve
 
 from vidgen import __version__, storage
 from vidgen.manifest import ModelManifest
-from vidgen.render.spec import MAX_ITEMS, MODE_FAMILIES, Defaults, RenderBatch, RenderItem, SpecError, parse_batch
+from vidgen.render.spec import MAX_ITEMS, Defaults, RenderBatch, RenderItem, SpecError, parse_batch
 from vidgen.serving.settings import MODEL_NAME, ServiceSettings, input_limits, readable
 from vidgen.serving.store import (
     JOB_ID,
@@ -502,10 +502,9 @@ class _Ingress:
                 if value is not None and not self._readable(value):
                     errors.append(_invalid((*where, field), self._unreadable(value), value))
             manifest = manifests.get(name) if name else None
-            if manifest and manifest.family not in MODE_FAMILIES[item.mode]:
-                need = " or ".join(MODE_FAMILIES[item.mode])
-                errors.append(_invalid((*where, "mode"), f"model {name} is a {manifest.family} model; mode "
-                                                         f"{item.mode} needs a {need} model", item.mode))
+            problem = manifest.mode_problem(item.mode, name) if manifest else None
+            if problem:
+                errors.append(_invalid((*where, "mode"), problem, item.mode))
             timed = item.mode in ("generate", "predict")
             seconds = item.seconds if item.seconds is not None else (body.defaults.seconds if timed else None)
             fps = item.fps if item.fps is not None else (body.defaults.fps if timed else None)
