@@ -163,12 +163,12 @@ def bench_denoise(work: str, args) -> dict:
 
 
 def bench_convlstm(work: str, args) -> dict:
-    from vidgen.train.evaluate import life_grid
+    from vidgen.models.convlstm import life_grid
 
     data = synth(work, "life", 600, 4, 64, seed=4)
     model, run = train_and_export(work, "convlstm", "convlstm", data, budget(5, args), {}, micro_batch=8)
     video, _ = clips(data, "val")
-    cell = open_dataset(data).manifest["life"]["cell"]
+    cell = open_dataset(data).manifest.life["cell"]
     k = model.config.context_frames
     predicted = torch.cat([model.predict(video[i:i + 8, :, :k], 1) for i in range(0, len(video), 8)])
     truth = life_grid(video[:, :, k:k + 1], cell)

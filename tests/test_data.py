@@ -50,7 +50,7 @@ def test_synth_is_deterministic_for_a_seed(tmp_path, kind):
     clips = [[r["frames"] for r in open_dataset(str(tmp_path / x)).iter_clips()] for x in "abc"]
     assert all(np.array_equal(x, y) for x, y in zip(clips[0], clips[1], strict=True))
     assert not all(np.array_equal(x, y) for x, y in zip(clips[0], clips[2], strict=True))
-    assert a["splits"] == b["splits"] and a["pixel_mean"] == b["pixel_mean"] != c["pixel_mean"]
+    assert a.splits == b.splits and a.pixel_mean == b.pixel_mean != c.pixel_mean
 
 
 def test_life_frames_obey_the_rule(tmp_path):
@@ -64,7 +64,7 @@ def test_life_frames_obey_the_rule(tmp_path):
 def test_synth_in_parallel_on_ray_equals_in_process(tmp_path, ray_session):
     serial = synth.synthesize("shapes", 10, 4, 16, str(tmp_path / "s"), seed=1, shard_bytes=4 * 16 * 16 * 3 * 3, parallel=False, progress=False)
     par = synth.synthesize("shapes", 10, 4, 16, str(tmp_path / "p"), seed=1, shard_bytes=4 * 16 * 16 * 3 * 3, parallel=True, progress=False)
-    assert par["shard_count"] == serial["shard_count"] == 4
+    assert par.shard_count == serial.shard_count == 4
     ids = [[r["clip_id"] for r in open_dataset(str(tmp_path / x)).iter_clips()] for x in "sp"]
     assert ids[0] == ids[1]
 
@@ -87,9 +87,9 @@ def test_rewrite_killed_before_manifest_leaves_old_dataset(root, monkeypatch):
     # A completed rewrite replaces it atomically and cleans the old version up (once nothing may use it).
     monkeypatch.setenv(fmt.GRACE_ENV, "0")
     second = synth.synthesize("shapes", 12, 4, 16, out, seed=2, progress=False)
-    assert open_dataset(out).manifest["rows"] == 12
+    assert open_dataset(out).manifest.rows == 12
     versions = {u.replace(os.sep, "/").split("/ds/")[1].split("/")[0] for u in storage.list_prefix(out)}
-    assert versions == {second["version"], fmt.MANIFEST}
+    assert versions == {second.version, fmt.MANIFEST}
 
 
 def test_two_ingests_into_one_uri_at_once_both_stay_readable(root, monkeypatch):
@@ -109,26 +109,26 @@ def test_two_ingests_into_one_uri_at_once_both_stay_readable(root, monkeypatch):
     monkeypatch.setattr(synth, "_write_range", write_then_let_b_commit)
     a = synth.synthesize("shapes", 12, 4, 16, out, seed=1, shard_bytes=4 * 16 * 16 * 3 * 4, progress=False)
     b = state["b"]
-    assert a["shard_count"] == 3 and a["version"] != b["version"]
+    assert a.shard_count == 3 and a.version != b.version
     assert open_dataset(out).manifest == a  # the last commit is the dataset
     assert len(list(open_dataset(out).iter_clips())) == 12  # every shard A wrote before B's commit is there
-    assert len(list(open_dataset(out, version=b["version"]).iter_clips())) == 6  # and B's own version too
+    assert len(list(open_dataset(out, version=b.version).iter_clips())) == 6  # and B's own version too
 
 
 def test_a_pinned_version_outlives_newer_commits_and_an_expired_pin_does_not(root, monkeypatch):
     out = storage.join(root, "ds")
     first = synth.synthesize("shapes", 6, 4, 16, out, seed=1, progress=False)
     monkeypatch.setenv(fmt.GRACE_ENV, "0")
-    fmt.pin(out, first["version"], holder="s3://runs/a")
+    fmt.pin(out, first.version, holder="s3://runs/a")
     synth.synthesize("shapes", 6, 4, 16, out, seed=2, progress=False)
     third = synth.synthesize("shapes", 6, 4, 16, out, seed=3, progress=False)
-    assert len(list(open_dataset(out, version=first["version"]).iter_clips())) == 6  # pinned: kept
-    fmt.pin(out, first["version"], holder="s3://runs/a", ttl_s=-1)  # its holder died long ago: expired
+    assert len(list(open_dataset(out, version=first.version).iter_clips())) == 6  # pinned: kept
+    fmt.pin(out, first.version, holder="s3://runs/a", ttl_s=-1)  # its holder died long ago: expired
     fourth = synth.synthesize("shapes", 6, 4, 16, out, seed=4, progress=False)
-    with pytest.raises(DatasetError, match=f"version {first['version']} is gone"):
-        open_dataset(out, version=first["version"])
+    with pytest.raises(DatasetError, match=f"version {first.version} is gone"):
+        open_dataset(out, version=first.version)
     versions = {u.replace(os.sep, "/").split("/ds/")[1].split("/")[0] for u in storage.list_prefix(out)}
-    assert versions == {fourth["version"], fmt.MANIFEST, fmt.PINS} and third["version"] not in versions
+    assert versions == {fourth.version, fmt.MANIFEST, fmt.PINS} and third.version not in versions
     with pytest.raises(DatasetError, match="not a version name"):
         open_dataset(out, version="../other")
 
@@ -138,8 +138,8 @@ def test_a_dataset_committed_before_version_manifests_opens_at_its_version(root)
     by name from the root manifest (a run pins it), and an older one is reported gone."""
     out = storage.join(root, "ds")
     first = synth.synthesize("shapes", 6, 4, 16, out, seed=1, progress=False)
-    storage.delete(storage.join(out, first["version"], fmt.VERSION_MANIFEST))  # as an older vidgen wrote it
-    assert open_dataset(out, version=first["version"]).manifest == first
+    storage.delete(storage.join(out, first.version, fmt.VERSION_MANIFEST))  # as an older vidgen wrote it
+    assert open_dataset(out, version=first.version).manifest == first
     with pytest.raises(DatasetError, match="version v-20000101T000000000000Z is gone"):
         open_dataset(out, version="v-20000101T000000000000Z")
 
@@ -187,7 +187,7 @@ def test_loader_yields_tensors_in_range_with_labels(tmp_path, ray_session):
 
     out = str(tmp_path / "ds")
     synth.synthesize("shapes", 20, 4, 16, out, seed=0, val_fraction=0.25, progress=False)
-    counts = open_dataset(out).manifest["splits"]
+    counts = open_dataset(out).manifest.splits
     ds = read_split(out, "train")
     batches = list(iter_epoch(ds.iterator(), batch_size=4, seed=0, epoch=0, drop_last=False))
     assert sum(b["video"].shape[0] for b in batches) == counts["train"]
@@ -259,12 +259,12 @@ def test_ingest_real_videos_records_failed_sources(video_folder, tmp_path, ray_s
 
     out = str(tmp_path / "ds")
     manifest = ingest([str(video_folder)], out, frames=4, size=32, stride=4, progress=False)
-    failed = {os.path.basename(f["source"]): f["reason"] for f in manifest["failed_sources"]}
+    failed = {os.path.basename(f["source"]): f["reason"] for f in manifest.failed_sources}
     assert set(failed) == {"truncated.mp4", "notes.mov"}
     assert all("truncated.mp4" in r or "notes.mov" in r for r in failed.values())
-    assert {os.path.basename(s) for s in manifest["sources"]} == {"testsrc2.mp4", "life.mkv", "mandelbrot.webm"}
+    assert {os.path.basename(s) for s in manifest.sources} == {"testsrc2.mp4", "life.mkv", "mandelbrot.webm"}
     # 2 s at 8 fps = 16 frames per source -> 4 clips of 4 frames each
-    assert manifest["rows"] == 12 and manifest["clip_shape"] == [4, 32, 32, 3]
+    assert manifest.rows == 12 and manifest.clip_shape == (4, 32, 32, 3)
     rows = list(open_dataset(out).iter_clips())
     by_source = {}
     for r in rows:

@@ -179,14 +179,14 @@ def test_a_reingest_while_a_run_trains_keeps_the_version_it_reads(tmp_path, ray_
     finally:
         thread.join()
     pins, *_, metrics_then = reingested
-    assert [p["version"] for p in pins] == [first["version"]] and len(metrics_then) < 20  # while it ran
+    assert [p["version"] for p in pins] == [first.version] and len(metrics_then) < 20  # while it ran
     assert [r["step"] for r in read_metrics(run)] == list(range(1, 21))
-    assert storage.read_json(storage.join(run, "dataset.json"))["version"] == first["version"]
+    assert storage.read_json(storage.join(run, "dataset.json"))["version"] == first.version
     assert not fmt.live_pins(data)  # the run is over: its pin is gone
     third = synth.synthesize("shapes", 40, 8, 32, data, seed=3, val_fraction=0.2, progress=False)
-    with pytest.raises(Exception, match=f"version {first['version']} is gone"):  # a resume reads the same clips or none
+    with pytest.raises(Exception, match=f"version {first.version} is gone"):  # a resume reads the same clips or none
         train(config(tmp_path, run, data=data, max_steps=22, checkpoint_every=22, val_split=""))
-    assert third["version"] != first["version"]
+    assert third.version != first.version
 
 
 def test_sigterm_saves_a_checkpoint_and_the_resumed_run_matches_an_uninterrupted_one(datasets, tmp_path, ray_session):

@@ -29,10 +29,13 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from vidgen import __version__, storage
 from vidgen.errors import VidgenError
@@ -99,6 +102,37 @@ class Clip:
     split: str
     label: int | None = None
     caption: str | None = None
+
+
+class DatasetManifest(BaseModel):
+    """URI/_vidgen_dataset.json (and its copy in each version folder) as a typed record, with one
+    home for every default. Keys a newer vidgen (or an ingest's `extra`) adds are kept."""
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+    format_version: int
+    version: str
+    shards: list[dict[str, Any]]         # {"path": "v-.../part-00000.parquet", "rows": n, "bytes": n}
+    clip_shape: tuple[int, int, int, int]  # (T, H, W, C) of every clip
+    frame_encoding: str
+    rows: int
+    fps: float = 30.0
+    shard_count: int = 0
+    bytes: int = 0
+    splits: dict[str, int] = {}          # split -> clips
+    labels: list[str] | None = None      # label names, index = label id; None: unlabelled
+    label_counts: dict[str, int] = {}    # label id (as text) -> clips
+    pixel_mean: list[float] | None = None
+    pixel_std: list[float] | None = None
+    kind: str | None = None
+    sources: list[str] = []
+    failed_sources: list[dict[str, Any]] = []
+    created_at: str | None = None
+    vidgen_version: str | None = None
+    life: dict[str, Any] | None = None   # Game of Life sets: {"cell": pixels per cell, ...}
+
+    def to_json(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude_none=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -242,13 +276,13 @@ def commit(
     sources: list[str],
     failed_sources: list[dict] | None = None,
     extra: dict | None = None,
-) -> dict:
+) -> DatasetManifest:
     """Write the manifest (the commit marker), then remove versions it does not name."""
     if stats.rows == 0:
         raise DatasetError(f"{root}: no clips to write")
     mean, std = stats.mean_std()
     shards = sorted(stats.shards, key=lambda s: s["path"])
-    manifest = {
+    manifest = DatasetManifest(**{
         "format_version": FORMAT_VERSION,
         "version": version,
         "shards": shards,
@@ -269,9 +303,9 @@ def commit(
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "vidgen_version": __version__,
         **(extra or {}),
-    }
-    storage.write_json(storage.join(root, version, VERSION_MANIFEST), manifest)
-    storage.write_json(storage.join(root, MANIFEST), manifest)
+    })
+    storage.write_json(storage.join(root, version, VERSION_MANIFEST), manifest.to_json())
+    storage.write_json(storage.join(root, MANIFEST), manifest.to_json())
     remove_old_versions(root, keep=version)
     return manifest
 
@@ -355,19 +389,19 @@ class ClipDataset:
     """A committed dataset: its root, its manifest and the shard URIs the manifest lists."""
 
     root: str
-    manifest: dict
+    manifest: DatasetManifest
 
     @property
     def shard_uris(self) -> list[str]:
-        return [storage.join(self.root, *s["path"].split("/")) for s in self.manifest["shards"]]
+        return [storage.join(self.root, *s["path"].split("/")) for s in self.manifest.shards]
 
     @property
     def clip_shape(self) -> tuple[int, int, int, int]:
-        return tuple(self.manifest["clip_shape"])  # type: ignore[return-value]
+        return self.manifest.clip_shape
 
     @property
     def labels(self) -> list[str] | None:
-        return self.manifest.get("labels")
+        return self.manifest.labels
 
     def iter_tables(self, columns: list[str] | None = None) -> Iterator[pa.Table]:
         """Each shard as an Arrow table (one at a time: bounded memory)."""
@@ -416,7 +450,12 @@ def open_dataset(uri: str, validate_shards: bool = True, version: str | None = N
         raise DatasetError(f"{uri}: format_version {manifest['format_version']} (this vidgen reads {FORMAT_VERSION})")
     if manifest["frame_encoding"] != FRAME_ENCODING:
         raise DatasetError(f"{uri}: frame_encoding {manifest['frame_encoding']!r}, expected {FRAME_ENCODING!r}")
-    ds = ClipDataset(root, manifest)
+    try:
+        typed = DatasetManifest.model_validate(manifest)
+    except ValidationError as e:
+        first = e.errors()[0]
+        raise DatasetError(f"{uri}/{MANIFEST}: {'.'.join(str(p) for p in first['loc'])}: {first['msg']}") from None
+    ds = ClipDataset(root, typed)
     if validate_shards:
         for shard in ds.shard_uris:
             check_schema(shard)
@@ -461,7 +500,7 @@ def write_dataset(
     sources: list[str],
     shard_bytes: int = DEFAULT_SHARD_BYTES,
     failed_sources: list[dict] | None = None,
-) -> dict:
+) -> DatasetManifest:
     """Write clips in one process as a new version and commit it; returns the manifest."""
     root = storage.normalize(root)
     version = new_version()

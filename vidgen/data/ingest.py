@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from vidgen import storage
 from vidgen.errors import InputError
-from vidgen.data.format import Clip, DatasetError, ShardStats, ShardWriter, assign_split, commit, new_version
+from vidgen.data.format import Clip, DatasetError, DatasetManifest, ShardStats, ShardWriter, assign_split, commit, new_version
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mov", ".mkv")
 
@@ -134,7 +134,7 @@ def ingest(
     val_fraction: float = 0.1,
     parallel: bool | None = None,
     progress: bool = True,
-) -> dict:
+) -> DatasetManifest:
     """Ingest videos into a dataset at `out` and commit it; returns the manifest."""
     if frames < 1:
         raise InputError(f"--frames {frames}: must be at least 1")

@@ -21,26 +21,24 @@ def summarize(uri: str) -> dict:
     """The facts of a committed dataset; the keys of `vidgen data inspect --json` (a contract)."""
     ds = open_dataset(uri)
     m = ds.manifest
-    names = m.get("labels")
-    labels = {
-        (names[int(k)] if names and int(k) < len(names) else k): n for k, n in m.get("label_counts", {}).items()
-    }
+    names = m.labels
+    labels = {(names[int(k)] if names and int(k) < len(names) else k): n for k, n in m.label_counts.items()}
     return {
         "uri": ds.root,
-        "clips": m["rows"],
-        "shards": m["shard_count"],
-        "bytes": m["bytes"],
-        "shape": m["clip_shape"],
-        "fps": m["fps"],
-        "splits": m["splits"],
+        "clips": m.rows,
+        "shards": m.shard_count,
+        "bytes": m.bytes,
+        "shape": list(m.clip_shape),
+        "fps": m.fps,
+        "splits": m.splits,
         "labels": labels,
         "label_names": names,
-        "pixel_mean": m.get("pixel_mean"),
-        "pixel_std": m.get("pixel_std"),
-        "failed_sources": m.get("failed_sources", []),
-        "kind": m.get("kind"),
-        "version": m["version"],
-        "created_at": m.get("created_at"),
+        "pixel_mean": m.pixel_mean,
+        "pixel_std": m.pixel_std,
+        "failed_sources": m.failed_sources,
+        "kind": m.kind,
+        "version": m.version,
+        "created_at": m.created_at,
     }
 
 
@@ -77,7 +75,7 @@ def preview_grid(uri: str, clips: int = 16, split: str | None = None) -> np.ndar
 def write_preview(uri: str, out: str, clips: int = 16, fps: float | None = None) -> str:
     """Write a preview grid as mp4/webm (via ffmpeg) or gif (via Pillow) to a local path or URI."""
     grid = preview_grid(uri, clips)
-    fps = fps or open_dataset(uri, validate_shards=False).manifest["fps"]
+    fps = fps or open_dataset(uri, validate_shards=False).manifest.fps
     lower = out.lower()
     if lower.endswith(".gif"):
         from PIL import Image

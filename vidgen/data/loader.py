@@ -46,7 +46,7 @@ def read_split(uri: str, split: str = "train", columns: list[str] | None = None,
     from vidgen.runtime import init_ray
 
     ds = open_dataset(uri, version=version)
-    counts = ds.manifest["splits"]
+    counts = ds.manifest.splits
     if not counts.get(split):
         raise DatasetError(f"{uri}: split {split!r} has no clips (splits: {counts})")
     init_ray()

@@ -125,15 +125,15 @@ def evaluate_model(model_uri: str, data: str, split: str = "val", batches: int =
     model = models.load(model_uri)
     family = models.family_of(model)
     ds = open_dataset(data)
-    if not ds.manifest["splits"].get(split):
-        raise ExportError(f"{data}: split {split!r} has no clips (splits: {ds.manifest['splits']})")
+    if not ds.manifest.splits.get(split):
+        raise ExportError(f"{data}: split {split!r} has no clips (splits: {ds.manifest.splits})")
     clips = (row["frames"] for row in ds.iter_clips(split))
 
     def batched():
         while chunk := list(itertools.islice(clips, batch_size)):
             yield {"video": frames_to_video(np.stack(chunk))}
 
-    life = ds.manifest.get("life")
+    life = ds.manifest.life
     try:
         values = evaluate(model, family, itertools.islice(batched(), batches), life_cell=life["cell"] if life else None)
     except ValueError as e:  # the model and the data do not fit each other (frame size, clip length, channels)

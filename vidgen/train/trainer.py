@@ -25,12 +25,16 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import yaml
 
 from vidgen import storage
 from vidgen.train.config import ConfigError, TrainConfig, check_resume, to_yaml
 from vidgen.train.loop import STOP_MARKER, read_metrics  # noqa: F401  (read_metrics: part of this module's surface)
+
+if TYPE_CHECKING:
+    from vidgen.data.format import DatasetManifest
 
 
 @dataclass
@@ -43,19 +47,19 @@ class TrainResult:
     stopped_by: str | None = None  # "SIGTERM"/"SIGINT" when told to stop: checkpointed, not finished
 
 
-def dataset_overrides(cfg: TrainConfig, manifest: dict) -> dict:
+def dataset_overrides(cfg: TrainConfig, manifest: DatasetManifest) -> dict:
     """Model config fields implied by the dataset (frame size, clip length, channels, classes).
 
     The user's own `model:` overrides win.
     """
     from vidgen import models
 
-    t, h, w, c = manifest["clip_shape"]
+    t, h, w, c = manifest.clip_shape
     family = models.family_class(cfg.family)
     fields = {f for f in family.Config.__dataclass_fields__}
     implied = {"channels": c, "frame_size": h, "num_frames": t}
     if family.conditional:
-        implied["num_classes"] = len(manifest["labels"]) if manifest.get("labels") else 0
+        implied["num_classes"] = len(manifest.labels) if manifest.labels else 0
     if h != w:
         raise ConfigError(f"data {cfg.data}: frames are {w}x{h}; training needs square frames")
     return {k: v for k, v in implied.items() if k in fields} | cfg.model
@@ -70,7 +74,7 @@ def prepare(cfg: TrainConfig, data_version: str | None = None) -> dict:
     from vidgen.data.format import open_dataset
 
     ds = open_dataset(cfg.data, version=data_version)
-    splits = ds.manifest["splits"]
+    splits = ds.manifest.splits
     if not splits.get(cfg.split):
         raise ConfigError(f"data {cfg.data}: split {cfg.split!r} has no clips (splits: {splits})")
     per_step = cfg.micro_batch * cfg.workers
@@ -96,16 +100,16 @@ def prepare(cfg: TrainConfig, data_version: str | None = None) -> dict:
     except ValueError as e:
         raise ConfigError(f"model: {e}") from None
     label_names = ds.labels if family.conditional and ds.labels else None
-    life = ds.manifest.get("life")
+    life = ds.manifest.life
     return {
         "config": cfg.model_dump(),
         "family_class": family,  # workers register it: a family defined outside vidgen (a test's) trains too
         "model_overrides": overrides,
         "label_names": label_names,
         "has_val": bool(cfg.val_split and splits.get(cfg.val_split)),
-        "fps": ds.manifest["fps"],
+        "fps": ds.manifest.fps,
         "life_cell": life["cell"] if life else None,
-        "data_version": ds.manifest["version"],
+        "data_version": ds.manifest.version,
     }
 
 
