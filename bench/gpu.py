@@ -137,7 +137,7 @@ def bench_restore(args, device) -> dict:
 
 
 def bench_convlstm(args, device) -> dict:
-    from vidgen.train.evaluate import life_grid
+    from vidgen.models.convlstm import life_grid
 
     data = dataset("life", 600, 6, 256, 4, device)
     model = models.build("convlstm", "base")

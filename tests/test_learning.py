@@ -16,7 +16,7 @@ from vidgen import metrics, models, quality
 from vidgen.data.synth import synth_clip
 from vidgen.data.tensors import frames_to_video
 from vidgen.models.contract import optimizer_step
-from vidgen.train.evaluate import life_grid
+from vidgen.models.convlstm import life_grid
 
 pytestmark = pytest.mark.slow
 

@@ -14,7 +14,6 @@ import numpy as np
 import torch
 
 from vidgen.models.contract import EVAL_SEED  # noqa: F401  (part of this module's surface)
-from vidgen.models.convlstm import life_grid  # noqa: F401  (part of this module's surface)
 
 
 @torch.no_grad()
