@@ -330,6 +330,17 @@ def read_text(uri: str) -> str:
     return read_bytes(uri).decode("utf-8")
 
 
+def read_spec_text(uri: str, what: str, error: type[Exception]) -> str:
+    """The text of a file a user named as `what` (e.g. "render spec"); `error` with a one-line
+    message when it cannot be read or is not text."""
+    try:
+        return read_text(uri)
+    except StorageError as e:
+        raise error(f"{what} {e}") from None
+    except UnicodeDecodeError:
+        raise error(f"{uri}: not a text file (expected a YAML or JSON {what})") from None
+
+
 def read_json(uri: str) -> Any:
     data = read_bytes(uri)
     try:

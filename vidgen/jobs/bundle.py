@@ -78,12 +78,7 @@ def read_spec(kind: str, uri: str, out: str | None = None, model: str | None = N
     A spec that is wrong as a whole fails here, before anything is submitted."""
     if kind not in KINDS:
         raise JobsError(f"job kind {kind!r}: expected one of {', '.join(KINDS)}")
-    try:
-        text = storage.read_text(uri)
-    except storage.StorageError as e:
-        raise JobsError(f"{kind} spec {e}") from None
-    except UnicodeDecodeError:
-        raise JobsError(f"{uri}: not a text file (expected a YAML or JSON {kind} spec)") from None
+    text = storage.read_spec_text(uri, f"{kind} spec", JobsError)
     spec_file = posixpath.basename(str(uri).rstrip("/").replace("\\", "/")) or f"{kind}.yaml"
     files = {spec_file: text}
     read_there: dict[str, str] = {}
