@@ -240,3 +240,27 @@ def test_a_failed_look_for_a_stop_request_is_not_a_stop(tmp_path, monkeypatch):
 
     monkeypatch.setattr(storage, "exists", throttled)
     assert check() is None
+
+
+def test_ray_data_console_drops_the_progress_bar_notice_and_keeps_warnings(monkeypatch):
+    """Every process that ran a dataset printed "Progress bars disabled. To enable, ..." (vidgen turns
+    them off); vidgen's Ray Data logging config, loaded by Ray Data's own loader, drops that notice
+    from the console and keeps Ray Data's other warnings and the file log."""
+    from importlib import resources
+
+    from ray.data._internal import logging as ray_data_logging
+
+    monkeypatch.setenv("RAY_DATA_LOGGING_CONFIG", str(resources.files("vidgen") / "assets" / "ray-data-logging.yaml"))
+    config = ray_data_logging._get_logging_config()
+    console = ray_data_logging._create_handlers(config, ray_data_logging._create_formatters(config),
+                                                ray_data_logging._create_filters(config))["console"]
+
+    def shown(message: str, level: int = logging.WARNING, **extra) -> bool:
+        record = logging.LogRecord("ray.data._internal.progress", level, "f.py", 1, message, None, None)
+        record.__dict__.update(extra)
+        return record.levelno >= console.level and all(f.filter(record) for f in console.filters)
+
+    assert not shown("Progress bars disabled. To enable, set `ray.data.DataContext.get_current()...`")
+    assert shown("Operator X is backpressured: 1 of 2 CPUs free")
+    assert not shown("a record Ray Data marks hidden", hide=True)
+    assert not shown("Execution finished in 1.2 seconds", level=logging.INFO)

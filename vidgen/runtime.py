@@ -63,6 +63,18 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, object_sto
     )
 
 
+class RayDataConsoleFilter(logging.Filter):
+    """The console filter of Ray Data's logging in a local vidgen Ray (assets/ray-data-logging.yaml):
+    Ray's own (a record marked `hide` stays in the log file), and also the notices that only say a
+    setting vidgen chose is in effect ("Progress bars disabled. To enable, ..."), which every
+    process that runs a dataset printed once."""
+
+    NOTICES = ("Progress bars disabled", "Progress bars for operators disabled")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(record, "hide", False) and not record.getMessage().startswith(self.NOTICES)
+
+
 class StopRequest:
     """What `stop_on_signal` learnt: `by` is the first signal's name ("SIGTERM", "SIGINT") or None."""
 
