@@ -94,19 +94,21 @@ class Family(Protocol):
 class OnePartFamily(nn.Module):
     """The training contract of a family with one trained part, `net` (trained as "model"): one
     optimizer step a batch on `_loss`, with the config's lr, betas and weight decay, and nothing after
-    it. A subclass sets `name`, `Config`, `render_modes` and what differs, and writes `_loss`."""
+    it. A subclass sets `name`, `Config`, `Net` (the part's module class, built from the config),
+    `render_modes` and what differs, and writes `_loss`."""
 
+    Net: type[nn.Module]
     conditional = False
     needs_style_image = False
     preview_needs_input = True
     after_step_gathers: frozenset[str] = frozenset()
 
-    def __init__(self, config, net: nn.Module):
+    def __init__(self, config):
         super().__init__()
         self.config = config
         self.label_names: list[str] | None = None
         self.preset: str | None = None
-        self.net = net
+        self.net = self.Net(config)
 
     def parts(self) -> dict[str, nn.Module]:
         return {"model": self.net}

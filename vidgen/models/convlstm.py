@@ -135,12 +135,10 @@ class ConvLSTM(OnePartFamily):
     """The family: one part, `net`."""
 
     Config = ConvLSTMConfig
+    Net = ConvLSTMNet
 
     name = "convlstm"
     render_modes = ("predict",)
-
-    def __init__(self, config: ConvLSTMConfig):
-        super().__init__(config, ConvLSTMNet(config))
 
     # --- training contract: OnePartFamily's, with this loss ------------------------------------
 

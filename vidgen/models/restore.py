@@ -240,12 +240,10 @@ class Restorer(OnePartFamily):
     """The family: one part, `net`."""
 
     Config = RestoreConfig
+    Net = RestoreNet
 
     name = "restore"
     render_modes = ("restore",)
-
-    def __init__(self, config: RestoreConfig):
-        super().__init__(config, RestoreNet(config))
 
     # --- training contract: OnePartFamily's, with this loss ------------------------------------
 

@@ -166,13 +166,14 @@ class Stylizer(OnePartFamily):
     """The family: one part, `net`; plus the style image buffer and the fixed feature extractor."""
 
     Config = StyleConfig
+    Net = StyleNet
 
     name = "style"
     render_modes = ("stylize",)
     needs_style_image = True    # the config's style_image, given to set_style_image before training
 
     def __init__(self, config: StyleConfig):
-        super().__init__(config, StyleNet(config))
+        super().__init__(config)
         self.features = RandomFeatures(config.channels, config.feature_widths, config.feature_seed)
         self.register_buffer("style_image", default_style_image(config.channels, config.style_size))
 

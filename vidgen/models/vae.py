@@ -128,12 +128,10 @@ class VAE(OnePartFamily):
     """The family: one part, `net`."""
 
     Config = VAEConfig
+    Net = VAENet
 
     name = "vae"
     render_modes = ("generate",)
-
-    def __init__(self, config: VAEConfig):
-        super().__init__(config, VAENet(config))
 
     # --- training contract: OnePartFamily's, with this loss ------------------------------------
 
