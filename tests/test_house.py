@@ -80,3 +80,39 @@ def test_no_test_hooks_in_the_product():
     hooks = [f"{p.relative_to(PACKAGE.parent)}:{i}" for p in PACKAGE.rglob("*.py")
              for i, line in enumerate(p.read_text().splitlines(), 1) if "VIDGEN_TEST_" in line]
     assert hooks == []
+
+
+FAMILY_MODULES = sorted(p.stem for p in (PACKAGE / "models").glob("*.py") if p.stem not in ("__init__", "contract"))
+
+
+def _family_mentions(source: str, families: set[str]) -> list[str]:
+    """Code (not docstrings or comments) in `source` that names a model family: a string equal to a
+    family's name, or an import of a family's module."""
+    tree = ast.parse(source)
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                  and node.body and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+            if node.value in families:
+                found.append(f"line {node.lineno}: {node.value!r}")
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            named = [f"{node.module}.{a.name}" for a in node.names] if node.module == "vidgen.models" else [node.module]
+            found += [f"line {node.lineno}: import {m}" for m in named
+                      if m.startswith("vidgen.models.") and m.split(".")[2] in FAMILY_MODULES]
+    return found
+
+
+def test_no_family_named_in_the_trainer_or_the_render_engine():
+    """The trainer and the render engine ask a family through its contract; a family's name or
+    module in their code means a sixth family would have to edit them. ("restore" is also a render
+    mode, so only the names that are not modes count as strings.)"""
+    from vidgen.render.spec import MODES
+
+    families = {"gan", "vae", "convlstm", "style", "restore"} - set(MODES)
+    mentions = {f"{p.relative_to(PACKAGE.parent)} {m}" for folder in ("train", "render")
+                for p in (PACKAGE / folder).rglob("*.py") for m in _family_mentions(p.read_text(), families)}
+    assert mentions == set()
+    probe = '"""gan in a docstring is fine"""\nfrom vidgen.models.convlstm import life_grid\nif f == "vae": pass\n'
+    assert sorted(_family_mentions(probe, families)) == ["line 2: import vidgen.models.convlstm", "line 3: 'vae'"]
