@@ -58,6 +58,7 @@ def test_a_load_beyond_the_bounds_exits_1_naming_the_bound(capsys, tmp_path):
     (["--cluster", "/nonexistent/cluster.yaml"], "/nonexistent/cluster.yaml"),
     (["--mode", "restore", "--calibrate"], "a gan model does not restore"),
     (["--model", "restore/huge", "--mode", "restore", "--calibrate"], "--model restore/huge"),
+    (["--model", "nope/tiny", "--calibrate"], "--model nope/tiny: unknown model family 'nope'"),
 ])
 def test_bad_input_is_one_line_naming_the_value(capsys, argv, needle):
     code, _, err = plan_cli(capsys, "--render-minutes", "10", *argv)

@@ -115,7 +115,11 @@ def calibrate(load: Load, frames: int = 48) -> Figures:
 
     from vidgen.manifest import MODE_FAMILIES
 
-    if load.mode not in models.family_class(load.family).render_modes:
+    try:
+        modes = models.family_class(load.family).render_modes
+    except ValueError as e:  # an unknown family
+        raise InputError(f"--model {load.family}/{load.model_preset}: {e}") from None
+    if load.mode not in modes:
         raise InputError(f"--model {load.family}/{load.model_preset}: a {load.family} model does not {load.mode} "
                          f"(that takes {' or '.join(sorted(MODE_FAMILIES.get(load.mode, ())))})")
     if load.mode == "predict":
