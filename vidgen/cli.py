@@ -153,9 +153,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     if args.minutes <= 0:
         raise UserError(f"--minutes {args.minutes}: must be positive")
-    summary = run_demo(args.out, args.minutes)
-    failed = summary.get("ads", {}).get("failed", []) + summary.get("education", {}).get("failed", [])
-    return 1 if failed else 0
+    return 1 if run_demo(args.out, args.minutes).failed else 0
 
 
 def cmd_submit(args: argparse.Namespace) -> int:

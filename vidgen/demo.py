@@ -25,9 +25,11 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 
 from vidgen import storage
 from vidgen.quality import Figure, table
@@ -42,12 +44,52 @@ FIT_OVERHEAD_S = 35    # bench/startup.py: ~22 s to the first step and ~7 s from
 AFTER_TRAINING_S = 60
 
 
+class RunFigures(BaseModel):
+    """One training run of the demo: steps and speed, then (extra keys) its last scalars and the
+    held-out scores `export_and_measure` adds (d_loss, val_psnr_gain, label_accuracy, ...)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    steps: int = 0
+    seconds: float = 0.0
+    clips_per_s: float | None = None  # median over the run, the first logged step left out
+
+
+class BatchFigures(BaseModel):
+    """One rendered batch of the demo."""
+
+    items: int = 0
+    ok: int = 0
+    failed: list[str] = []
+    videos: int = 0           # each ok item's main video, renditions and comparison
+    seconds: float = 0.0
+    gallery: str | None = None
+
+
+class DemoSummary(BaseModel):
+    """OUT/summary.json: what the demo measured and printed. A stage that did not run keeps its
+    defaults."""
+
+    gan: RunFigures = Field(default_factory=RunFigures)
+    restore: RunFigures = Field(default_factory=RunFigures)
+    ads: BatchFigures = Field(default_factory=BatchFigures)
+    education: BatchFigures = Field(default_factory=BatchFigures)
+    figures: list[dict[str, Any]] = []       # `quality.Figure.row()` of each held-out figure
+    seconds: float = 0.0
+    stage_seconds: dict[str, float] = {}
+
+    @property
+    def failed(self) -> list[str]:
+        """The ids of the items that failed to render, in both batches."""
+        return self.ads.failed + self.education.failed
+
+
 @dataclass
 class Demo:
     out: str
     minutes: float
     stage_seconds: dict[str, float] = field(default_factory=dict)
-    summary: dict = field(default_factory=dict)
+    summary: DemoSummary = field(default_factory=DemoSummary)
     stages: int = 8
     current: int = 0
 
@@ -72,7 +114,7 @@ class Demo:
         return _Stage()
 
 
-def run_demo(out: str = "demo-out", minutes: float = 10.0) -> dict:
+def run_demo(out: str = "demo-out", minutes: float = 10.0) -> DemoSummary:
     """Run every stage; returns the summary (also written to OUT/summary.json).
 
     The console shows vidgen's lines; everything (and Ray's own logs) goes to OUT/logs/.
@@ -88,7 +130,7 @@ def run_demo(out: str = "demo-out", minutes: float = 10.0) -> dict:
                 print(f"[demo] could not save the logs under {demo.uri('logs')}: {e}", flush=True)
 
 
-def _run_stages(demo: Demo) -> dict:
+def _run_stages(demo: Demo) -> DemoSummary:
     from vidgen.runtime import init_ray
 
     started = time.perf_counter()
@@ -104,24 +146,24 @@ def _run_stages(demo: Demo) -> dict:
         make_datasets(demo)
     seconds = budget(GAN_SHARE, fits_left=2)
     with demo.stage(f"train a class-conditional GAN, ZeRO-2 on 2 workers ({seconds / 60:.1f} min of steps)"):
-        demo.summary["gan"] = train_model(demo, "gan", "tiny", "gan", {}, seconds)
+        demo.summary.gan = train_model(demo, "gan", "tiny", "gan", {}, seconds)
     seconds = budget(1.0, fits_left=1)
     with demo.stage(f"train a restoration model, ZeRO-2 on 2 workers ({seconds / 60:.1f} min of steps)"):
-        demo.summary["restore"] = train_model(demo, "restore", "tiny", "restore", RESTORE_MODEL, seconds)
+        demo.summary.restore = train_model(demo, "restore", "tiny", "restore", RESTORE_MODEL, seconds)
     with demo.stage("export both models, measure them on held-out clips"):
         export_and_measure(demo)
     with demo.stage("make brand assets and degraded lecture clips"):
         make_assets(demo)
     with demo.stage("render the ad batch (generated clips, title, logo, watermark, audio)"):
-        demo.summary["ads"] = render(demo, ad_batch(demo))
+        demo.summary.ads = render(demo, ad_batch(demo))
     with demo.stage("render the education batch (restored beside degraded)"):
-        demo.summary["education"] = render(demo, education_batch(demo))
+        demo.summary.education = render(demo, education_batch(demo))
     with demo.stage("write the gallery"):
-        demo.summary["seconds"] = round(time.perf_counter() - started, 1)
-        demo.summary["stage_seconds"] = demo.stage_seconds
+        demo.summary.seconds = round(time.perf_counter() - started, 1)
+        demo.summary.stage_seconds = demo.stage_seconds
         write_gallery(demo)
-    demo.summary["seconds"] = round(time.perf_counter() - started, 1)
-    storage.write_json(demo.uri("summary.json"), demo.summary)
+    demo.summary.seconds = round(time.perf_counter() - started, 1)
+    storage.write_json(demo.uri("summary.json"), demo.summary.model_dump(mode="json"))
     print("\n" + format_summary(demo), flush=True)
     return demo.summary
 
@@ -198,7 +240,7 @@ def make_datasets(demo: Demo) -> None:
     synth.synthesize(**RESTORE_DATA, out=demo.uri("data", "shapes64"), seed=1, val_fraction=0.15)
 
 
-def train_model(demo: Demo, family: str, preset: str, name: str, model: dict, seconds: float) -> dict:
+def train_model(demo: Demo, family: str, preset: str, name: str, model: dict, seconds: float) -> RunFigures:
     from vidgen.train.config import validate
     from vidgen.train.trainer import read_metrics, train
 
@@ -215,9 +257,9 @@ def train_model(demo: Demo, family: str, preset: str, name: str, model: dict, se
     rates = [r["clips_per_s"] for r in rows if "clips_per_s" in r][1:]
     last = {k: v for r in rows for k, v in r.items()}
     keep = ("d_loss", "g_loss", "loss", "val_psnr", "val_psnr_gain", "val_psnr_input")
-    return {"steps": result.steps, "seconds": round(result.seconds, 1),
-            "clips_per_s": round(float(np.median(rates)), 1) if rates else None,
-            **{k: last[k] for k in keep if k in last}}
+    return RunFigures(steps=result.steps, seconds=round(result.seconds, 1),
+                      clips_per_s=round(float(np.median(rates)), 1) if rates else None,
+                      **{k: last[k] for k in keep if k in last})
 
 
 def export_and_measure(demo: Demo) -> None:
@@ -227,10 +269,13 @@ def export_and_measure(demo: Demo) -> None:
     for name in ("gan", "restore"):
         export(demo.uri("runs", name), demo.uri("models", name))
     values = evaluate_model(demo.uri("models", "restore"), demo.uri("data", "shapes64"), split="val", batches=6)
-    demo.summary["restore"].update({k: v for k, v in values.items() if k.startswith("val_")})
+    for k, v in values.items():
+        if k.startswith("val_"):
+            setattr(demo.summary.restore, k, v)
     gan = measure_gan(demo)
-    demo.summary["gan"].update(gan.pop("summary"))
-    demo.summary["figures"] = [f.row() for f in gan["figures"]] + [
+    for k, v in gan.pop("summary").items():
+        setattr(demo.summary.gan, k, v)
+    demo.summary.figures = [f.row() for f in gan["figures"]] + [
         Figure("education: restored PSNR gain on held-out clips", values["val_psnr_gain"], "the degraded input", 0.0,
                unit=" dB", target=3.0).row()]
 
@@ -366,7 +411,7 @@ def education_batch(demo: Demo) -> dict:
             "model": demo.uri("models", "restore"), "defaults": {"codec": "h264", "crf": 20}, "items": items}
 
 
-def render(demo: Demo, spec: dict) -> dict:
+def render(demo: Demo, spec: dict) -> BatchFigures:
     from vidgen.render import parse_batch, render_batch
 
     result = render_batch(parse_batch(spec, source="demo"))
@@ -374,10 +419,9 @@ def render(demo: Demo, spec: dict) -> dict:
     if result.stopped_by:
         raise KeyboardInterrupt(f"{result.stopped_by} while rendering {spec['name']}")
     ok = [r for r in result.records if r["status"] == "ok"]
-    return {"items": len(result.records), "ok": len(ok), "failed": list(result.failed),
-            "videos": sum(1 + len(r.get("renditions") or []) + bool(r.get("compare")) for r in ok),
-            "seconds": round(result.seconds, 1),
-            "gallery": storage.join(spec["output"], "index.html")}
+    return BatchFigures(items=len(result.records), ok=len(ok), failed=list(result.failed),
+                        videos=sum(1 + len(r.get("renditions") or []) + bool(r.get("compare")) for r in ok),
+                        seconds=round(result.seconds, 1), gallery=storage.join(spec["output"], "index.html"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -407,7 +451,7 @@ def write_gallery(demo: Demo) -> None:
 
     def figure_rows() -> str:
         out = []
-        for f in s.get("figures", []):
+        for f in s.figures:
             colour = {True: "#6c6", False: "#f66", None: "#ccc"}[f["met"]]
             out.append(f"<tr><td>{html.escape(f['figure'])}</td><td>{f['value']:.3f}{html.escape(f['unit'])}</td>"
                        f"<td>{html.escape(f['baseline'])} {f['baseline_value']:.3f}{html.escape(f['unit'])}</td>"
@@ -416,10 +460,8 @@ def write_gallery(demo: Demo) -> None:
 
     def training_rows() -> str:
         out = []
-        for name in ("gan", "restore"):
-            t = s.get(name, {})
-            out.append(f"<tr><td>{name}</td><td>{t.get('steps')}</td><td>{t.get('seconds')}</td>"
-                       f"<td>{t.get('clips_per_s')}</td></tr>")
+        for name, t in (("gan", s.gan), ("restore", s.restore)):
+            out.append(f"<tr><td>{name}</td><td>{t.steps}</td><td>{t.seconds}</td><td>{t.clips_per_s}</td></tr>")
         return "".join(out)
 
     stage_rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.0f}</td></tr>" for k, v in demo.stage_seconds.items())
@@ -427,7 +469,7 @@ def write_gallery(demo: Demo) -> None:
 <style>body{{font-family:sans-serif;margin:2em;background:#111;color:#eee}}a{{color:#8cf}}
 table{{border-collapse:collapse;margin-bottom:1em}}th,td{{border:1px solid #444;padding:4px 8px;text-align:left}}
 figure{{display:inline-block;margin:8px}}img.plot{{background:#fff;max-width:48%;margin:4px}}</style></head><body>
-<h1>vidgen demo</h1><p>{html.escape(demo.out)} &mdash; {s.get('seconds', 0):.0f} s on this machine</p>
+<h1>vidgen demo</h1><p>{html.escape(demo.out)} &mdash; {s.seconds:.0f} s on this machine</p>
 <h2>What the models learned (held-out clips)</h2>
 <table><tr><th>figure</th><th>value</th><th>baseline</th><th>verdict</th></tr>{figure_rows()}</table>
 <h2>GAN samples, one row per asked class</h2>
@@ -445,22 +487,21 @@ curves: <code>tensorboard --logdir {html.escape(demo.uri('runs'))}</code></p>
 
 def format_summary(demo: Demo) -> str:
     s = demo.summary
-    gan, res = s.get("gan", {}), s.get("restore", {})
-    ads, edu = s.get("ads", {}), s.get("education", {})
+    gan, res, ads, edu = s.gan, s.restore, s.ads, s.education
     lines = [
         "vidgen demo summary",
         "",
         "What the models learned, on held-out clips:",
-        table(s.get("figures", [])),
+        table(s.figures),
         "",
         f"  {'stage':60s} {'seconds':>8s}",
         *(f"  {name[:60]:60s} {sec:8.0f}" for name, sec in demo.stage_seconds.items()),
-        f"  {'total':60s} {s.get('seconds', 0):8.0f}",
+        f"  {'total':60s} {s.seconds:8.0f}",
         "",
-        f"  GAN: {gan.get('steps')} steps at {gan.get('clips_per_s')} clips/s; restore: {res.get('steps')} steps "
-        f"at {res.get('clips_per_s')} clips/s (2 workers, ZeRO-2 each)",
-        f"  rendered: ads {ads.get('ok')}/{ads.get('items')} items ({ads.get('videos')} videos), "
-        f"education {edu.get('ok')}/{edu.get('items')} items ({edu.get('videos')} videos)",
+        f"  GAN: {gan.steps} steps at {gan.clips_per_s} clips/s; restore: {res.steps} steps "
+        f"at {res.clips_per_s} clips/s (2 workers, ZeRO-2 each)",
+        f"  rendered: ads {ads.ok}/{ads.items} items ({ads.videos} videos), "
+        f"education {edu.ok}/{edu.items} items ({edu.videos} videos)",
         "",
         f"  open      {demo.uri('index.html')}   (figures, samples per class, both batches, curves)",
         f"  samples   {demo.uri('samples-per-class.png')}",
