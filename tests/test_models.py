@@ -457,6 +457,8 @@ def test_model_json_is_a_typed_record_that_says_what_rendering_needs(tmp_path):
         assert ModelManifest.parse(older, "old", ["gan", "restore"]).render == read.render
         without_modes = {**on_disk, "render": {k: v for k, v in on_disk["render"].items() if k != "modes"}}
         assert ModelManifest.parse(without_modes, "old", ["gan", "restore"]).render == read.render
+    bare = ModelManifest.parse({"format": on_disk["format"], "family": "gan"}, "bare", ["gan"])  # no render, no config
+    assert bare.render.modes == ("generate",) and bare.mode_problem("generate", "g") is None
     with pytest.raises(InputError, match=r"^m/model.json: parameters: "):
         ModelManifest.parse({**on_disk, "parameters": "many"}, "m/model.json", ["restore"])
     with pytest.raises(InputError, match=r"unknown model family 'restore'; expected one of \['gan'\]"):

@@ -69,13 +69,13 @@ class ModelManifest(BaseModel):
         if not isinstance(data, dict):
             return data
         render = data.get("render")
-        if render is None and isinstance(data.get("config"), dict):
-            config = data["config"]
+        if render is None:
+            config = data.get("config") if isinstance(data.get("config"), dict) else {}
             render = {"num_classes": int(config.get("num_classes") or 0), "scale": int(config.get("scale") or 1),
                       "frame_size": config.get("frame_size")}
         if isinstance(render, dict) and "modes" not in render:
             render = {**render, "modes": [m for m, families in MODE_FAMILIES.items() if data.get("family") in families]}
-        return data if render is None else {**data, "render": render}
+        return {**data, "render": render}
 
     @field_validator("config", "provenance", "metrics")
     @classmethod
