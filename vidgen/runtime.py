@@ -72,7 +72,7 @@ class RayDataConsoleFilter(logging.Filter):
     NOTICES = ("Progress bars disabled", "Progress bars for operators disabled")
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not getattr(record, "hide", False) and not record.getMessage().startswith(self.NOTICES)
+        return not getattr(record, "hide", False) and not str(record.msg).startswith(self.NOTICES)
 
 
 class StopRequest:
