@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -142,6 +143,18 @@ def test_a_dataset_committed_before_version_manifests_opens_at_its_version(root)
     assert open_dataset(out, version=first.version).manifest == first
     with pytest.raises(DatasetError, match="version v-20000101T000000000000Z is gone"):
         open_dataset(out, version="v-20000101T000000000000Z")
+
+
+def test_a_bad_field_in_a_versions_manifest_is_one_error_naming_that_file(tmp_path):
+    """The typed manifest names the file it read: an older version's own copy, not the root's."""
+    out = str(tmp_path / "ds")
+    first = synth.synthesize("shapes", 6, 4, 16, out, seed=1, progress=False)
+    synth.synthesize("shapes", 6, 4, 16, out, seed=2, progress=False)  # a newer version; the first stays (grace)
+    copy = storage.join(out, first.version, fmt.VERSION_MANIFEST)
+    storage.write_json(copy, {**storage.read_json(copy), "rows": "many"})
+    with pytest.raises(DatasetError, match=rf"^{re.escape(copy)}: rows: "):
+        open_dataset(out, version=first.version)
+    assert open_dataset(out).manifest.rows == 6  # the current version reads on
 
 
 def test_missing_manifest_is_a_clear_error(root):

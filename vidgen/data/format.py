@@ -432,10 +432,12 @@ def open_dataset(uri: str, validate_shards: bool = True, version: str | None = N
     root = storage.normalize(uri)
     if version is not None and not (version.startswith("v-") and "/" not in version and ".." not in version):
         raise DatasetError(f"{uri}: version {version!r} is not a version name (v-<timestamp>)")
+    where = storage.join(root, MANIFEST)
     try:
-        manifest = storage.read_json(storage.join(root, MANIFEST))
+        manifest = storage.read_json(where)
         if version is not None and manifest.get("version") != version:  # an older version: its own copy
-            manifest = storage.read_json(storage.join(root, version, VERSION_MANIFEST))
+            where = storage.join(root, version, VERSION_MANIFEST)
+            manifest = storage.read_json(where)
     except storage.NoSuchBucketError as e:
         raise DatasetError(str(e)) from None
     except storage.NotFoundError:
@@ -454,7 +456,7 @@ def open_dataset(uri: str, validate_shards: bool = True, version: str | None = N
         typed = DatasetManifest.model_validate(manifest)
     except ValidationError as e:
         first = e.errors()[0]
-        raise DatasetError(f"{uri}/{MANIFEST}: {'.'.join(str(p) for p in first['loc'])}: {first['msg']}") from None
+        raise DatasetError(f"{where}: {'.'.join(str(p) for p in first['loc'])}: {first['msg']}") from None
     ds = ClipDataset(root, typed)
     if validate_shards:
         for shard in ds.shard_uris:
