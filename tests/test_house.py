@@ -85,9 +85,9 @@ def test_no_test_hooks_in_the_product():
 FAMILY_MODULES = sorted(p.stem for p in (PACKAGE / "models").glob("*.py") if p.stem not in ("__init__", "contract"))
 
 
-def _family_mentions(source: str, families: set[str]) -> list[str]:
-    """Code (not docstrings or comments) in `source` that names a model family: a string equal to a
-    family's name, or an import of a family's module."""
+def _family_mentions(source: str, families: set[str], package: str = "vidgen") -> list[str]:
+    """Code (not docstrings or comments) in `source` (a module of `package`) that names a model
+    family: a string equal to a family's name, or an import of a family's module."""
     tree = ast.parse(source)
     docstrings = {id(node.body[0].value) for node in ast.walk(tree)
                   if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
@@ -97,8 +97,14 @@ def _family_mentions(source: str, families: set[str]) -> list[str]:
         if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
             if node.value in families:
                 found.append(f"line {node.lineno}: {node.value!r}")
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            named = [f"{node.module}.{a.name}" for a in node.names] if node.module == "vidgen.models" else [node.module]
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            if isinstance(node, ast.Import):
+                named = [a.name for a in node.names]
+            else:
+                parts = package.split(".")
+                base = ".".join(parts[:len(parts) - node.level + 1] + [node.module or ""]) if node.level else node.module
+                base = base.rstrip(".")
+                named = [f"{base}.{a.name}" for a in node.names] if base == "vidgen.models" else [base]
             found += [f"line {node.lineno}: import {m}" for m in named
                       if m.startswith("vidgen.models.") and m.split(".")[2] in FAMILY_MODULES]
     return found
@@ -112,7 +118,11 @@ def test_no_family_named_in_the_trainer_or_the_render_engine():
 
     families = {"gan", "vae", "convlstm", "style", "restore"} - set(MODES)
     mentions = {f"{p.relative_to(PACKAGE.parent)} {m}" for folder in ("train", "render")
-                for p in (PACKAGE / folder).rglob("*.py") for m in _family_mentions(p.read_text(), families)}
+                for p in (PACKAGE / folder).rglob("*.py")
+                for m in _family_mentions(p.read_text(), families, f"vidgen.{folder}")}
     assert mentions == set()
-    probe = '"""gan in a docstring is fine"""\nfrom vidgen.models.convlstm import life_grid\nif f == "vae": pass\n'
-    assert sorted(_family_mentions(probe, families)) == ["line 2: import vidgen.models.convlstm", "line 3: 'vae'"]
+    probe = ('"""gan in a docstring is fine"""\nfrom vidgen.models.convlstm import life_grid\nif f == "vae": pass\n'
+             'import vidgen.models.gan\nfrom ..models import style\nfrom ..models.contract import Family\n')
+    assert sorted(_family_mentions(probe, families, "vidgen.train")) == [
+        "line 2: import vidgen.models.convlstm", "line 3: 'vae'", "line 4: import vidgen.models.gan",
+        "line 5: import vidgen.models.style"]
