@@ -67,7 +67,7 @@ A minimal trainer, exactly as vidgen.train drives it (plain torch, no DeepSpeed)
 
 `save(model, uri)` writes `URI/model.safetensors` (the state dict) and then `URI/model.json`
 (`vidgen.manifest.ModelManifest`: format, family, preset, config, label names, provenance, metrics,
-vidgen version, weights sha256, and what rendering needs: classes, scale),
+vidgen version, weights sha256, and what rendering needs: its modes, classes, scale, frame size),
 the json last: it is the commit marker. `load(uri)` reads only those two (no pickle) and checks the
 config and the weights against each other.
 """
