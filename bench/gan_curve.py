@@ -6,10 +6,11 @@
 Trains GAN `tiny` in this process through its own training contract (`optimizer_step`: AdamW with
 the family's settings, clipping at 1.0, the after-step EMA; no Ray, no DeepSpeed) on generated
 shapes (32x32, 8 frames), batch 16 as `bench/quality.py` trains it (2 workers x 8), and every
-`--every` steps scores the EMA generator the way `bench/quality.py` does: label accuracy of 150
-samples by a judge trained on the real train clips (chance 1/3), and the Frechet distance of the
+`--every` steps scores the EMA generator the way `bench/quality.py` does: label accuracy of one
+sample per train clip (288) by a judge trained on the real train clips (chance 1/3), and the Frechet distance of the
 judge's features, samples vs real val clips, over real train vs real val clips. The Frechet
-ratio swings from one check to the next; one figure at the end of a run says little. `--out PNG`
+ratio swings from one check to the next; one figure at the end of a run says little, and so does one
+set of clips: this set reads 2.3x at 2,400 steps where bench/quality.py's set reads 15x (2026-11-30). `--out PNG`
 writes the last samples (12 rows) over 6 real clips.
 """
 

@@ -115,7 +115,9 @@ PRESETS = {
     # 2,400 steps in-process); and colour augmentation without saturation, which hid from D how
     # saturated real clips are (Frechet ratio 2.2 / 1.0 / 1.1 at 1,600 / 2,000 / 2,400 steps, scored
     # then with 150 samples against 96 held-out clips; 2.5 / 2.3 at 2,000 / 2,400 with one sample per
-    # train clip against 288; bench/gan_curve.py, 2026-11-30).
+    # train clip against 288; bench/gan_curve.py, 2026-11-30). That was a kind draw of clips: on
+    # bench/quality.py's set the same recipe reads 9.8 / 15.3 in-process and 20.8 / 16.4 through
+    # `vidgen train` at 2,000 / 2,400 steps, 8-10 at 3,200-4,800; its objects stay pale.
     "tiny": dict(frame_size=32, num_frames=8, content_dim=32, motion_dim=16, noise_dim=8, class_dim=16,
                  g_width=16, g_max_width=64, d_width=16, d_max_width=64, image_frames=2, ema_decay=0.999,
                  g_norm="pixel", rgb_modulation=True, sprite=True, spectral_norm=True, aux_weight=1.0,
