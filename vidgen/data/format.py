@@ -34,7 +34,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from vidgen import __version__, storage
@@ -130,9 +129,6 @@ class DatasetManifest(BaseModel):
     created_at: str | None = None
     vidgen_version: str | None = None
     life: dict[str, Any] | None = None   # Game of Life sets: {"cell": pixels per cell, ...}
-
-    def to_json(self) -> dict[str, Any]:
-        return self.model_dump(mode="json", exclude_none=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -304,8 +300,9 @@ def commit(
         "vidgen_version": __version__,
         **(extra or {}),
     })
-    storage.write_json(storage.join(root, version, VERSION_MANIFEST), manifest.to_json())
-    storage.write_json(storage.join(root, MANIFEST), manifest.to_json())
+    data = manifest.model_dump(mode="json")
+    storage.write_json(storage.join(root, version, VERSION_MANIFEST), data)
+    storage.write_json(storage.join(root, MANIFEST), data)
     remove_old_versions(root, keep=version)
     return manifest
 
