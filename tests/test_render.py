@@ -321,13 +321,48 @@ def test_sigterm_finishes_the_items_in_flight_leaves_no_partial_object_and_the_r
         if key.endswith(".mp4"):
             assert media.probe(f"s3://{bucket}/{key}").frames == 2 * FPS
     for record in records:
-        assert storage.read_json(f"s3://{bucket}/{record}")["status"] == "ok"
+        stored = storage.read_json(f"s3://{bucket}/{record}")
+        assert stored["status"] == "ok", (stored["error"], output[-1500:])
 
     again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
     assert f"{len(records)} unchanged" in again.stdout, again.stdout  # nothing rendered twice
     final = records_by_id(out)
     assert len(final) == 10 and all(r["status"] == "ok" for r in final.values())
+
+
+def test_an_encoder_whose_ffmpeg_is_killed_raises_for_a_retry_instead_of_recording_an_error(tmp_path):
+    """Ray's force-cancel (a stop with no grace) kills an encode task's children a moment before the
+    task: the encoder saw "ffmpeg exited with code -9" and recorded its stopped item as an error
+    (CI and a loaded run, 2026-11-30). A Ray encode task raises instead (its caller tries the item
+    again, or has stopped); in one process the item's error is recorded, naming the signal."""
+    import signal
+
+    import psutil
+
+    from vidgen.render import engine
+
+    out = str(tmp_path / "out")
+    [item] = parse_batch({"name": "killed", "output": out, "model": "unused", "defaults": {"fps": FPS},
+                          "items": [{"id": "g", "mode": "generate", "seed": 0}]}).resolve()
+    meta = {"fps": FPS, "frames": 16, "width": 64, "height": 48, "scale": 1}
+    info = engine.ModelInfo("unused", "gan", "0" * 64)
+
+    def frames_with_ffmpeg_killed_after(n):
+        for i in range(16):
+            if i == n:
+                for child in psutil.Process().children(recursive=True):
+                    if "ffmpeg" in child.name():
+                        child.send_signal(signal.SIGKILL)  # not reaped here: the encoder's wait() reads the signal
+            yield "video", np.full((1, 48, 64, 3), 16 * i, np.uint8)
+
+    with pytest.raises(media.EncoderKilledError, match="SIGKILL"):
+        engine.encode_item(item, out, meta, frames_with_ffmpeg_killed_after(4), info, "hash", retry_killed=True)
+    assert not os.path.exists(os.path.join(out, "items", "g.json"))
+    record = engine.encode_item(item, out, meta, frames_with_ffmpeg_killed_after(4), info, "hash")
+    assert record["status"] == "error" and "killed by SIGKILL" in record["error"], record
+    record = engine.encode_item(item, out, meta, frames_with_ffmpeg_killed_after(99), info, "hash", retry_killed=True)
+    assert record["status"] == "ok" and media.probe(os.path.join(out, "g.mp4")).frames == 16
 
 
 def test_a_stop_aborts_an_encoders_upload_only_after_its_cancel_has_landed(assets, s3_root, ray_session,

@@ -32,6 +32,7 @@ import numbers
 import os
 import re
 import shutil
+import signal
 import subprocess
 import tempfile
 import threading
@@ -61,6 +62,11 @@ _QUIET = ["-hide_banner", "-nostdin", "-loglevel", "error"]
 
 class MediaError(VidgenError):
     """A video (or an overlay input) could not be read or written; the message names the source."""
+
+
+class EncoderKilledError(MediaError):
+    """ffmpeg was killed by a signal from outside: its worker being cancelled or torn down (Ray kills
+    a task's children first), or the OOM killer. Not the video's fault: worth another attempt."""
 
 
 class MissingGlyphWarning(UserWarning):
@@ -408,6 +414,8 @@ class _FFmpeg:
                 self.proc.stdin.close()
         code = self.proc.wait()
         self._drain.join()
+        if code < 0:
+            raise EncoderKilledError(f"{self.label}: ffmpeg was killed by {_signal_name(-code)}")
         if code != 0:
             raise self.error(f"ffmpeg exited with code {code}")
 
@@ -430,6 +438,13 @@ class _FFmpeg:
             if pipe:
                 with contextlib.suppress(OSError, ValueError):
                     pipe.close()
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
 
 
 def _is_int(value) -> bool:

@@ -560,7 +560,9 @@ def encode_task(item, out, meta, source, model, item_hash, previous, resume, thr
     chunk at a time), or a streamed item's source (`open(item)` -> the messages of `stream_events`,
     read while the model makes them; its meta comes first): a model worker's (Streamed) or a model
     server's. FramesLostError when the frames are gone (their model worker died): the caller infers
-    the item again; ModelUnavailableError when a streamed item's model could not be loaded."""
+    the item again; ModelUnavailableError when a streamed item's model could not be loaded;
+    media.EncoderKilledError when its ffmpeg was killed (a cancel kills it first): no record, the
+    caller tries the item again."""
     import ray
 
     def fetch(ref):
@@ -591,7 +593,8 @@ def encode_task(item, out, meta, source, model, item_hash, previous, resume, thr
 
     try:
         if isinstance(source, dict):
-            return engine.encode_item(item, out, meta, inferred(), model, item_hash, previous, resume, threads)
+            return engine.encode_item(item, out, meta, inferred(), model, item_hash, previous, resume, threads,
+                                      retry_killed=True)
         messages = receive(source.open(item))
         kind, meta = next(messages, ("error", "the model produced nothing for this item"))
         if kind == "unavailable":  # the model could not be loaded (as planned): not this item's error
@@ -599,7 +602,8 @@ def encode_task(item, out, meta, source, model, item_hash, previous, resume, thr
         if kind == "error":
             record = engine.error_record(item, model.uri, model.sha256, item_hash, meta)
             return engine.write_record(out, record, previous)
-        return engine.encode_item(item, out, meta, streamed(messages), model, item_hash, previous, resume, threads)
+        return engine.encode_item(item, out, meta, streamed(messages), model, item_hash, previous, resume, threads,
+                                  retry_killed=True)
     except _FramesLost as e:
         raise FramesLostError(f"item {item.id}: its frames were lost ({e})") from None
 

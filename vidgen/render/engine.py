@@ -413,6 +413,7 @@ def encode_item(
     previous: dict | None = None,
     resume: bool = False,
     threads: int | None = None,
+    retry_killed: bool = False,
 ) -> dict:
     """Encode, poster and upload every output of one item, then write its record; returns the record.
 
@@ -421,6 +422,9 @@ def encode_item(
     time (see `_fan_out`). With `resume` (some outputs exist: a killed run), objects already on S3
     with this spec hash are kept, not uploaded again. An error, from the frames (an ItemError) or an
     encode, becomes the item's error record. `threads`: the encoder's threads (see `media.encode`).
+    With `retry_killed` (a Ray encode task), an ffmpeg killed by a signal is raised instead: the task
+    is being cancelled or its worker torn down (Ray kills its children first, so a stopped item would
+    be recorded as an error), and the caller infers and encodes the item again.
     """
     started = time.monotonic()
     try:
@@ -438,6 +442,8 @@ def encode_item(
         results = {o.name: results[o.name] for o in outputs}
         record = ok_record(item, model, item_hash, results, time.monotonic() - started)
     except Exception as e:  # noqa: BLE001 - one item's failure is recorded, never the batch's
+        if retry_killed and isinstance(e, media.EncoderKilledError):
+            raise
         record = error_record(item, model.uri, model.sha256, item_hash, _describe(e))
     return write_record(out, record, previous)
 
