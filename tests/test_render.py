@@ -191,11 +191,35 @@ def test_gallery_links_and_sources_resolve(rendered):
     assert "nope.mp4" in page  # the failed item shows its error
 
 
+def test_a_stored_record_reads_through_one_typed_home_for_its_fields_and_defaults():
+    """items/<id>.json is a RenderRecord: a record of an older vidgen (fields missing) reads with the
+    defaults, a newer one's unknown fields survive a rewrite, and what is not a record at all is
+    not mistaken for one (the planner treats it as unreadable: it never turns into an error)."""
+    from vidgen.render.record import RenderRecord
+
+    older = {"id": "a", "status": "ok", "mode": "generate", "uri": "a.mp4", "poster": "a.jpg", "width": 64,
+             "height": 48, "seconds": 1.0}
+    record = RenderRecord.parse(older)
+    assert record.is_ok and record.renditions == [] and record.compare is None and record.error is None
+    assert record["uri"] == "a.mp4" and record["seconds"] == 1.0
+    with pytest.raises(KeyError):
+        record["nope"]
+    assert RenderRecord.parse({**older, "from_the_future": [1]}).to_json()["from_the_future"] == [1]
+    for not_a_record in ({"id": "a"}, {**older, "status": "maybe"}, ["a"], "a"):
+        assert RenderRecord.parse(not_a_record) is None, not_a_record
+    assert set(RenderRecord.parse(older).to_json()) == {
+        "id", "status", "mode", "uri", "poster", "bytes", "frames", "seconds", "fps", "width", "height", "sha256",
+        "renditions", "compare", "model", "model_sha256", "seed", "label", "input", "spec_hash", "vidgen_version",
+        "error", "rendered_at", "elapsed_s"}  # the stored form, as before the type
+
+
 def test_gallery_escapes_user_text():
     from vidgen.render import gallery
 
+    from vidgen.render.record import RenderRecord
+
     record = {"id": "x", "mode": "generate", "status": "error", "error": "<script>alert(1)</script>", "model": "m"}
-    page = gallery.render_html("<b>batch</b>", [record])
+    page = gallery.render_html("<b>batch</b>", [RenderRecord.model_validate(record)])
     assert "<script>" not in page and "&lt;script&gt;" in page and "&lt;b&gt;batch" in page
 
 

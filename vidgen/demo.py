@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import html
 import io
-import json
 import os
 import subprocess
 import sys
@@ -418,9 +417,9 @@ def render(demo: Demo, spec: dict) -> BatchFigures:
     print(result.summary())
     if result.stopped_by:
         raise KeyboardInterrupt(f"{result.stopped_by} while rendering {spec['name']}")
-    ok = [r for r in result.records if r["status"] == "ok"]
+    ok = [r for r in result.records if r.is_ok]
     return BatchFigures(items=len(result.records), ok=len(ok), failed=list(result.failed),
-                        videos=sum(1 + len(r.get("renditions") or []) + bool(r.get("compare")) for r in ok),
+                        videos=sum(1 + len(r.renditions) + bool(r.compare) for r in ok),
                         seconds=round(result.seconds, 1), gallery=storage.join(spec["output"], "index.html"))
 
 
@@ -434,19 +433,22 @@ def write_gallery(demo: Demo) -> None:
     s = demo.summary
 
     def posters(batch: str) -> str:
+        from vidgen.render.record import RenderRecord
+
         records = []
         manifest = demo.uri("renders", batch, "manifest.jsonl")
         if storage.exists(manifest):
-            records = [json.loads(line) for line in storage.read_text(manifest).splitlines() if line.strip()]
+            lines = storage.read_text(manifest).splitlines()
+            records = [RenderRecord.model_validate_json(line) for line in lines if line.strip()]
         cells = []
         for r in records:
-            if r["status"] != "ok":
+            if not r.is_ok:
                 continue
-            name = f"{r['id']}--compare" if r.get("compare") else r["id"]  # restore: input | output
-            width = 512 if r.get("compare") else 256
+            name = f"{r.id}--compare" if r.compare else r.id  # restore: input | output
+            width = 512 if r.compare else 256
             cells.append(f'<figure><video controls preload="none" poster="renders/{batch}/{html.escape(name)}.jpg" '
                          f'src="renders/{batch}/{html.escape(name)}.mp4" width="{width}"></video>'
-                         f'<figcaption>{html.escape(r["id"])}</figcaption></figure>')
+                         f'<figcaption>{html.escape(r.id)}</figcaption></figure>')
         return "".join(cells)
 
     def figure_rows() -> str:

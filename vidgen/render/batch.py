@@ -50,6 +50,7 @@ from vidgen.errors import InputError
 from vidgen.manifest import MODE_FAMILIES, ModelManifest
 from vidgen.render import engine, gallery
 from vidgen.render.engine import CHUNK_FRAMES, ItemError, ModelInfo
+from vidgen.render.record import RenderRecord
 from vidgen.render.spec import RenderBatch, ResolvedItem
 
 ACTOR_CPUS = 0.5  # logical CPUs of a model worker: torch and ffmpeg share the cores; `workers` bounds the work
@@ -73,7 +74,7 @@ class PlanEntry:
                  # model could not be read: an earlier ok record stays as it is, and the item fails this run)
     model: ModelInfo | None = None
     spec_hash: str | None = None
-    previous: dict | None = None  # the item's record from an earlier run
+    previous: RenderRecord | None = None  # the item's record from an earlier run
     error: str | None = None  # why it fails before rendering ("fail")
     adopted: dict | None = None  # output name -> facts, for "adopt"
     resume: bool = False  # some of its outputs are already there (a killed run): reuse what matches
@@ -116,7 +117,7 @@ def plan_batch(batch: RenderBatch) -> Plan:
         manifest = manifests[item.model]
         if manifest is None:  # a failed read says nothing about what was rendered: never overwrite an ok record
             prev = previous.get(item.id)
-            action = "keep" if (prev and prev.get("status") == "ok") or item.id in unreadable else "fail"
+            action = "keep" if (prev and prev.is_ok) or item.id in unreadable else "fail"
             entries.append(PlanEntry(item, action, previous=prev, error=model_errors[item.model]))
             continue
         info = ModelInfo.from_manifest(item.model, manifest)
@@ -126,7 +127,7 @@ def plan_batch(batch: RenderBatch) -> Plan:
         problem = manifest.mode_problem(item.mode, item.model)
         if problem:
             entry.action, entry.error = "fail", problem
-        if prev and prev.get("status") == "ok" and prev.get("spec_hash") == item_hash:
+        if prev and prev.is_ok and prev.spec_hash == item_hash:
             entry.action = "skip"
         elif entry.action == "render" and any(uri in missing for uri in _assets(item).values()):
             entry.action, entry.error = "fail", next(missing[u] for u in _assets(item).values() if u in missing)
@@ -173,23 +174,23 @@ def _missing_assets(items: list[ResolvedItem]) -> dict[str, str]:
         return {uri: error for uri, error in pool.map(check, roles) if error}
 
 
-UNREADABLE = {"status": "unreadable"}  # a record that is there but could not be read: maybe ok
+UNREADABLE = object()  # a record that is there but could not be read or parsed: maybe ok
 
 
-def _read_records(out: str, ids: list[str]) -> dict[str, dict]:
-    """id -> its stored record; UNREADABLE where one is there but could not be read (rendering
-    again replaces it; a failure must not)."""
+def _read_records(out: str, ids: list[str]) -> dict[str, RenderRecord | object]:
+    """id -> its stored record; UNREADABLE where one is there but could not be read or is not a
+    record (rendering again replaces it; a failure must not)."""
     present = set(storage.list_prefix(storage.join(out, "items"), recursive=False))
     wanted = [i for i in ids if engine.record_uri(out, i) in present]
 
-    def read(item_id: str) -> tuple[str, dict | None]:
+    def read(item_id: str) -> tuple[str, RenderRecord | object | None]:
         try:
             record = storage.read_json(engine.record_uri(out, item_id))
         except storage.NotFoundError:
             return item_id, None
         except storage.StorageError:
             return item_id, UNREADABLE
-        return item_id, record if isinstance(record, dict) else UNREADABLE
+        return item_id, RenderRecord.parse(record) or UNREADABLE
 
     with ThreadPoolExecutor(max_workers=16) as pool:
         return {i: r for i, r in pool.map(read, wanted) if r is not None}
@@ -219,7 +220,7 @@ def format_plan(plan: Plan) -> str:
 class BatchResult:
     name: str
     output: str
-    records: list[dict]  # one per item, in spec order
+    records: list[RenderRecord]  # one per item, in spec order
     rendered: list[str] = field(default_factory=list)
     resumed: list[str] = field(default_factory=list)
     unchanged: list[str] = field(default_factory=list)
@@ -234,7 +235,7 @@ class BatchResult:
         return not self.failed
 
     def summary(self) -> str:
-        errors = {r["id"]: r["error"] for r in self.records if r["status"] != "ok"} | self.errors
+        errors = {r.id: r.error for r in self.records if not r.is_ok} | self.errors
         text = (f"{self.name}: {len(self.records)} items: {len(self.rendered)} rendered, "
                 f"{len(self.resumed)} resumed, {len(self.unchanged)} unchanged, {len(self.failed)} failed "
                 f"in {self.seconds:.1f} s -> {storage.join(self.output, 'index.html')}")
@@ -263,13 +264,13 @@ def render_batch(
     plan = plan_batch(batch)
     out = batch.output
     result = BatchResult(batch.name, out, [])
-    records: dict[str, dict] = {}
+    records: dict[str, RenderRecord] = {}
     bar = tqdm(total=len(plan.entries), desc=batch.name, unit="item", disable=not progress, file=sys.stderr,
                dynamic_ncols=True)
 
-    def finish(entry: PlanEntry, record: dict, kind: str) -> None:
+    def finish(entry: PlanEntry, record: RenderRecord, kind: str) -> None:
         records[entry.item.id] = record
-        if record["status"] != "ok" or kind == "kept":
+        if not record.is_ok or kind == "kept":
             result.failed.append(entry.item.id)
             if kind == "kept":
                 result.errors[entry.item.id] = entry.error
@@ -283,7 +284,7 @@ def render_batch(
         if entry.action == "skip":
             finish(entry, entry.previous, "unchanged")
         elif entry.action == "adopt":
-            record = engine.ok_record(entry.item, entry.model, entry.spec_hash, entry.adopted)
+            record = RenderRecord.ok(entry.item, entry.model, entry.spec_hash, entry.adopted)
             finish(entry, engine.write_record(out, record, entry.previous), "resumed")
         elif entry.action == "fail":
             _fail(out, entry, entry.error, finish)
@@ -317,7 +318,7 @@ def render_batch(
     return result
 
 
-def write_index(out: str, name: str, records: list[dict]) -> None:
+def write_index(out: str, name: str, records: list[RenderRecord]) -> None:
     """OUT/manifest.jsonl and OUT/index.html, built from every item record stored under OUT (this
     run's `records` first, in their order, then the folder's other items: another render's, or
     items an edited spec no longer has, whose outputs are still there), each written only when it
@@ -328,10 +329,10 @@ def write_index(out: str, name: str, records: list[dict]) -> None:
         before = _record_versions(out)
         stored = {i: r for i, r in _read_records(out, [storage.basename(u)[:-5] for u in before]).items()
                   if r is not UNREADABLE}
-        ids = [r["id"] for r in records] + sorted(set(stored) - {r["id"] for r in records})
-        ours = {r["id"]: r for r in records}
+        ids = [r.id for r in records] + sorted(set(stored) - {r.id for r in records})
+        ours = {r.id: r for r in records}
         merged = [stored.get(i) or ours[i] for i in ids]
-        manifest = "".join(json.dumps(r, sort_keys=True) + "\n" for r in merged)
+        manifest = "".join(json.dumps(r.to_json(), sort_keys=True) + "\n" for r in merged)
         _write_if_changed(storage.join(out, "manifest.jsonl"), manifest.encode())
         _write_if_changed(storage.join(out, "index.html"), gallery.render_html(name, merged).encode())
         if _record_versions(out) == before:
@@ -376,7 +377,7 @@ def _groups(entries: list[PlanEntry], max_batch: int, first: int | None = None) 
     return groups
 
 
-Finish = Callable[[PlanEntry, dict, str], None]
+Finish = Callable[[PlanEntry, RenderRecord, str], None]
 
 
 def _render_in_process(todo: list[PlanEntry], out: str, chunk_frames: int, max_batch: int, finish: Finish,
@@ -404,11 +405,11 @@ def _render_in_process(todo: list[PlanEntry], out: str, chunk_frames: int, max_b
 def _fail(out: str, entry: PlanEntry, error: str, finish: Finish, model_trouble: bool = False) -> None:
     """Record the item's error. When its model could not be loaded (`model_trouble`: unreadable,
     re-exported since the plan), an earlier ok record stays as it is and the item fails this run."""
-    if model_trouble and entry.previous and entry.previous.get("status") == "ok":
+    if model_trouble and entry.previous and entry.previous.is_ok:
         entry.error = error
         finish(entry, entry.previous, "kept")
         return
-    record = engine.error_record(entry.item, entry.item.model, entry.model and entry.model.sha256,
+    record = RenderRecord.failed(entry.item, entry.item.model, entry.model and entry.model.sha256,
                                  entry.spec_hash, error)
     finish(entry, engine.write_record(out, record, entry.previous), "rendered")
 
@@ -431,9 +432,9 @@ def abort_killed_runs_uploads(plan: Plan) -> int:
     return abort_leftover_uploads(entries, plan.batch.output) if entries else 0
 
 
-def unwritten_error(entry: PlanEntry) -> dict:
+def unwritten_error(entry: PlanEntry) -> RenderRecord:
     """The error record of an item whose stored record could not be read, for this run's report only."""
-    return engine.error_record(entry.item, entry.item.model, entry.model and entry.model.sha256, entry.spec_hash,
+    return RenderRecord.failed(entry.item, entry.item.model, entry.model and entry.model.sha256, entry.spec_hash,
                                entry.error or "failed")
 
 
@@ -554,7 +555,7 @@ class _FramesLost(BaseException):
     pass
 
 
-def encode_task(item, out, meta, source, model, item_hash, previous, resume, threads=None) -> dict:
+def encode_task(item, out, meta, source, model, item_hash, previous, resume, threads=None) -> RenderRecord:
     """The encode stage as a Ray task, for batches and the endpoint alike: the item's frames -> its
     outputs and record. `source`: {stream: [ObjectRef, ...]} (a batch's inferred frames, fetched one
     chunk at a time), or a streamed item's source (`open(item)` -> the messages of `stream_events`,
@@ -600,7 +601,7 @@ def encode_task(item, out, meta, source, model, item_hash, previous, resume, thr
         if kind == "unavailable":  # the model could not be loaded (as planned): not this item's error
             raise ModelUnavailableError(meta)
         if kind == "error":
-            record = engine.error_record(item, model.uri, model.sha256, item_hash, meta)
+            record = RenderRecord.failed(item, model.uri, model.sha256, item_hash, meta)
             return engine.write_record(out, record, previous)
         return engine.encode_item(item, out, meta, streamed(messages), model, item_hash, previous, resume, threads,
                                   retry_killed=True)

@@ -17,7 +17,7 @@ Outputs of an item under OUT (all relative names, so a gallery page can link the
     <id>.jpg                 its poster (the middle frame of the encoded video)
     <id>--<name>.mp4/.jpg    each rendition: the same frames fitted to the rendition's size
     <id>--compare.mp4/.jpg   restore with `compare: true`: input (left) and output (right)
-    items/<id>.json          the record, written after all of the above: the item's commit marker
+    items/<id>.json          the record (render/record.py), written after all of the above: the commit marker
 Each object is one PUT (or a completed multipart upload), so a killed render leaves no partial
 object. On S3 each video and poster carries its spec hash in its user metadata (`x-amz-meta-vidgen-*`),
 so a re-run after a kill adopts objects that landed before the record did instead of uploading them again.
@@ -37,12 +37,12 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
 import numpy as np
 
 from vidgen import __version__, media, storage
 from vidgen.manifest import ModelManifest, mode_error
+from vidgen.render.record import RenderRecord
 from vidgen.render.spec import COMPARE, MAX_SIDE, ResolvedItem
 
 # torch is imported by the inference functions only: encode/upload workers never load it.
@@ -410,11 +410,11 @@ def encode_item(
     frames: Frames,
     model: ModelInfo,
     item_hash: str,
-    previous: dict | None = None,
+    previous: RenderRecord | None = None,
     resume: bool = False,
     threads: int | None = None,
     retry_killed: bool = False,
-) -> dict:
+) -> RenderRecord:
     """Encode, poster and upload every output of one item, then write its record; returns the record.
 
     `frames` is read once, as it comes (a streamed item's chunks arrive while it is inferred): each
@@ -440,11 +440,11 @@ def encode_item(
         for output, facts in zip(todo, _fan_out(frames, encoders) if todo else [], strict=True):
             results[output.name] = facts
         results = {o.name: results[o.name] for o in outputs}
-        record = ok_record(item, model, item_hash, results, time.monotonic() - started)
+        record = RenderRecord.ok(item, model, item_hash, results, time.monotonic() - started)
     except Exception as e:  # noqa: BLE001 - one item's failure is recorded, never the batch's
         if retry_killed and isinstance(e, media.EncoderKilledError):
             raise
-        record = error_record(item, model.uri, model.sha256, item_hash, _describe(e))
+        record = RenderRecord.failed(item, model.uri, model.sha256, item_hash, _describe(e))
     return write_record(out, record, previous)
 
 
@@ -603,44 +603,12 @@ def _video_facts(output: Output, item_hash: str) -> dict | None:
         return None
 
 
-def ok_record(item: ResolvedItem, model: ModelInfo, item_hash: str, results: dict[str, dict],
-              elapsed_s: float | None = None) -> dict:
-    main = results[""]
-    extra = {name: facts for name, facts in results.items() if name}
-    return {
-        "id": item.id, "status": "ok", "mode": item.mode,
-        **{k: main[k] for k in ("uri", "poster", "bytes", "frames", "seconds", "fps", "width", "height", "sha256")},
-        "renditions": [{"name": r.name, **_short(extra[r.name])} for r in item.renditions],
-        "compare": _short(extra[COMPARE]) if item.compare else None,
-        "model": model.uri, "model_sha256": model.sha256, "seed": item.seed, "label": item.label,
-        "input": item.input, "spec_hash": item_hash, "vidgen_version": __version__, "error": None,
-        "rendered_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "elapsed_s": None if elapsed_s is None else round(elapsed_s, 3),
-    }
-
-
-def _short(facts: dict) -> dict:
-    return {k: facts[k] for k in ("uri", "poster", "bytes", "width", "height", "sha256")}
-
-
-def error_record(item: ResolvedItem, model_uri: str | None, model_sha256: str | None, item_hash: str | None,
-                 error: str) -> dict:
-    return {
-        "id": item.id, "status": "error", "mode": item.mode, "uri": None, "poster": None, "bytes": None,
-        "frames": None, "seconds": None, "fps": None, "width": None, "height": None, "sha256": None,
-        "renditions": [], "compare": None, "model": model_uri, "model_sha256": model_sha256, "seed": item.seed,
-        "label": item.label, "input": item.input, "spec_hash": item_hash, "vidgen_version": __version__,
-        "error": error, "rendered_at": datetime.now(UTC).isoformat(timespec="seconds"), "elapsed_s": None,
-    }
-
-
-def write_record(out: str, record: dict, previous: dict | None = None) -> dict:
+def write_record(out: str, record: RenderRecord, previous: RenderRecord | None = None) -> RenderRecord:
     """Write items/<id>.json and return the record now stored there: an error record that repeats
     the previous one is not rewritten (a re-run that fails the same way uploads nothing)."""
-    if (previous and record["status"] == "error" and previous.get("status") == "error"
-            and all(previous.get(k) == record[k] for k in ("error", "spec_hash", "model_sha256"))):
+    if record.repeats(previous):
         return previous
-    storage.write_json(record_uri(out, record["id"]), record)
+    storage.write_json(record_uri(out, record.id), record.to_json())
     return record
 
 
@@ -654,15 +622,15 @@ def render_items(
     out: str,
     model_info: ModelInfo,
     chunk_frames: int = CHUNK_FRAMES,
-    previous: dict[str, dict] | None = None,
+    previous: dict[str, RenderRecord] | None = None,
     resume: bool = False,
-) -> list[dict]:
+) -> list[RenderRecord]:
     """Render compatible items with a loaded model in this process; one record per item, in order.
     A streamed item (restore, stylize) is encoded while it is inferred, chunk by chunk; the frames of
     a batch of generate or predict items are held until the batch is done (they finish together)."""
     previous = previous or {}
     buffers: dict[int, list[tuple[str, np.ndarray]]] = {}
-    records: list[dict | None] = [None] * len(items)
+    records: list[RenderRecord | None] = [None] * len(items)
     hashes = [spec_hash(item, model_info.sha256) for item in items]
     events = infer(model, items, chunk_frames)
     for event in events:
@@ -681,6 +649,6 @@ def render_items(
                                      previous.get(items[i].id), resume)
         else:
             buffers.pop(i, None)
-            record = error_record(items[i], model_info.uri, model_info.sha256, hashes[i], event.error)
+            record = RenderRecord.failed(items[i], model_info.uri, model_info.sha256, hashes[i], event.error)
             records[i] = write_record(out, record, previous.get(items[i].id))
     return records

@@ -11,6 +11,7 @@ from __future__ import annotations
 import html
 
 from vidgen import storage
+from vidgen.render.record import RenderRecord
 
 STYLE = """
 body{font-family:system-ui,sans-serif;margin:2rem;background:#fafafa;color:#222}
@@ -39,37 +40,34 @@ def _mime(name: str) -> str:
     return "video/webm" if name.endswith(".webm") else "video/mp4"
 
 
-def render_html(name: str, records: list[dict]) -> str:
+def render_html(name: str, records: list[RenderRecord]) -> str:
     """The page for a batch `name` and its records (in spec order)."""
-    ok = sum(r["status"] == "ok" for r in records)
+    ok = sum(r.is_ok for r in records)
     cards, rows = [], []
     for r in records:
-        rid = _e(r["id"])
-        record_link = f'items/{_e(r["id"])}.json'
-        if r["status"] == "ok":
-            video, poster = _name(r["uri"]), _name(r["poster"])
-            extra = [(x["name"], x) for x in r.get("renditions") or []]
-            if r.get("compare"):
-                extra.append(("compare", r["compare"]))
-            links = " ".join(
-                f'<a href="{_e(_name(x["uri"]))}">{_e(label)} {x["width"]}x{x["height"]}</a>' for label, x in extra)
+        rid = _e(r.id)
+        record_link = f"items/{rid}.json"
+        if r.is_ok:
+            video, poster = _name(r.uri), _name(r.poster)
+            extra = [(x.name, x) for x in r.renditions] + ([("compare", r.compare)] if r.compare else [])
+            links = " ".join(f'<a href="{_e(_name(x.uri))}">{_e(label)} {x.width}x{x.height}</a>' for label, x in extra)
             cards.append(
                 f'<figure id="{rid}"><video controls preload="none" poster="{_e(poster)}" '
-                f'width="{r["width"]}" height="{r["height"]}"><source src="{_e(video)}" type="{_mime(video)}">'
-                f'</video><figcaption><a href="{_e(video)}"><b>{rid}</b></a> {_e(r["mode"])} '
-                f'{r["width"]}x{r["height"]}, {r["seconds"]:g} s'
+                f'width="{r.width}" height="{r.height}"><source src="{_e(video)}" type="{_mime(video)}">'
+                f'</video><figcaption><a href="{_e(video)}"><b>{rid}</b></a> {_e(r.mode)} '
+                f'{r.width}x{r.height}, {r.seconds:g} s'
                 + (f'<div class="renditions">{links}</div>' if links else "")
                 + "</figcaption></figure>")
         else:
-            cards.append(f'<figure id="{rid}" class="error"><figcaption><b>{rid}</b> {_e(r["mode"])}: '
-                         f'failed<br>{_e(r["error"])}</figcaption></figure>')
-        size = f'{r["width"]}x{r["height"]}' if r.get("width") else ""
+            cards.append(f'<figure id="{rid}" class="error"><figcaption><b>{rid}</b> {_e(r.mode)}: '
+                         f'failed<br>{_e(r.error)}</figcaption></figure>')
+        size = f"{r.width}x{r.height}" if r.width else ""
         rows.append(
             "<tr>" + "".join(f"<td>{c}</td>" for c in (
-                f'<a href="{record_link}">{rid}</a>', _e(r["mode"]), _e(r["status"]), _e(size),
-                _e(r.get("frames")), _e(r.get("seconds")), _e(r.get("bytes")), _e(r.get("model")),
-                _e((r.get("model_sha256") or "")[:12]), _e(r.get("seed")), _e((r.get("spec_hash") or "")[:12])))
-            + f'<td class="error">{_e(r.get("error"))}</td></tr>')
+                f'<a href="{record_link}">{rid}</a>', _e(r.mode), _e(r.status), _e(size), _e(r.frames),
+                _e(r.seconds), _e(r.bytes), _e(r.model), _e((r.model_sha256 or "")[:12]), _e(r.seed),
+                _e((r.spec_hash or "")[:12])))
+            + f'<td class="error">{_e(r.error)}</td></tr>')
     head = ("<th>id</th><th>mode</th><th>status</th><th>size</th><th>frames</th><th>seconds</th><th>bytes</th>"
             "<th>model</th><th>weights</th><th>seed</th><th>spec hash</th><th>error</th>")
     return (

@@ -23,6 +23,7 @@ from ray import serve
 
 from vidgen import __version__, storage
 from vidgen.manifest import ModelManifest
+from vidgen.render.record import RenderRecord
 from vidgen.render.spec import MAX_ITEMS, Defaults, RenderBatch, RenderItem, SpecError, parse_batch
 from vidgen.serving.settings import MODEL_NAME, ServiceSettings, input_limits, readable
 from vidgen.serving.store import (
@@ -262,7 +263,7 @@ class _Ingress:
         self.pool = _executor()
         self.manifests: dict[str, tuple[float, ModelManifest | None]] = {}
         self.jobs: OrderedDict[str, Job] = OrderedDict()  # job records (written once)
-        self.records: OrderedDict[tuple[str, str], dict] = OrderedDict()  # final item records
+        self.records: OrderedDict[tuple[str, str], RenderRecord] = OrderedDict()  # final item records
         self.background: set[asyncio.Task] = set()
         if token_sha256 is None:
             host = _proxy_host()
@@ -578,7 +579,7 @@ class _Ingress:
             return {**view, "status": status, "counts": counts}
         fetched = await asyncio.gather(*(self._record(job_id, uris[i], status in TERMINAL) for i in finished))
         records = dict(zip(finished, fetched, strict=True))
-        failed = sum(1 for r in records.values() if r is None or r.get("status") != "ok")
+        failed = sum(1 for r in records.values() if r is None or not r.is_ok)
         expiry = self.settings.url_expiry_s
         items = [self._item(item_id, job, records.get(item_id)) for item_id in job.items]
         finished_state = lease is not None and lease.state == "finished"
@@ -590,38 +591,40 @@ class _Ingress:
                     timespec="seconds") if storage.is_s3(out) else None,
                 "items": items}
 
-    async def _record(self, job_id: str, uri: str, final: bool) -> dict | None:
+    async def _record(self, job_id: str, uri: str, final: bool) -> RenderRecord | None:
         key = (job_id, uri)
         if key in self.records:
             self.records.move_to_end(key)
             return self.records[key]
         try:
-            record = await _io(self.pool, storage.read_json, uri)
+            record = RenderRecord.parse(await _io(self.pool, storage.read_json, uri))
         except storage.StorageError:
             return None
-        if final or record.get("status") == "ok":  # an ok record is final; an error one until the job ends
+        if record is None:  # not a record (a hand edit): shown as pending
+            return None
+        if final or record.is_ok:  # an ok record is final; an error one until the job ends
             self.records[key] = record
             while len(self.records) > 20_000:
                 self.records.popitem(last=False)
         return record
 
-    def _item(self, item_id: str, job: Job, record: dict | None) -> dict:
+    def _item(self, item_id: str, job: Job, record: RenderRecord | None) -> dict:
         mode = job.mode_of(item_id)
         if record is None:
             return {"id": item_id, "status": "pending", "mode": mode}
         expiry = self.settings.url_expiry_s
-        if record.get("status") != "ok":
-            return {"id": item_id, "status": "error", "mode": mode, "error": record.get("error")}
+        if not record.is_ok:
+            return {"id": item_id, "status": "error", "mode": mode, "error": record.error}
 
-        def output(facts: dict, name: str | None = None) -> dict:
-            return {"name": name, "url": _url(facts["uri"], expiry), "poster_url": _url(facts.get("poster"), expiry),
-                    **{k: facts.get(k) for k in ("uri", "bytes", "width", "height", "sha256")}}
+        def output(facts, name: str | None = None) -> dict:  # the record, a rendition's or the comparison's facts
+            return {"name": name, "url": _url(facts.uri, expiry), "poster_url": _url(facts.poster, expiry),
+                    **{k: getattr(facts, k) for k in ("uri", "bytes", "width", "height", "sha256")}}
 
         main = output(record)
         return {"id": item_id, "status": "ok", "mode": mode, **{k: v for k, v in main.items() if k != "name"},
-                **{k: record.get(k) for k in ("frames", "seconds", "fps")},
-                "renditions": [output(r, r["name"]) for r in record.get("renditions") or []],
-                "compare": output(record["compare"], "compare") if record.get("compare") else None, "error": None}
+                "frames": record.frames, "seconds": record.seconds, "fps": record.fps,
+                "renditions": [output(r, r.name) for r in record.renditions],
+                "compare": output(record.compare, "compare") if record.compare else None, "error": None}
 
 
 # Named after the fact: Serve's wrapper class is shipped by value, its base (_Ingress) by reference,

@@ -12,6 +12,7 @@ import uuid
 
 from ray import serve
 
+from vidgen.render.record import RenderRecord
 from vidgen.render.spec import INPUT_MODES, ResolvedItem, SpecError, parse_batch
 from vidgen.serving.model_server import Served
 from vidgen.serving.settings import ServiceSettings, input_limits
@@ -189,7 +190,7 @@ class JobRunner:
                     from vidgen.render.batch import write_index
 
                     await _io(self.pool, write_index, job.batch["output"], job.batch["name"], records)
-                    failed = sum(r["status"] != "ok" or r["id"] in run.kept for r in records)
+                    failed = sum(not r.is_ok or r.id in run.kept for r in records)
                     state, counts = "finished", {"items": len(records), "ok": len(records) - failed, "failed": failed}
                     if run.kept:  # their earlier ok records stand; the job says why they were not rendered
                         error = f"{len(run.kept)} item(s) kept their earlier records: {next(iter(run.kept.values()))}"
@@ -212,7 +213,7 @@ class JobRunner:
             else:
                 await self._write_lease(run, released=True)  # the next poll of any runner takes it again
 
-    async def _render(self, job: Job, run: _Run) -> list[dict]:
+    async def _render(self, job: Job, run: _Run) -> list[RenderRecord]:
         """Plan the batch (items with an ok record are kept), render the rest; the records, in order."""
         from vidgen.render import engine
         from vidgen.render.batch import abort_killed_runs_uploads, plan_batch, unwritten_error
@@ -220,13 +221,13 @@ class JobRunner:
         batch = parse_batch(job.batch, source=f"job {job.id}")
         plan = await _io(self.pool, plan_batch, batch)
         out = batch.output
-        records: dict[str, dict] = {}
+        records: dict[str, RenderRecord] = {}
         todo = []
         for entry in plan.entries:
             if entry.action == "skip":
                 records[entry.item.id] = entry.previous
             elif entry.action == "adopt":
-                record = engine.ok_record(entry.item, entry.model, entry.spec_hash, entry.adopted)
+                record = RenderRecord.ok(entry.item, entry.model, entry.spec_hash, entry.adopted)
                 records[entry.item.id] = await _io(self.pool, engine.write_record, out, record, entry.previous)
             elif entry.action == "fail":
                 records[entry.item.id] = await self._error(out, entry, entry.error)
@@ -247,14 +248,14 @@ class JobRunner:
         await asyncio.gather(*(one(e) for e in todo))
         return [records[e.item.id] for e in plan.entries if e.item.id in records]
 
-    async def _error(self, out: str, entry, error: str) -> dict:
+    async def _error(self, out: str, entry, error: str) -> RenderRecord:
         from vidgen.render import engine
 
-        record = engine.error_record(entry.item, entry.item.model, entry.model and entry.model.sha256,
+        record = RenderRecord.failed(entry.item, entry.item.model, entry.model and entry.model.sha256,
                                      entry.spec_hash, error)
         return await _io(self.pool, engine.write_record, out, record, entry.previous)
 
-    async def _render_item(self, out: str, entry, run: _Run) -> dict:
+    async def _render_item(self, out: str, entry, run: _Run) -> RenderRecord:
         """Model, then an encode task; a replica or encoder that dies costs a retry, not the item."""
         from vidgen.render import engine
         from vidgen.render.batch import ModelUnavailableError
@@ -293,9 +294,9 @@ class JobRunner:
         return await self._error(out, entry, f"gave up after {self.conf.item_attempts} attempts: "
                                              f"{type(last).__name__}")
 
-    async def _model_trouble(self, out: str, entry, run: _Run, error: str) -> dict:
+    async def _model_trouble(self, out: str, entry, run: _Run, error: str) -> RenderRecord:
         """The model could not be loaded as planned: an ok record stays (the item fails this job)."""
-        if (entry.previous or {}).get("status") == "ok":
+        if entry.previous and entry.previous.is_ok:
             run.kept[entry.item.id] = error
             return entry.previous
         return await self._error(out, entry, error)
