@@ -47,14 +47,11 @@ class Rendition(OutputFacts):
     name: str
 
 
-class RenderRecord(_Readable):
-    """An item's record. Ok: the main output's facts are set; error: `error` says why."""
+class VideoFacts(BaseModel):
+    """The item's main video, as its record and the endpoint's view of the item report it (None
+    until it is rendered)."""
 
-    id: str
-    status: Literal["ok", "error"]
-    mode: str
     uri: str | None = None
-    poster: str | None = None
     bytes: int | None = None
     frames: int | None = None
     seconds: float | None = None
@@ -62,6 +59,15 @@ class RenderRecord(_Readable):
     width: int | None = None
     height: int | None = None
     sha256: str | None = None
+
+
+class RenderRecord(VideoFacts, _Readable):
+    """An item's record. Ok: the main output's facts are set; error: `error` says why."""
+
+    id: str
+    status: Literal["ok", "error"]
+    mode: str
+    poster: str | None = None
     renditions: list[Rendition] = []
     compare: OutputFacts | None = None
     model: str | None = None

@@ -23,7 +23,7 @@ from ray import serve
 
 from vidgen import __version__, storage
 from vidgen.manifest import ModelManifest
-from vidgen.render.record import RenderRecord
+from vidgen.render.record import RenderRecord, VideoFacts
 from vidgen.render.spec import MAX_ITEMS, Defaults, RenderBatch, RenderItem, SpecError, parse_batch
 from vidgen.serving.settings import MODEL_NAME, ServiceSettings, input_limits, readable
 from vidgen.serving.store import (
@@ -98,20 +98,12 @@ class Output(BaseModel):
     sha256: str | None = None
 
 
-class ItemResult(BaseModel):
+class ItemResult(VideoFacts):
     id: str
     status: str  # ok | error | pending
     mode: str
     url: str | None = None  # presigned (S3) or file:// (a local output root)
     poster_url: str | None = None
-    uri: str | None = None
-    bytes: int | None = None
-    frames: int | None = None
-    seconds: float | None = None
-    fps: float | None = None
-    width: int | None = None
-    height: int | None = None
-    sha256: str | None = None
     renditions: list[Output] = Field(default_factory=list)
     compare: Output | None = None
     error: str | None = None
