@@ -8,6 +8,7 @@ The trainer, evaluation, export and the render engine never name a family: they 
 from __future__ import annotations
 
 import dataclasses
+import sys
 import types
 import typing
 from dataclasses import dataclass
@@ -186,6 +187,15 @@ def optimizer_step(model, optimizers: Mapping[str, Any], batch: Batch, autocast:
         model.after_step(step.part)
         scalars |= values
     return scalars
+
+
+class Presets:
+    """A family config's `preset(name, **overrides)`: the fields its module's PRESETS names
+    ("tiny", "small", "base"), with overrides; a ValueError names an unknown preset or field."""
+
+    @classmethod
+    def preset(cls, name: str, **overrides):
+        return config_from_preset(cls, sys.modules[cls.__module__].PRESETS, name, overrides)
 
 
 def config_from_preset(cls: type, presets: Mapping[str, Mapping[str, Any]], name: str,

@@ -22,11 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .contract import Batch, OnePartFamily, config_from_preset, require
+from .contract import Batch, OnePartFamily, Presets, require
 
 
 @dataclass
-class ConvLSTMConfig:
+class ConvLSTMConfig(Presets):
     channels: int = 3
     context_frames: int = 4     # k: frames given before predicting; training clips need T > k
     width: int = 32             # encoder channels at full resolution; doubles per downsampling
@@ -45,10 +45,6 @@ class ConvLSTMConfig:
         require(self.loss in ("mse", "l1"), f"ConvLSTMConfig.loss must be 'mse' or 'l1', got {self.loss!r}")
         require(self.kernel_size % 2 == 1, f"ConvLSTMConfig.kernel_size must be odd, got {self.kernel_size}")
         require(self.num_layers >= 1, f"ConvLSTMConfig.num_layers must be >= 1, got {self.num_layers}")
-
-    @classmethod
-    def preset(cls, name: str, **overrides) -> ConvLSTMConfig:
-        return config_from_preset(cls, PRESETS, name, overrides)
 
 
 PRESETS = {

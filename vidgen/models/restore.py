@@ -31,13 +31,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .contract import EVAL_SEED, Batch, OnePartFamily, config_from_preset, require
+from .contract import EVAL_SEED, Batch, OnePartFamily, Presets, require
 
 DEGRADATIONS = ("blur", "downscale", "noise", "h264")  # the order they are applied in
 
 
 @dataclass
-class RestoreConfig:
+class RestoreConfig(Presets):
     channels: int = 3
     scale: int = 1                   # 1: same size; 2: 2x upscaling
     window: int = 5                  # frames seen per output frame (odd)
@@ -71,10 +71,6 @@ class RestoreConfig:
         require(self.crop_frames >= 0, f"RestoreConfig.crop_frames must be >= 0, got {self.crop_frames}")
         require(0 <= self.crf_min <= self.crf_max <= 51,
                 f"RestoreConfig needs 0 <= crf_min <= crf_max <= 51, got {self.crf_min}, {self.crf_max}")
-
-    @classmethod
-    def preset(cls, name: str, **overrides) -> RestoreConfig:
-        return config_from_preset(cls, PRESETS, name, overrides)
 
 
 PRESETS = {

@@ -44,14 +44,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .contract import Batch, OnePartFamily, config_from_preset, require
+from .contract import Batch, OnePartFamily, Presets, require
 
 INFER_PIXELS = 1 << 20  # pixels (frames x height x width) a forward pass of stylize(): bounded memory
 STATIC_SHARPNESS = 50.0  # temporal mask exp(-50 |dx|): |dx| = 0.02 (2.5/255 of range) -> 0.37
 
 
 @dataclass
-class StyleConfig:
+class StyleConfig(Presets):
     channels: int = 3
     width: int = 32                  # Johnson: 32, then 64 and 128 after the two downsamplings
     num_res_blocks: int = 5
@@ -70,10 +70,6 @@ class StyleConfig:
         require(len(self.feature_widths) >= 2,
                 f"StyleConfig.feature_widths needs >= 2 scales (content uses the second), got {self.feature_widths}")
         require(self.style_size >= 16, f"StyleConfig.style_size must be >= 16, got {self.style_size}")
-
-    @classmethod
-    def preset(cls, name: str, **overrides) -> StyleConfig:
-        return config_from_preset(cls, PRESETS, name, overrides)
 
 
 PRESETS = {

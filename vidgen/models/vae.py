@@ -23,11 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .contract import Batch, OnePartFamily, config_from_preset, require
+from .contract import Batch, OnePartFamily, Presets, require
 
 
 @dataclass
-class VAEConfig:
+class VAEConfig(Presets):
     frame_size: int = 64        # H = W that `sample` generates; training frames may be any multiple of 2**spatial_down
     channels: int = 3
     num_frames: int = 16        # clip length that `sample` rolls out by default
@@ -49,10 +49,6 @@ class VAEConfig:
         require(self.frame_size % 2**self.spatial_down == 0,
                 f"VAEConfig.frame_size={self.frame_size} must be a multiple of 2**spatial_down={2**self.spatial_down}")
         require(self.kl_weight >= 0, f"VAEConfig.kl_weight must be >= 0, got {self.kl_weight}")
-
-    @classmethod
-    def preset(cls, name: str, **overrides) -> VAEConfig:
-        return config_from_preset(cls, PRESETS, name, overrides)
 
 
 PRESETS = {
