@@ -114,7 +114,7 @@ PRESETS = {
     # train clip against 288; bench/gan_curve.py, 2026-11-30). That was a kind draw of clips: on
     # bench/quality.py's set the same recipe reads 9.8 / 15.3 in-process and 20.8 / 16.4 through
     # `vidgen train` at 2,000 / 2,400 steps, 8-10 at 3,200-4,800; its objects stay pale. Then MSGAN's
-    # mode-seeking term (0.2): 8.9 at 2,400 steps in-process (with an EMA of 0.9995 too: 8.9) and 8.9
+    # mode-seeking term (0.2): 8.9 at 2,400 steps in-process and 8.9
     # through `vidgen train` in bench/quality.py's 6 minutes, against 15.3 for each without it
     # (2026-11-30). Without D's brightness augmentation (20.4) or with mode seeking but contrast alone
     # (16.3) it does worse.
@@ -122,8 +122,7 @@ PRESETS = {
                  g_width=16, g_max_width=64, d_width=16, d_max_width=64, image_frames=2, ema_decay=0.999,
                  g_norm="pixel", rgb_modulation=True, sprite=True, spectral_norm=True, aux_weight=1.0,
                  diffaugment="translation,brightness,contrast", train_frames=4, lr_d=4e-4, lr_g=2e-4, beta1=0.0,
-                 mode_seeking=0.2,
-                 beta2=0.99),
+                 beta2=0.99, mode_seeking=0.2),
     # CPU demo: 64x64, G 2.2M and D 5.1M parameters.
     "small": dict(frame_size=64, num_frames=16, g_width=32, g_max_width=256, d_width=32, d_max_width=256,
                   ema_decay=0.995),
