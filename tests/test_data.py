@@ -225,6 +225,21 @@ def test_loader_yields_tensors_in_range_with_labels(tmp_path, ray_session):
     assert collate_clips(row)["label"].tolist() == [-1]
 
 
+def test_reading_a_split_passes_ray_data_no_deprecated_argument(tmp_path, ray_session):
+    """Every training run's console showed Ray's RayDeprecationWarning for `ray_remote_args`."""
+    import warnings
+
+    from ray.util.annotations import RayDeprecationWarning
+
+    from vidgen.data.loader import read_split
+
+    out = str(tmp_path / "ds")
+    synth.synthesize("shapes", 4, 2, 8, out, seed=0, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RayDeprecationWarning)
+        read_split(out, "train")
+
+
 def test_loader_workers_see_disjoint_shards(tmp_path, ray_session):
     import ray
 

@@ -62,8 +62,7 @@ def read_split(uri: str, split: str = "train", columns: list[str] | None = None,
     try:
         # Half a CPU per read task: the trainer leaves Ray Data about one CPU in all, which on a
         # cluster is a fraction on each node (e.g. 0.5 + 0.5); a 1-CPU task would never be placed.
-        data = ray.data.read_parquet(paths, filesystem=fs, override_num_blocks=len(paths),
-                                     ray_remote_args={"num_cpus": READ_CPUS})
+        data = ray.data.read_parquet(paths, filesystem=fs, override_num_blocks=len(paths), num_cpus=READ_CPUS)
     finally:
         context.use_datasource_v2 = use_v2
     data = data.select_columns(wanted)
