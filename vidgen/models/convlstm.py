@@ -128,7 +128,8 @@ class ConvLSTMNet(nn.Module):
 
 
 class ConvLSTM(OnePartFamily):
-    """The family: one part, `net`."""
+    """Next-frame prediction: `net` reads a clip's first context_frames and rolls out the rest on
+    its own predictions (the predict mode continues an input video)."""
 
     Config = ConvLSTMConfig
     Net = ConvLSTMNet
@@ -136,9 +137,8 @@ class ConvLSTM(OnePartFamily):
     name = "convlstm"
     render_modes = ("predict",)
 
-    # --- training contract: OnePartFamily's, with this loss ------------------------------------
-
     def _loss(self, batch: Batch, modules) -> tuple[Tensor, dict[str, float]]:
+        """MSE (or L1: the config's loss) of the frames rolled out after the context against the clip's."""
         video = batch["video"]                                   # (B, C, T, H, W)
         k = self.config.context_frames
         if video.shape[2] <= k:

@@ -233,7 +233,8 @@ class RestoreNet(nn.Module):
 
 
 class Restorer(OnePartFamily):
-    """The family: one part, `net`."""
+    """Video restoration: clean clips are degraded on the fly (the config's degradations) and
+    `net` learns to undo it, on random patches of a few frames."""
 
     Config = RestoreConfig
     Net = RestoreNet
@@ -241,9 +242,8 @@ class Restorer(OnePartFamily):
     name = "restore"
     render_modes = ("restore",)
 
-    # --- training contract: OnePartFamily's, with this loss ------------------------------------
-
     def _loss(self, batch: Batch, modules) -> tuple[Tensor, dict[str, float]]:
+        """L1 of the restored patch against the clean one."""
         clean = self.patches(batch["video"])                     # (B, C, T', H', W')
         seed = int(torch.randint(2**31 - 1, ()).item())          # from the global RNG
         degraded = self.degrade(clean, seed)                     # (B, C, T, H / s, W / s)

@@ -121,7 +121,8 @@ class VAENet(nn.Module):
 
 
 class VAE(OnePartFamily):
-    """The family: one part, `net`."""
+    """A video VAE: `net` encodes a clip to a latent grid and decodes it back; the generate mode
+    decodes latents drawn from the prior."""
 
     Config = VAEConfig
     Net = VAENet
@@ -129,9 +130,8 @@ class VAE(OnePartFamily):
     name = "vae"
     render_modes = ("generate",)
 
-    # --- training contract: OnePartFamily's, with this loss ------------------------------------
-
     def _loss(self, batch: Batch, modules) -> tuple[Tensor, dict[str, float]]:
+        """Reconstruction MSE plus kl_weight x the KL to the prior, both per pixel."""
         video = batch["video"]                                   # (B, C, T, H, W)
         recon, mu, logvar = (t.float() for t in modules["model"](video))  # losses in float32
         mse = F.mse_loss(recon, video.float())
