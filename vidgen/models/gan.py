@@ -116,8 +116,8 @@ PRESETS = {
     # `vidgen train` at 2,000 / 2,400 steps, 8-10 at 3,200-4,800; its objects stay pale. Then MSGAN's
     # mode-seeking term (0.2): 8.9 at 2,400 steps in-process and 8.9
     # through `vidgen train` in bench/quality.py's 6 minutes, against 15.3 for each without it
-    # (2026-11-30). Without D's brightness augmentation (20.4) or with mode seeking but contrast alone
-    # (16.3) it does worse.
+    # (2026-11-30). A stronger term does worse (0.5: 18.3, 1.0: 16.7 in-process), and so do D without
+    # its brightness augmentation (20.4) or mode seeking with contrast alone (16.3).
     "tiny": dict(frame_size=32, num_frames=8, content_dim=32, motion_dim=16, noise_dim=8, class_dim=16,
                  g_width=16, g_max_width=64, d_width=16, d_max_width=64, image_frames=2, ema_decay=0.999,
                  g_norm="pixel", rgb_modulation=True, sprite=True, spectral_norm=True, aux_weight=1.0,
