@@ -96,11 +96,14 @@ def signal_exit_code(name: str) -> int:
     return 128 + signal.Signals[name].value
 
 
+REPEAT_S = 1.0  # the same signal again within this long is the same notice, delivered twice
+
+
 @contextlib.contextmanager
 def stop_on_signal(what: str, on_stop=None):
     """While inside: the first SIGTERM (a spot node's notice, a stopped job) or Ctrl-C asks for a
     graceful stop (the yielded StopRequest becomes true, then `on_stop()` runs); a second one stops
-    at once (KeyboardInterrupt). Outside the main thread, where Python keeps no handlers, nothing
+    at once (KeyboardInterrupt), unless it is the same signal within REPEAT_S of the first. Outside the main thread, where Python keeps no handlers, nothing
     is installed. Install after ray.init, which sets its own handler."""
     import signal
     import threading
@@ -113,6 +116,8 @@ def stop_on_signal(what: str, on_stop=None):
 
     def handler(signum, _frame):
         name = signal.Signals(signum).name
+        if stop and name == stop.by and time.monotonic() - stop.at < REPEAT_S:
+            return  # the same notice twice: `ray job stop` signals every process of the job, and the job script forwards it
         if stop:
             raise KeyboardInterrupt(f"{name} again: stopping at once")
         stop.by, stop.at = name, time.monotonic()
