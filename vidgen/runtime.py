@@ -103,8 +103,9 @@ REPEAT_S = 1.0  # the same signal again within this long is the same notice, del
 def stop_on_signal(what: str, on_stop=None):
     """While inside: the first SIGTERM (a spot node's notice, a stopped job) or Ctrl-C asks for a
     graceful stop (the yielded StopRequest becomes true, then `on_stop()` runs); a second one stops
-    at once (KeyboardInterrupt), unless it is the same signal within REPEAT_S of the first. Outside the main thread, where Python keeps no handlers, nothing
-    is installed. Install after ray.init, which sets its own handler."""
+    at once (KeyboardInterrupt), unless it is the same signal within REPEAT_S of the first. Outside
+    the main thread, where Python keeps no handlers, nothing is installed. Install after ray.init,
+    which sets its own handler."""
     import signal
     import threading
     import time
@@ -117,7 +118,7 @@ def stop_on_signal(what: str, on_stop=None):
     def handler(signum, _frame):
         name = signal.Signals(signum).name
         if stop and name == stop.by and time.monotonic() - stop.at < REPEAT_S:
-            return  # the same notice twice: `ray job stop` signals every process of the job, and the job script forwards it
+            return  # the same notice twice: `ray job stop` signals each process of a job; the job script forwards it
         if stop:
             raise KeyboardInterrupt(f"{name} again: stopping at once")
         stop.by, stop.at = name, time.monotonic()

@@ -19,8 +19,9 @@ Every family class (`FAMILIES` below) is an `nn.Module` that holds all its parts
 `state_dict()` has everything (the GAN's EMA generator included), and has:
 
 - `Config`: a dataclass with `Config.preset(name, **overrides)` (`contract.Presets` gives it from the
-  module's PRESETS); presets "tiny" (CPU tests), "small" (CPU demo, 64x64) and "base" (one GPU, 128x128). An unknown preset, an unknown override
-  key or a value of the wrong type raises ValueError naming it.
+  module's PRESETS); presets "tiny" (CPU tests), "small" (CPU demo, 64x64) and "base" (one GPU,
+  128x128). An unknown preset, an unknown override key or a value of the wrong type raises ValueError
+  naming it.
 - `__init__(config)`; attributes `config`, `label_names: list[str] | None` (saved), `preset: str | None`.
 - `parts() -> dict[str, nn.Module]`: the trainable parts, each with its own optimizer / DeepSpeed
   engine: `{"model": net}` for vae, convlstm, restore, style; `{"generator", "discriminator"}` for gan.

@@ -39,8 +39,9 @@ class OutputFacts(_Readable):
     sha256: str
 
     @classmethod
-    def of(cls, facts: dict) -> OutputFacts:
-        return cls(**{k: facts[k] for k in ("uri", "poster", "bytes", "width", "height", "sha256")})
+    def of(cls, facts: dict, **extra):
+        """From an output's facts (which hold more: frames, seconds, fps), with `extra` fields."""
+        return cls(**{k: facts[k] for k in OutputFacts.model_fields}, **extra)
 
 
 class Rendition(OutputFacts):
@@ -93,8 +94,7 @@ class RenderRecord(VideoFacts, _Readable):
         return cls(
             id=item.id, status="ok", mode=item.mode,
             **{k: main[k] for k in ("uri", "poster", "bytes", "frames", "seconds", "fps", "width", "height", "sha256")},
-            renditions=[Rendition(name=r.name, **OutputFacts.of(results[r.name]).model_dump())
-                        for r in item.renditions],
+            renditions=[Rendition.of(results[r.name], name=r.name) for r in item.renditions],
             compare=OutputFacts.of(results[COMPARE]) if item.compare else None,
             model=model.uri, model_sha256=model.sha256, seed=item.seed, label=item.label, input=item.input,
             spec_hash=item_hash, vidgen_version=__version__, rendered_at=_now(),
