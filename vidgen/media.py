@@ -779,31 +779,14 @@ def _codec(codec: str) -> _Codec:
     return CODECS[codec]
 
 
-def encode(
-    frames: Frames,
-    fps: float,
-    codec: str = "h264",
-    crf: int = 23,
-    preset: str = "medium",
-    metadata: dict[str, str] | None = None,
-    overlays: Overlays | None = None,
-    size: tuple[int, int] | None = None,
-    fit: str = "crop",
-    threads: int | None = None,
-) -> bytes:
+def encode(frames: Frames, fps: float, codec: str = "h264", **options) -> bytes:
     """Encode uint8 frames (T, H, W, 3), or an iterable of such chunks, to mp4 or webm bytes.
 
-    h264 -> mp4 (libx264, yuv420p, +faststart); vp9 -> webm (libvpx-vp9, constant quality).
-    Odd widths/heights are padded to even (yuv420p needs it) by repeating the last column/row.
-    metadata: container tags, e.g. {"title": ..., "comment": ...}.
-    size: (width, height), even, to scale the frames to in ffmpeg before the overlays are drawn;
-        fit: "crop" (fill, centre-crop the excess), "pad" (fit inside, black bars) or "stretch".
-    threads: the encoder's threads (None: ffmpeg's choice, about 1.5 per core). When several
-        encodes share the cores, 1 each gets more videos/s: small frames gain little from threads.
+    options: crf, preset, metadata, overlays, size, fit, threads, as for `encode_to`.
     """
     with tempfile.TemporaryDirectory(prefix="vidgen-encode-") as tmp:
         path = os.path.join(tmp, "out." + _codec(codec).container)
-        _encode_file(frames, fps, path, codec, crf, preset, metadata, overlays, "<frames>", size, fit, threads)
+        _encode_file(frames, fps, path, codec, label="<frames>", **options)
         with open(path, "rb") as f:
             return f.read()
 
@@ -834,11 +817,20 @@ def encode_to(
     object_metadata: dict[str, str] | None = None,
     threads: int | None = None,
 ) -> EncodedVideo:
-    """`encode` straight to a storage URI (local or s3), with the video's content type.
+    """Encode uint8 frames (T, H, W, 3), or an iterable of such chunks, straight to a storage URI
+    (local or s3), with the video's content type.
 
-    codec defaults from the extension (.webm -> vp9, else h264). Memory stays bounded for chunked
-    input: frames stream into ffmpeg, the result lands in a temporary file and is uploaded from it.
-    size, fit, threads: as for `encode`. object_metadata: S3 user metadata of the uploaded object.
+    codec: h264 -> mp4 (libx264, yuv420p, +faststart); vp9 -> webm (libvpx-vp9, constant quality);
+        None: from the extension (.webm -> vp9, else h264).
+    Odd widths/heights are padded to even (yuv420p needs it) by repeating the last column/row.
+    metadata: container tags, e.g. {"title": ..., "comment": ...}.
+    size: (width, height), even, to scale the frames to in ffmpeg before the overlays are drawn;
+        fit: "crop" (fill, centre-crop the excess), "pad" (fit inside, black bars) or "stretch".
+    threads: the encoder's threads (None: ffmpeg's choice, about 1.5 per core). When several
+        encodes share the cores, 1 each gets more videos/s: small frames gain little from threads.
+    object_metadata: S3 user metadata of the uploaded object.
+    Memory stays bounded for chunked input: frames stream into ffmpeg, the result lands in a
+    temporary file and is uploaded from it.
     """
     ext = os.path.splitext(str(uri))[1].lower()
     codec = codec or ("vp9" if ext == ".webm" else "h264")
@@ -848,7 +840,7 @@ def encode_to(
     content_type = f"video/{container}"
     with tempfile.TemporaryDirectory(prefix="vidgen-encode-") as tmp:
         path = os.path.join(tmp, "out." + container)
-        count = _encode_file(frames, fps, path, codec, crf, preset, metadata, overlays, str(uri), size, fit, threads)
+        count = _encode_file(frames, fps, path, codec, crf, preset, metadata, overlays, size, fit, threads, str(uri))
         digest = hashlib.sha256()
         with open(path, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
@@ -900,9 +892,9 @@ def _check_encode_args(fps, codec: str, crf, preset: str, metadata, size=None, f
     return spec
 
 
-def _encode_file(frames, fps, path, codec, crf, preset, metadata, overlays, label, size=None, fit="crop",
-                 threads=None) -> int:
-    """Encode into the file `path`; returns the number of frames."""
+def _encode_file(frames, fps, path, codec, crf=23, preset="medium", metadata=None, overlays=None, size=None,
+                 fit="crop", threads=None, label="<frames>") -> int:
+    """Encode into the file `path` (`label` names the video in errors); returns the number of frames."""
     spec = _check_encode_args(fps, codec, crf, preset, metadata, size, fit, threads)
     overlays = overlays or Overlays()
     chunks = _frame_chunks(frames)

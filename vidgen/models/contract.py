@@ -92,6 +92,26 @@ class Family(Protocol):
     def probe(self, x: Tensor) -> Tensor: ...
 
 
+class Presets:
+    """A family config's `preset(name, **overrides)`: the fields its module's PRESETS names
+    ("tiny", "small", "base"), with overrides; a ValueError names an unknown preset or field."""
+
+    @classmethod
+    def preset(cls, name: str, **overrides):
+        return config_from_preset(cls, sys.modules[cls.__module__].PRESETS, name, overrides)
+
+
+@dataclass
+class OnePartConfig(Presets):
+    """The optimizer fields of a `OnePartFamily`'s config: AdamW's lr, betas and weight decay. A family
+    config derives from it and redeclares a field whose default differs (`lr: float = 1e-3`)."""
+
+    lr: float = 2e-4
+    beta1: float = 0.9
+    beta2: float = 0.999
+    weight_decay: float = 0.0
+
+
 class OnePartFamily(nn.Module):
     """The training contract of a family with one trained part, `net` (trained as "model"): one
     optimizer step a batch on `_loss`, with the config's lr, betas and weight decay, and nothing after
@@ -187,15 +207,6 @@ def optimizer_step(model, optimizers: Mapping[str, Any], batch: Batch, autocast:
         model.after_step(step.part)
         scalars |= values
     return scalars
-
-
-class Presets:
-    """A family config's `preset(name, **overrides)`: the fields its module's PRESETS names
-    ("tiny", "small", "base"), with overrides; a ValueError names an unknown preset or field."""
-
-    @classmethod
-    def preset(cls, name: str, **overrides):
-        return config_from_preset(cls, sys.modules[cls.__module__].PRESETS, name, overrides)
 
 
 def config_from_preset(cls: type, presets: Mapping[str, Mapping[str, Any]], name: str,

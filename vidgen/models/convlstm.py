@@ -22,11 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .contract import Batch, OnePartFamily, Presets, require
+from .contract import Batch, OnePartConfig, OnePartFamily, require
 
 
 @dataclass
-class ConvLSTMConfig(Presets):
+class ConvLSTMConfig(OnePartConfig):
     channels: int = 3
     context_frames: int = 4     # k: frames given before predicting; training clips need T > k
     width: int = 32             # encoder channels at full resolution; doubles per downsampling
@@ -36,9 +36,6 @@ class ConvLSTMConfig(Presets):
     kernel_size: int = 3        # ConvLSTM gate kernel
     loss: str = "mse"           # "mse" or "l1"
     lr: float = 1e-3
-    beta1: float = 0.9
-    beta2: float = 0.999
-    weight_decay: float = 0.0
 
     def __post_init__(self):
         require(self.context_frames >= 1, f"ConvLSTMConfig.context_frames must be >= 1, got {self.context_frames}")

@@ -31,13 +31,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .contract import EVAL_SEED, Batch, OnePartFamily, Presets, require
+from .contract import EVAL_SEED, Batch, OnePartConfig, OnePartFamily, require
 
 DEGRADATIONS = ("blur", "downscale", "noise", "h264")  # the order they are applied in
 
 
 @dataclass
-class RestoreConfig(Presets):
+class RestoreConfig(OnePartConfig):
     channels: int = 3
     scale: int = 1                   # 1: same size; 2: 2x upscaling
     window: int = 5                  # frames seen per output frame (odd)
@@ -52,10 +52,7 @@ class RestoreConfig(Presets):
     crf_max: int = 40
     crop: int = 0                    # training patches: crop x crop pixels of each clip (0 = whole frames)
     crop_frames: int = 0             # training patches: this many consecutive frames (0 = the whole clip)
-    lr: float = 2e-4
-    beta1: float = 0.9
     beta2: float = 0.99
-    weight_decay: float = 0.0
 
     def __post_init__(self):
         require(self.scale in (1, 2), f"RestoreConfig.scale must be 1 or 2, got {self.scale}")

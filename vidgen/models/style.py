@@ -44,14 +44,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .contract import Batch, OnePartFamily, Presets, require
+from .contract import Batch, OnePartConfig, OnePartFamily, require
 
 INFER_PIXELS = 1 << 20  # pixels (frames x height x width) a forward pass of stylize(): bounded memory
 STATIC_SHARPNESS = 50.0  # temporal mask exp(-50 |dx|): |dx| = 0.02 (2.5/255 of range) -> 0.37
 
 
 @dataclass
-class StyleConfig(Presets):
+class StyleConfig(OnePartConfig):
     channels: int = 3
     width: int = 32                  # Johnson: 32, then 64 and 128 after the two downsamplings
     num_res_blocks: int = 5
@@ -62,9 +62,6 @@ class StyleConfig(Presets):
     style_weight: float = 5.0
     temporal_weight: float = 10.0
     lr: float = 1e-3
-    beta1: float = 0.9
-    beta2: float = 0.999
-    weight_decay: float = 0.0
 
     def __post_init__(self):
         require(len(self.feature_widths) >= 2,

@@ -23,11 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .contract import Batch, OnePartFamily, Presets, require
+from .contract import Batch, OnePartConfig, OnePartFamily, require
 
 
 @dataclass
-class VAEConfig(Presets):
+class VAEConfig(OnePartConfig):
     frame_size: int = 64        # H = W that `sample` generates; training frames may be any multiple of 2**spatial_down
     channels: int = 3
     num_frames: int = 16        # clip length that `sample` rolls out by default
@@ -38,10 +38,6 @@ class VAEConfig(Presets):
     latent_channels: int = 8
     blocks_per_stage: int = 1   # residual blocks per stage
     kl_weight: float = 0.01
-    lr: float = 2e-4
-    beta1: float = 0.9
-    beta2: float = 0.999
-    weight_decay: float = 0.0
 
     def __post_init__(self):
         require(0 <= self.temporal_down <= self.spatial_down,
