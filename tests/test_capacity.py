@@ -76,7 +76,7 @@ def test_the_serve_bound_is_servings_default_or_a_models_own(tmp_path):
     path = tmp_path / "serve.yaml"
     config = {"applications": [{"import_path": "vidgen.serving:app_builder", "args": {"models": {"g": "s3://b/g"}}}]}
     path.write_text(yaml.safe_dump(config))
-    assert capacity.read_bounds(None, str(path)).serve_model_replicas == 2  # serving.Autoscaling's default
+    assert capacity.read_bounds(None, str(path)).serve_model_replicas == 2  # serving.settings.Autoscaling's default
     config["applications"][0]["args"]["models"]["r"] = {"uri": "s3://b/r", "autoscaling": {"max_replicas": 6}}
     path.write_text(yaml.safe_dump(config))
     assert capacity.read_bounds(None, str(path)).serve_model_replicas == 6

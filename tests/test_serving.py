@@ -25,7 +25,10 @@ import requests
 import yaml
 
 from conftest import free_port
-from vidgen import media, models, serving, storage
+from vidgen import __version__, media, models, serving, storage
+from vidgen.serving.ingress import MAX_BODY_BYTES
+from vidgen.serving.settings import RunnerDeployment, readable
+from vidgen.serving.store import Conflict, Lease, _executor, new_job_id, put_json
 
 TOKEN = "test-token-" + uuid.uuid4().hex
 LABELS = ["circle", "square", "triangle"]
@@ -215,7 +218,7 @@ def test_healthz_and_docs_are_public_and_v1_needs_the_token(service):
                       timeout=30)
     assert r.status_code == 401  # auth comes before the body is even parsed
     assert requests.get(f"{service.url}/v2/anything", timeout=30).status_code == 401  # deny by default
-    big = service.http.post(f"{service.url}/v1/renders", data=b" " * (serving.MAX_BODY_BYTES + 1),
+    big = service.http.post(f"{service.url}/v1/renders", data=b" " * (MAX_BODY_BYTES + 1),
                             headers={"Content-Type": "application/json"}, timeout=30)
     assert big.status_code == 413
 
@@ -351,8 +354,8 @@ def test_retried_post_with_the_same_idempotency_key_is_one_job(service):
 
 def test_a_crash_between_a_jobs_two_writes_never_leaves_a_job_no_runner_sees(tmp_path, monkeypatch):
     store = serving.JobStore(str(tmp_path))
-    job = serving.Job(id=serving.new_job_id(), created="2026-11-29T00:00:00Z", created_ts=time.time())
-    real_put = serving.put_json
+    job = serving.Job(id=new_job_id(), created="2026-11-29T00:00:00Z", created_ts=time.time())
+    real_put = put_json
 
     def crash_on_the_record(uri, obj, **kw):
         if uri == store.job_uri(job.id):
@@ -368,8 +371,8 @@ def test_a_crash_between_a_jobs_two_writes_never_leaves_a_job_no_runner_sees(tmp
     assert store.read(job.id) == job and store.queued() == [job.id]
     assert not store.drop_orphan_marker(job.id) and store.queued() == [job.id]  # it has its record: kept
 
-    orphan = serving.new_job_id()  # a marker whose ingress died before the record: a runner drops it
-    serving.put_json(store.queue_uri(orphan), {"id": orphan})
+    orphan = new_job_id()  # a marker whose ingress died before the record: a runner drops it
+    put_json(store.queue_uri(orphan), {"id": orphan})
     runner = bare_runner(store, stale_s=0.3)
     assert runner._claim(orphan) is None and store.queued() == sorted([job.id, orphan])  # maybe still coming
     time.sleep(0.35)
@@ -383,7 +386,7 @@ def test_replicas_admitting_at_once_never_queue_more_jobs_than_the_limit(root):
 
     def submit(_):
         store = serving.JobStore(root)  # one store per replica, as in the deployment
-        job = serving.Job(id=serving.new_job_id(), created="2026-11-30T00:00:00Z", created_ts=time.time())
+        job = serving.Job(id=new_job_id(), created="2026-11-30T00:00:00Z", created_ts=time.time())
         barrier.wait()
         if store.admit(job.id, limit=4) is not None:
             return None
@@ -394,23 +397,23 @@ def test_replicas_admitting_at_once_never_queue_more_jobs_than_the_limit(root):
         created = [j for j in pool.map(submit, range(12)) if j]
     store = serving.JobStore(root)
     assert len(created) == 4 and sorted(created) == store.queued()
-    late = serving.new_job_id()
+    late = new_job_id()
     assert store.admit(late, limit=4) == 4  # full: refused, with the count
     store.finish(created[0])  # a job ends: its place frees
     assert store.admit(late, limit=4) is None
     store.unadmit(late)  # its creation failed after all: the place frees again
-    assert store.admit(serving.new_job_id(), limit=4) is None
+    assert store.admit(new_job_id(), limit=4) is None
 
 
 def test_a_conditional_write_retried_after_it_landed_is_not_a_conflict(s3_root):
     """botocore retries a PUT whose answer was lost; if the first try landed, the retry's condition
     fails on our own write. That must not read as another runner taking the lease."""
     uri = f"{s3_root}/leases/lease.json"
-    first = serving.put_json(uri, {"runner": "a", "beat": 0}, if_absent=True)
-    landed = serving.put_json(uri, {"runner": "a", "beat": 1}, if_match=first)
-    assert serving.put_json(uri, {"runner": "a", "beat": 1}, if_match=first) == landed  # the retried request
-    with pytest.raises(serving.Conflict):  # someone else's write: still a conflict
-        serving.put_json(uri, {"runner": "b", "beat": 1}, if_match=first)
+    first = put_json(uri, {"runner": "a", "beat": 0}, if_absent=True)
+    landed = put_json(uri, {"runner": "a", "beat": 1}, if_match=first)
+    assert put_json(uri, {"runner": "a", "beat": 1}, if_match=first) == landed  # the retried request
+    with pytest.raises(Conflict):  # someone else's write: still a conflict
+        put_json(uri, {"runner": "b", "beat": 1}, if_match=first)
 
 
 def bare_runner(store, stale_s: float):
@@ -418,7 +421,7 @@ def bare_runner(store, stale_s: float):
     runner = serving.JobRunner.__new__(serving.JobRunner)
     runner.store, runner.runner_id, runner.seen = store, f"test-{uuid.uuid4().hex[:6]}", {}
     runner.node_id = "test-node"
-    runner.conf = serving.RunnerDeployment(heartbeat_s=stale_s / 2, stale_s=stale_s)
+    runner.conf = RunnerDeployment(heartbeat_s=stale_s / 2, stale_s=stale_s)
     return runner
 
 
@@ -426,11 +429,11 @@ def test_a_heartbeat_in_flight_when_the_job_ends_does_not_lose_the_lease(tmp_pat
     """The job ends while a heartbeat's write is on its way: that write lands, and the final write
     (state finished) must follow it, not fail its condition as if another runner held the job."""
     store = serving.JobStore(str(tmp_path / "renders"))
-    job = serving.Job(id=serving.new_job_id(), created="2026-11-29T00:00:00Z", created_ts=time.time(),
+    job = serving.Job(id=new_job_id(), created="2026-11-29T00:00:00Z", created_ts=time.time(),
                       batch={"output": str(tmp_path / "out"), "name": "ads"})
     store.create(job)
     runner = bare_runner(store, stale_s=0.2)
-    runner.pool = serving._executor()
+    runner.pool = _executor()
     writing = threading.Event()
     real_swap = store.swap_lease
 
@@ -459,9 +462,9 @@ def test_a_heartbeat_in_flight_when_the_job_ends_does_not_lose_the_lease(tmp_pat
 def test_a_lease_is_judged_by_the_claimers_own_clock_not_the_holders(tmp_path, skew_s):
     """The holder's clock is an hour behind (its heartbeats look old) or ahead (they look young)."""
     store = serving.JobStore(str(tmp_path))
-    job = serving.Job(id=serving.new_job_id(), created="2026-11-29T00:00:00Z", created_ts=time.time())
+    job = serving.Job(id=new_job_id(), created="2026-11-29T00:00:00Z", created_ts=time.time())
     store.create(job)
-    lease = serving.Lease(runner="holder", state="running", heartbeat=time.time() + skew_s, beat=1, attempt=1)
+    lease = Lease(runner="holder", state="running", heartbeat=time.time() + skew_s, beat=1, attempt=1)
     etag = store.swap_lease(job.id, lease, None)
     claimer = bare_runner(store, stale_s=0.4)
     for beat in range(2, 5):  # the holder keeps beating: never taken over, however old its clock says it is
@@ -482,10 +485,10 @@ def test_inputs_under_a_symlinked_root_are_readable_and_links_out_of_a_root_are_
     (tmp_path / "inputs").symlink_to(tmp_path / "real")           # the root is a link (e.g. /data -> /mnt/disk1)
     (tmp_path / "real" / "escape.mp4").symlink_to(tmp_path / "secret.mp4")
     roots = [str(tmp_path / "inputs")]
-    assert serving.readable(str(tmp_path / "inputs" / "in.mp4"), roots)
-    assert not serving.readable(str(tmp_path / "inputs" / "escape.mp4"), roots)
-    assert not serving.readable(str(tmp_path / "inputs" / ".." / "secret.mp4"), roots)
-    assert serving.readable("s3://b/in/x.mp4", ["s3://b/in"]) and not serving.readable("s3://b/inx/x.mp4", ["s3://b/in"])
+    assert readable(str(tmp_path / "inputs" / "in.mp4"), roots)
+    assert not readable(str(tmp_path / "inputs" / "escape.mp4"), roots)
+    assert not readable(str(tmp_path / "inputs" / ".." / "secret.mp4"), roots)
+    assert readable("s3://b/in/x.mp4", ["s3://b/in"]) and not readable("s3://b/inx/x.mp4", ["s3://b/in"])
 
 
 def test_cancel(service):
@@ -608,7 +611,7 @@ def test_serve_run_with_the_config_file_answers_healthz(ray_session, tmp_path):
                 pass
             assert time.monotonic() < deadline, "serve run did not answer /healthz"
             time.sleep(0.5)
-        assert r.json() == {"status": "ok", "version": serving.__version__, "models": []}
+        assert r.json() == {"status": "ok", "version": __version__, "models": []}
     finally:
         proc.send_signal(signal.SIGINT)
         try:

@@ -184,7 +184,7 @@ def read_bounds(cluster: str | None, serve: str | None) -> Bounds:
     return bounds
 
 
-SERVE_MAX_REPLICAS = 2  # serving.Autoscaling's default max_replicas
+SERVE_MAX_REPLICAS = 2  # serving.settings.Autoscaling's default max_replicas
 
 
 def _read_cluster(path: str, bounds: Bounds) -> None:

@@ -360,36 +360,12 @@ def _with_batch_std(x: Tensor, enabled: bool, group: int = 4) -> Tensor:
     return torch.cat([x, std], 1)
 
 
-class ImageDiscriminator(nn.Module):
-    """Frames (N, C, H, W) -> logits (N,); stride-2 convs down to 4x4, projection on labels."""
+class _Critic(nn.Module):
+    """What the image and the video discriminator share: strided convs down to 4x4 (`_down`), a
+    minibatch std channel before the last conv, features pooled over positions, then a logit, the
+    projection on the labels and the auxiliary classifier (when the config asks for one)."""
 
-    def __init__(self, cfg: GANConfig):
-        super().__init__()
-        stages = int(math.log2(cfg.frame_size)) - 2
-        widths = _widths(cfg.d_width, cfg.d_max_width, stages)
-        layers, c_in = [], cfg.channels
-        for c_out in widths[:-1]:
-            layers += [nn.Conv2d(c_in, c_out, 4, stride=2, padding=1), nn.LeakyReLU(0.2)]
-            c_in = c_out
-        self.std = cfg.minibatch_std
-        layers += [nn.Conv2d(c_in + self.std, widths[-1], 3, padding=1), nn.LeakyReLU(0.2)]
-        self.features = nn.Sequential(*layers)  # one Sequential, so models saved before minibatch std still load
-        self.sum_pool = cfg.spectral_norm  # see VideoDiscriminator
-        self.logit = nn.Linear(widths[-1], 1)
-        self.embed = _projection(cfg.num_classes, widths[-1])
-        self.classify = nn.Linear(widths[-1], cfg.num_classes) if cfg.aux_weight and cfg.num_classes else None
-
-    def forward(self, frames: Tensor, labels: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        h = self.features[-2:](_with_batch_std(self.features[:-2](frames), self.std))
-        h = h.sum((2, 3)) if self.sum_pool else h.mean((2, 3))   # (N, W)
-        out = self.logit(h).squeeze(1)                          # (N,)
-        if self.embed is not None:
-            out = out + (self.embed(labels) * h).sum(1)         # projection term
-        return out, (self.classify(h) if self.classify is not None else None)
-
-
-class VideoDiscriminator(nn.Module):
-    """Video (B, C, T, H, W) -> logits (B,); 3D convs halve H, W (and T from the second stage)."""
+    _conv: type[nn.Module]
 
     def __init__(self, cfg: GANConfig):
         super().__init__()
@@ -397,12 +373,11 @@ class VideoDiscriminator(nn.Module):
         widths = _widths(cfg.d_width, cfg.d_max_width, stages)
         layers, c_in = [], cfg.channels
         for i, c_out in enumerate(widths[:-1]):
-            t_stride = 1 if i == 0 else 2  # T -> ceil(T / 2), so any clip length works
-            layers += [nn.Conv3d(c_in, c_out, (3, 4, 4), stride=(t_stride, 2, 2), padding=1), nn.LeakyReLU(0.2)]
+            layers += [self._down(i, c_in, c_out), nn.LeakyReLU(0.2)]
             c_in = c_out
         self.std = cfg.minibatch_std
-        layers += [nn.Conv3d(c_in + self.std, widths[-1], 3, padding=1), nn.LeakyReLU(0.2)]
-        self.features = nn.Sequential(*layers)
+        layers += [self._conv(c_in + self.std, widths[-1], 3, padding=1), nn.LeakyReLU(0.2)]
+        self.features = nn.Sequential(*layers)  # one Sequential, so models saved before minibatch std still load
         # With spectral norm every layer is 1-Lipschitz and a mean over positions leaves features too
         # small for the unnormalised class heads (projection, AC) to learn in a few hundred steps;
         # SNGAN and BigGAN sum over positions instead.
@@ -411,13 +386,36 @@ class VideoDiscriminator(nn.Module):
         self.embed = _projection(cfg.num_classes, widths[-1])
         self.classify = nn.Linear(widths[-1], cfg.num_classes) if cfg.aux_weight and cfg.num_classes else None
 
-    def forward(self, video: Tensor, labels: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        h = self.features[-2:](_with_batch_std(self.features[:-2](video), self.std))
-        h = h.sum((2, 3, 4)) if self.sum_pool else h.mean((2, 3, 4))  # (B, W)
-        out = self.logit(h).squeeze(1)                          # (B,)
+    def _down(self, i: int, c_in: int, c_out: int) -> nn.Module:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor, labels: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        h = self.features[-2:](_with_batch_std(self.features[:-2](x), self.std))
+        positions = tuple(range(2, h.dim()))
+        h = h.sum(positions) if self.sum_pool else h.mean(positions)  # (N, W)
+        out = self.logit(h).squeeze(1)                          # (N,)
         if self.embed is not None:
-            out = out + (self.embed(labels) * h).sum(1)
+            out = out + (self.embed(labels) * h).sum(1)         # projection term
         return out, (self.classify(h) if self.classify is not None else None)
+
+
+class ImageDiscriminator(_Critic):
+    """Frames (N, C, H, W) -> logits (N,); stride-2 convs down to 4x4, projection on labels."""
+
+    _conv = nn.Conv2d
+
+    def _down(self, i: int, c_in: int, c_out: int) -> nn.Module:
+        return nn.Conv2d(c_in, c_out, 4, stride=2, padding=1)
+
+
+class VideoDiscriminator(_Critic):
+    """Video (B, C, T, H, W) -> logits (B,); 3D convs halve H, W (and T from the second stage)."""
+
+    _conv = nn.Conv3d
+
+    def _down(self, i: int, c_in: int, c_out: int) -> nn.Module:
+        t_stride = 1 if i == 0 else 2  # T -> ceil(T / 2), so any clip length works
+        return nn.Conv3d(c_in, c_out, (3, 4, 4), stride=(t_stride, 2, 2), padding=1)
 
 
 class Discriminator(nn.Module):

@@ -48,55 +48,13 @@ The code, one file per concern (each imports only the ones above it):
     app.py           build_app, app_builder (serve/config.yaml's import_path), read_config, serve_forever
 """
 
-from vidgen import __version__
-from vidgen.serving.settings import (
-    MODEL_NAME,
-    Autoscaling,
-    IngressDeployment,
-    Limits,
-    ModelDeployment,
-    RunnerDeployment,
-    ServiceSettings,
-    input_limits,
-    load_settings,
-    readable,
-)
-from vidgen.serving.store import (
-    JOB_FORMAT,
-    JOB_ID,
-    TERMINAL,
-    Conflict,
-    Job,
-    JobStore,
-    Lease,
-    job_status,
-    new_job_id,
-    put_json,
-    read_json_etag,
-)
-from vidgen.serving.store import _executor  # noqa: F401 - tests give a bare JobRunner its threads
-from vidgen.serving.ingress import (
-    MAX_BODY_BYTES,
-    PUBLIC_PATHS,
-    TOKEN_ENV,
-    Accepted,
-    Ingress,
-    ItemResult,
-    JobList,
-    JobView,
-    Output,
-    RenderRequest,
-    RequestItem,
-    api,
-    bearer,
-)
-from vidgen.serving.model_server import ModelServer, Served
-from vidgen.serving.runner import JobRunner
 from vidgen.serving.app import APP_NAME, app_builder, build_app, read_config, serve_forever
+from vidgen.serving.ingress import TOKEN_ENV, Ingress, RenderRequest
+from vidgen.serving.model_server import ModelServer
+from vidgen.serving.runner import JobRunner
+from vidgen.serving.settings import ModelDeployment, ServiceSettings, load_settings
+from vidgen.serving.store import TERMINAL, Job, JobStore
 
-__all__ = ["APP_NAME", "JOB_FORMAT", "JOB_ID", "MAX_BODY_BYTES", "MODEL_NAME", "PUBLIC_PATHS", "TERMINAL",
-           "TOKEN_ENV", "Accepted", "Autoscaling", "Conflict", "Ingress", "IngressDeployment", "ItemResult", "Job",
-           "JobList", "JobRunner", "JobStore", "JobView", "Lease", "Limits", "ModelDeployment", "ModelServer",
-           "Output", "RenderRequest", "RequestItem", "RunnerDeployment", "Served", "ServiceSettings", "__version__",
-           "api", "app_builder", "bearer", "build_app", "input_limits", "job_status", "load_settings", "new_job_id",
-           "put_json", "read_config", "read_json_etag", "readable", "serve_forever"]
+__all__ = ["APP_NAME", "TERMINAL", "TOKEN_ENV", "Ingress", "Job", "JobRunner", "JobStore", "ModelDeployment",
+           "ModelServer", "RenderRequest", "ServiceSettings", "app_builder", "build_app", "load_settings",
+           "read_config", "serve_forever"]
