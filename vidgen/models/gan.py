@@ -117,7 +117,11 @@ PRESETS = {
     # mode-seeking term (0.2): 8.9 at 2,400 steps in-process and 8.9
     # through `vidgen train` in bench/quality.py's 6 minutes, against 15.3 for each without it
     # (2026-11-30). A stronger term does worse (0.5: 18.3, 1.0: 16.7 in-process), and so do D without
-    # its brightness augmentation (20.4) or mode seeking with contrast alone (16.3).
+    # its brightness augmentation (20.4) or mode seeking with contrast alone (16.3). Tried and left out
+    # (bench/gan_curve.py, the mean of the checks at 1,600 / 2,000 / 2,400 steps, seeds 0 and 1; this
+    # recipe 13.0 and 11.0): D's minibatch std 10.0 (seed 0); a flat-coloured sprite (one colour per clip
+    # from its code) 7.4 and 21.0, whose objects took the data's colours but whose background painted
+    # textures; a flat background as well 53.7 (seed 0), flat colours but shapes that lost their corners.
     "tiny": dict(frame_size=32, num_frames=8, content_dim=32, motion_dim=16, noise_dim=8, class_dim=16,
                  g_width=16, g_max_width=64, d_width=16, d_max_width=64, image_frames=2, ema_decay=0.999,
                  g_norm="pixel", rgb_modulation=True, sprite=True, spectral_norm=True, aux_weight=1.0,
