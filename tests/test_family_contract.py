@@ -144,6 +144,11 @@ def test_a_family_defined_in_a_test_trains_exports_and_renders(inverter, tmp_pat
     assert (info.width, info.height) == (48, 32) and len(media.decode(storage.join(spec["output"], "inverted.mp4"))) == 10
     assert "is a invert model; mode generate needs a gan or vae model" in records["wrong-mode"]["error"]
 
+    # On Ray the model worker is another process, which cannot import this module's family by name
+    on_ray = render_batch(parse_batch({**spec, "output": str(tmp_path / "on-ray")}), workers=1, progress=False)
+    assert {r["id"]: r["status"] for r in on_ray.records} == {"inverted": "ok", "wrong-mode": "error"}, on_ray.records
+    assert media.probe(storage.join(tmp_path / "on-ray", "inverted.mp4")).frames == 10
+
 
 def test_the_render_specs_index_of_modes_is_the_families_own():
     """vidgen.manifest.MODE_FAMILIES answers without importing torch (the ingress, the planner); it must say

@@ -454,10 +454,14 @@ def _load_planned(uri: str, planned_sha256: str, device: str = "cpu"):
 class ModelWorker:
     """A Ray actor holding one loaded model; `infer` leaves each item's frames in the object store."""
 
-    def __init__(self, uri: str, planned_sha256: str):
+    def __init__(self, uri: str, planned_sha256: str, family: type | None = None):
         import ray
         import torch
 
+        if family is not None:  # registered at run time in the driver (see _runtime_family)
+            from vidgen import models
+
+            models.register(family, replace=True)
         self.model = _load_planned(uri, planned_sha256, "cuda" if torch.cuda.is_available() else "cpu")
         # Where it runs, for the driver's log: the node, and whether Ray gave it a GPU
         self.where = ray.get_runtime_context().get_node_id()[:12] + (" (GPU)" if ray.get_gpu_ids() else "")
@@ -609,6 +613,16 @@ def encode_task(item, out, meta, source, model, item_hash, previous, resume, thr
         raise FramesLostError(f"item {item.id}: its frames were lost ({e})") from None
 
 
+def _runtime_family(name: str) -> type | None:
+    """The class of a family registered at run time in this process (`models.register`, e.g. from a
+    user's module), which a worker process cannot import by name: it travels with the worker's
+    arguments, as a training run's does. None for vidgen's own families, and when this process never
+    imported vidgen.models (then no family was registered here, and the driver stays free of torch)."""
+    registry = sys.modules.get("vidgen.models")
+    cls = registry.FAMILIES.get(name) if registry is not None else None
+    return cls if cls is not None and not cls.__module__.startswith("vidgen.models.") else None
+
+
 @functools.cache
 def _remote():
     import ray
@@ -736,7 +750,7 @@ class _RayPipeline:
             if uri not in self.actors:
                 if len(self.actors) >= MAX_LIVE_MODELS:
                     break
-                self.actors[uri] = self._new_worker(uri, first.model.sha256)
+                self.actors[uri] = self._new_worker(first.model)
             group, worker = self.pending.popleft(), self.actors[uri]
             if first.item.mode in engine.STREAMED_MODES:  # its encode task reads it from the worker as it is made
                 self.groups_left[uri] -= 1
@@ -745,13 +759,14 @@ class _RayPipeline:
                 continue
             self.inferring[worker.infer.remote([e.item for e in group], self.chunk_frames)] = (uri, group, worker)
 
-    def _new_worker(self, uri: str, sha256: str):
+    def _new_worker(self, model: ModelInfo):
         """A model worker on a GPU when the cluster has one now (a pending worker waits for one, as
         for a node the autoscaler is adding), else on CPUs."""
         import ray
 
         gpu = ray.cluster_resources().get("GPU", 0) >= 1
-        return self.worker_cls.options(num_cpus=ACTOR_CPUS, num_gpus=1 if gpu else 0).remote(uri, sha256)
+        return self.worker_cls.options(num_cpus=ACTOR_CPUS, num_gpus=1 if gpu else 0).remote(
+            model.uri, model.sha256, _runtime_family(model.family))
 
     def _inferred(self, ref) -> None:
         import ray
