@@ -122,6 +122,7 @@ PRESETS = {
     # recipe 13.0 and 11.0): D's minibatch std 10.0 (seed 0); a flat-coloured sprite (one colour per clip
     # from its code) 7.4 and 21.0, whose objects took the data's colours but whose background painted
     # textures; a flat background as well 53.7 (seed 0), flat colours but shapes that lost their corners;
+    # a flat sprite over a background drawn 8x8 and upsampled 23.0 (seed 0), its alpha drawing stripes;
     # the sprite moved by whole pixels (nearest forward, bilinear gradient) collapsed at 2,400 steps.
     # What the ratio punishes (bench/frechet_sensitivity.py, real clips altered): blur of sigma 1 px 22x,
     # objects 0.8 times their size 25x, one object colour for all 14x, still frames 6x; textured
