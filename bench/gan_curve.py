@@ -10,9 +10,9 @@ workers x 8), and every `--every` steps scores the EMA generator as it does: lab
 sample per train clip by a judge trained on the real train clips (chance 1/3), and the Frechet
 distance of the judge's features, samples vs real val clips, over real train vs real val clips.
 The judge is trained once, so a run's checks differ only by the generator. The Frechet ratio swings
-from one check to the next (the shipped preset at 2,000 and 2,400 steps: 13.8x and 8.9x,
-2026-11-30): read the curve, not its last point. `--out PNG` writes the last samples (12 rows) over
-6 real clips.
+from one check to the next (the shipped preset at 2,000 and 2,400 steps: 10.3x and 12.8x with
+seed 0, 9.4x and 9.4x with seed 1, 2026-11-30): read the curve, not its last point. `--out PNG`
+writes the last samples (12 rows) over 6 real clips.
 """
 
 from __future__ import annotations

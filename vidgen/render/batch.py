@@ -615,8 +615,10 @@ def encode_task(item, out, meta, source, model, item_hash, previous, resume, thr
 
 def _runtime_family(name: str) -> type | None:
     """The class of a family registered at run time in this process (`models.register`, e.g. from a
-    user's module), which a worker process cannot import by name: it travels with the worker's
-    arguments, as a training run's does. None for vidgen's own families, and when this process never
+    user's module), which a worker process never registered: it travels with the worker's arguments,
+    as a training run's does. Ray pickles it by reference (its module must be importable on the
+    workers) unless the module asked for pickling by value (`ray.cloudpickle.register_pickle_by_value`,
+    as tests/test_family_contract.py does). None for vidgen's own families, and when this process never
     imported vidgen.models (then no family was registered here, and the driver stays free of torch)."""
     registry = sys.modules.get("vidgen.models")
     cls = registry.FAMILIES.get(name) if registry is not None else None
