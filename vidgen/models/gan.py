@@ -125,7 +125,7 @@ PRESETS = {
     # a flat sprite over a background drawn 8x8 and upsampled 23.0 (seed 0), its alpha drawing stripes;
     # a flat sprite with D's minibatch std 11.0 (seed 0), textured objects;
     # the sprite moved by whole pixels (nearest forward, bilinear gradient) collapsed at 2,400 steps.
-    # What the ratio punishes (bench/frechet_sensitivity.py, real clips altered): blur of sigma 1 px 22x,
+    # What the ratio punishes (bench/frechet_sensitivity.py, real clips altered): blur of sigma 1 px 23x,
     # objects 0.8 times their size 25x, one object colour for all 14x, still frames 6x; textured
     # backgrounds, pixel noise and shuffled frames about 1x. This recipe's objects have the real ones' size
     # (91 px against 88) but one near-white colour (per-channel std 0.05 against 0.34) and soft edges:
