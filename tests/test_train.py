@@ -51,7 +51,22 @@ def config(datasets, run: str, **over):
     return validate({**base, **over})
 
 
-@pytest.mark.parametrize("family", ["gan", "vae", "convlstm", "restore", "style"])
+def assert_trained_two_steps(run: str, family: str, result=None) -> None:
+    """What every family's 2-step run leaves: finite metrics for steps 1-2, a checkpoint, a sample
+    video, its config and loss curve, and the validation figures its family reports."""
+    rows = read_metrics(run)
+    assert [r["step"] for r in rows] == [1, 2] and (result is None or result.steps == 2)
+    assert all(np.isfinite(v) for r in rows for k, v in r.items() if isinstance(v, float))
+    for name in ("checkpoint-step-000002/vidgen_state.json", "samples/step-000002.mp4", "config.yaml", "loss.png"):
+        assert storage.exists(storage.join(run, name)), name
+    if family in ("restore", "vae", "convlstm"):
+        assert "val_psnr" in rows[-1] and "val_ssim" in rows[-1]
+    if family == "convlstm":
+        assert 0.0 <= rows[-1]["val_life_rule_accuracy"] <= 1.0
+
+
+# gan and restore train through the trainer in test_two_workers_zero_stages_on_s3, with these checks
+@pytest.mark.parametrize("family", ["vae", "convlstm", "style"])
 def test_every_family_trains_through_the_trainer(family, datasets, tmp_path, ray_session):
     over = {"family": family}
     if family == "convlstm":
@@ -59,17 +74,7 @@ def test_every_family_trains_through_the_trainer(family, datasets, tmp_path, ray
     if family == "style":
         over["style_image"] = str(datasets / "style.png")
     run = str(tmp_path / "run")
-    result = train(config(datasets, run, **over))
-    rows = read_metrics(run)
-    assert [r["step"] for r in rows] == [1, 2] and result.steps == 2
-    assert all(np.isfinite(v) for r in rows for k, v in r.items() if isinstance(v, float))
-    assert storage.exists(os.path.join(run, "checkpoint-step-000002", "vidgen_state.json"))
-    assert storage.exists(os.path.join(run, "samples", "step-000002.mp4"))
-    assert storage.exists(os.path.join(run, "config.yaml")) and storage.exists(os.path.join(run, "loss.png"))
-    if family in ("restore", "vae", "convlstm"):
-        assert "val_psnr" in rows[-1] and "val_ssim" in rows[-1]
-    if family == "convlstm":
-        assert 0.0 <= rows[-1]["val_life_rule_accuracy"] <= 1.0
+    assert_trained_two_steps(run, family, train(config(datasets, run, **over)))
 
 
 class _Payload:
@@ -106,10 +111,10 @@ def test_export_unpickles_only_tensors_and_refuses_keys_leaving_its_folder(datas
     assert fetched == []  # refused before anything was written
 
 
-@pytest.mark.parametrize("family,stage,precision", [("gan", 2, "bf16"), ("gan", 3, "fp32"), ("restore", 2, "fp32"),
-                                                     ("restore", 3, "fp32")])
+@pytest.mark.parametrize("family,stage,precision", [("gan", 2, "bf16"), ("gan", 3, "fp32"), ("restore", 3, "fp32")])
 def test_two_workers_zero_stages_on_s3(family, stage, precision, datasets, s3_root, ray_session, tmp_path):
-    """Two ranks under ZeRO-2/3 with the run in S3; the GAN at stage 3 also resumes and exports.
+    """Two ranks under ZeRO-2/3 with the run in S3 (ZeRO-2 in fp32: the resume tests below); each run
+    leaves what a run leaves, the GAN at stage 3 also resumes, and each exports.
 
     The GAN at stage 2 trains in bf16 (the GPU configs' precision): both engines' weights are bf16
     while data and noise come in float32; the EMA generator it exports stays float32.
@@ -118,8 +123,7 @@ def test_two_workers_zero_stages_on_s3(family, stage, precision, datasets, s3_ro
     probe = tmp_path / "live.safetensors"
     cfg = config(datasets, run, family=family, workers=2, zero_stage=stage, precision=precision, max_steps=2,
                  probe_out=str(probe))
-    train(cfg)
-    assert [r["step"] for r in read_metrics(run)] == [1, 2]
+    assert_trained_two_steps(run, family, train(cfg))
     names = {u.split("/")[-1] for u in storage.list_prefix(storage.join(run, "checkpoint-step-000002"))}
     if stage == 3:  # both ranks' partitions were merged into the one checkpoint
         assert any(n.startswith("zero_pp_rank_0") for n in names) and any(n.startswith("zero_pp_rank_1") for n in names)
