@@ -60,6 +60,7 @@ class JobRunner:
         self.slots = asyncio.Semaphore(self.conf.max_items_in_flight)
         self.running: dict[str, asyncio.Task] = {}
         self.seen: dict[str, tuple[str, float]] = {}  # job -> (its lease's version, monotonic time it was first seen)
+        self.markers: dict[str, tuple[str, float]] = {}  # the same for queue markers still without a job record
         self.wake = asyncio.Event()
         self.loop_task = asyncio.get_running_loop().create_task(self._poll_loop())
 
@@ -85,6 +86,7 @@ class JobRunner:
             return
         queued = await _io(self.pool, self.store.queued)
         self.seen = {j: v for j, v in self.seen.items() if j in set(queued)}
+        self.markers = {j: v for j, v in self.markers.items() if j in set(queued)}
         for job_id in queued:
             if len(self.running) >= self.conf.max_jobs:
                 return
@@ -96,24 +98,29 @@ class JobRunner:
                 self.running[job_id] = asyncio.get_running_loop().create_task(self._run(run))
                 self.running[job_id].add_done_callback(lambda _t, j=job_id: self.running.pop(j, None))
 
-    def _stale(self, job_id: str, lease: dict, etag: str | None) -> bool:
+    def _stale(self, job_id: str, lease: dict, etag: str | None, seen: dict | None = None) -> bool:
         """Whether the lease has stayed the same for `stale_s` of this runner's own monotonic time.
         Every heartbeat rewrites the lease (a new `beat`, so a new version): no host's wall clock is
-        compared with another's, so clock skew neither takes over a live job nor keeps a dead one."""
+        compared with another's, so clock skew neither takes over a live job nor keeps a dead one.
+        `seen`: where first sights are kept (`self.seen`, which `_poll` also reads to leave a job
+        another runner holds alone for a while; `self.markers` for queue markers)."""
+        seen = self.seen if seen is None else seen
         version = etag or json.dumps(lease, sort_keys=True)
-        seen = self.seen.get(job_id)
-        if seen is None or seen[0] != version:  # first sight, or it changed since: its holder is alive
-            self.seen[job_id] = (version, time.monotonic())
+        first = seen.get(job_id)
+        if first is None or first[0] != version:  # first sight, or it changed since: its holder is alive
+            seen[job_id] = (version, time.monotonic())
             return False
-        return time.monotonic() - seen[1] >= self.conf.stale_s
+        return time.monotonic() - first[1] >= self.conf.stale_s
 
     def _claim(self, job_id: str) -> _Run | None:
         """Take the job's lease when it has none, or a stale one; None when another runner holds it."""
         lease, etag = self.store.lease(job_id)
         now = time.time()
         if lease is None and self.store.read(job_id) is None:  # its record is being written, or never will be
+            # (kept apart from the leases' first sights: the next poll must look again, not wait stale_s / 2)
             marker, marker_etag = read_json_etag(self.store.queue_uri(job_id))
-            if marker is not None and self._stale(job_id, marker, marker_etag) and self.store.drop_orphan_marker(job_id):
+            if (marker is not None and self._stale(job_id, marker, marker_etag, self.markers)
+                    and self.store.drop_orphan_marker(job_id)):
                 logger.warning(f"runner {self.runner_id}: dropped the queue marker of job {job_id}: no job record came")
             return None
         if lease is not None:
