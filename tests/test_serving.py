@@ -433,6 +433,33 @@ def test_replicas_admitting_at_once_never_queue_more_jobs_than_the_limit(root):
     assert store.admit(new_job_id(), limit=4) is None
 
 
+def test_one_replicas_concurrent_admissions_share_swaps_of_the_ledger_and_keep_the_limit(tmp_path, monkeypatch):
+    """12 requests of one replica admitted at once: the ones waiting while a swap is on its way are
+    taken together by the next (not 12 swaps racing on one object), in order, and never past the limit."""
+    from vidgen.serving.ingress import _Admissions
+
+    store = serving.JobStore(str(tmp_path))
+    calls = []
+    real = store.admit_many
+
+    def counted(job_ids, limit):
+        calls.append(list(job_ids))
+        time.sleep(0.05)  # a round trip to storage, during which more requests arrive
+        return real(job_ids, limit)
+
+    monkeypatch.setattr(store, "admit_many", counted)
+    admissions = _Admissions(store, _executor())
+    ids = [new_job_id() for _ in range(12)]
+
+    async def submit_all():
+        return await asyncio.gather(*(admissions.admit(job_id, 5) for job_id in ids))
+
+    answers = asyncio.run(submit_all())
+    assert [job_id for batch in calls for job_id in batch] == ids and len(calls) <= 3, calls
+    assert answers == [None] * 5 + [5] * 7  # the first five took the places; the rest were told how full it is
+    assert real([ids[0], new_job_id()], 5) == [None, 5]  # a retry of an admitted job keeps its place
+
+
 def test_a_conditional_write_retried_after_it_landed_is_not_a_conflict(s3_root):
     """botocore retries a PUT whose answer was lost; if the first try landed, the retry's condition
     fails on our own write. That must not read as another runner taking the lease."""

@@ -177,10 +177,12 @@ def _missing_assets(items: list[ResolvedItem]) -> dict[str, str]:
 UNREADABLE = object()  # a record that is there but could not be read or parsed: maybe ok
 
 
-def _read_records(out: str, ids: list[str]) -> dict[str, RenderRecord | object]:
+def _read_records(out: str, ids: list[str], present: set[str] | None = None) -> dict[str, RenderRecord | object]:
     """id -> its stored record; UNREADABLE where one is there but could not be read or is not a
-    record (rendering again replaces it; a failure must not)."""
-    present = set(storage.list_prefix(storage.join(out, "items"), recursive=False))
+    record (rendering again replaces it; a failure must not). `present`: the record URIs a listing
+    of OUT/items just found (else it is listed here)."""
+    if present is None:
+        present = set(storage.list_prefix(storage.join(out, "items"), recursive=False))
     wanted = [i for i in ids if engine.record_uri(out, i) in present]
 
     def read(item_id: str) -> tuple[str, RenderRecord | object | None]:
@@ -327,7 +329,7 @@ def write_index(out: str, name: str, records: list[RenderRecord]) -> None:
     it wrote, so neither index drops the other's items or shows an older record."""
     for _ in range(3):
         before = _record_versions(out)
-        stored = {i: r for i, r in _read_records(out, [storage.basename(u)[:-5] for u in before]).items()
+        stored = {i: r for i, r in _read_records(out, [storage.basename(u)[:-5] for u in before], set(before)).items()
                   if r is not UNREADABLE}
         ids = [r.id for r in records] + sorted(set(stored) - {r.id for r in records})
         ours = {r.id: r for r in records}
