@@ -460,6 +460,26 @@ def test_one_replicas_concurrent_admissions_share_swaps_of_the_ledger_and_keep_t
     assert real([ids[0], new_job_id()], 5) == [None, 5]  # a retry of an admitted job keeps its place
 
 
+def test_a_job_created_while_the_ledger_is_read_keeps_its_place(tmp_path, monkeypatch):
+    """An admission lists the queue, then asks which ledger entries not in it have their record (and
+    so are finished). A job created between the two looked finished: its place was given away, and
+    CI's burst test saw 5 jobs accepted under a limit of 4."""
+    store = serving.JobStore(str(tmp_path))
+    first = serving.Job(id=new_job_id(), created="2026-11-30T00:00:00Z", created_ts=time.time())
+    assert store.admit(first.id, limit=1) is None
+    real_queued = store.queued
+
+    def created_right_after_the_listing():
+        listed = real_queued()
+        if store.read(first.id) is None:
+            store.create(first)  # its marker, then its record, after the listing
+        return listed
+
+    monkeypatch.setattr(store, "queued", created_right_after_the_listing)
+    assert store.admit(new_job_id(), limit=1) == 1  # full: the first job holds the only place
+    assert real_queued() == [first.id]
+
+
 def test_a_conditional_write_retried_after_it_landed_is_not_a_conflict(s3_root):
     """botocore retries a PUT whose answer was lost; if the first try landed, the retry's condition
     fails on our own write. That must not read as another runner taking the lease."""

@@ -225,8 +225,10 @@ class JobStore:
         def take(admitted: dict[str, float]):
             queued = set(self.queued())
             now = time.time()
-            held = {i: ts for i, ts in admitted.items()
-                    if i in queued or (now - ts < grace_s and not storage.exists(self.job_uri(i)))}
+            waiting = [i for i, ts in admitted.items() if i not in queued and now - ts < grace_s]
+            created = {i for i in waiting if storage.exists(self.job_uri(i))}  # finished, or created since the listing:
+            queued |= {i for i in created if storage.exists(self.queue_uri(i))}  # its marker came before its record
+            held = {i: ts for i, ts in admitted.items() if i in queued or (i in waiting and i not in created)}
             filled = len(held.keys() | queued)
             answers, taken = [], False
             for job_id in job_ids:
