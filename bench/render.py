@@ -105,6 +105,7 @@ def render_on_ray_data(todo, out, workers, address, chunk_frames, max_batch, fin
     import ray
 
     from vidgen.render import batch, engine
+    from vidgen.render.record import RenderRecord
 
     entries = {e.item.id: e for e in todo}
     uri, sha256 = todo[0].item.model, todo[0].model.sha256
@@ -133,16 +134,16 @@ def render_on_ray_data(todo, out, workers, address, chunk_frames, max_batch, fin
         record = engine.encode_item(entry.item, out, json.loads(row["meta"]), [("video", row["frames"])],
                                     entry.model, entry.spec_hash, entry.previous, entry.resume,
                                     max(1, int(ray.cluster_resources().get("CPU", 1)) // workers))
-        return {"id": row["id"], "record": json.dumps(record)}
+        return {"id": row["id"], "record": json.dumps(record.to_json())}  # a RenderRecord, as a row's column
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ds = (ray.data.from_items([{"id": i} for i in entries], override_num_blocks=max(1, len(entries) // max_batch))
           .map_batches(Infer, batch_size=max_batch, compute=ray.data.ActorPoolStrategy(size=1),
                        num_cpus=batch.ACTOR_CPUS)
-          .map(encode, num_cpus=batch.ENCODE_CPUS, concurrency=workers))
+          .map(encode, num_cpus=batch.ENCODE_CPUS, compute=ray.data.TaskPoolStrategy(size=workers)))
     for row in ds.iter_rows():
-        finish(entries[row["id"]], json.loads(row["record"]), "rendered")
+        finish(entries[row["id"]], RenderRecord.parse(json.loads(row["record"])), "rendered")
 
 
 def encode_only(args, videos: list, tmp: str, threads: int | None) -> float:
