@@ -119,15 +119,17 @@ PRESETS = {
     # (2026-11-30). A stronger term does worse (0.5: 18.3, 1.0: 16.7 in-process), and so do D without
     # its brightness augmentation (20.4) or mode seeking with contrast alone (16.3). Tried and left out
     # (bench/gan_curve.py, the mean of the checks at 1,600 / 2,000 / 2,400 steps, seeds 0 and 1; this
-    # recipe 13.0 and 11.0): D's minibatch std 10.0 (seed 0); a flat-coloured sprite (one colour per clip
-    # from its code) 7.4 and 21.0, whose objects took the data's colours but whose background painted
-    # textures; a flat background as well 53.7 (seed 0), flat colours but shapes that lost their corners;
-    # a flat sprite over a background drawn 8x8 and upsampled 23.0 (seed 0), its alpha drawing stripes;
-    # a flat sprite with D's minibatch std 11.0 (seed 0), textured objects;
+    # recipe 13.0 and 11.0): D's minibatch std 10.0 and 14.3 (seeds 0 and 1); a flat-coloured sprite
+    # (one colour per clip from its code) 7.4 and 21.0, whose objects took the data's colours but whose
+    # background painted textures; a flat background as well 53.7 (seed 0), flat colours but shapes that
+    # lost their corners; a flat sprite over a background drawn 8x8 and upsampled 23.0 (seed 0), its
+    # alpha drawing stripes; a flat sprite with D's minibatch std 11.0 (seed 0), textured objects;
     # the sprite moved by whole pixels (nearest forward, bilinear gradient) collapsed at 2,400 steps;
     # colours left linear (StyleGAN2's toRGB, clamped when sampled) 13.1 (seed 0), still pale; the AC
     # weight at 0.25 24.5 at 2,400 steps with label accuracy 0.65; G's convs padded by replication 14.8
-    # and 14.5 (seeds 0 and 1), which took away the rim that zero padding draws round the background.
+    # and 14.5 (seeds 0 and 1), which took away the rim that zero padding draws round the background;
+    # G's colours and alphas 1.1 tanh clamped, so a full channel and a hard edge are reached, 17.1 (seed
+    # 0), still pale; the moved sprite's alpha hardened ((a - 0.5) 3 + 0.5, clamped) 15.1 (seed 0).
     # What the ratio punishes (bench/frechet_sensitivity.py, real clips altered): blur of sigma 1 px 23x,
     # objects 0.8 times their size 25x, one object colour for all 14x, still frames 6x; textured
     # backgrounds, pixel noise and shuffled frames about 1x. This recipe's objects have the real ones' size
