@@ -30,3 +30,39 @@ def test_the_same_stop_signal_twice_at_once_is_one_notice_and_a_later_one_stops_
         with pytest.raises(KeyboardInterrupt, match="SIGTERM again"):
             os.kill(os.getpid(), signal.SIGTERM)  # sent again later: stop at once
             time.sleep(1.0)
+
+
+def test_a_local_ray_console_shows_worker_lines_but_not_rays_known_notices(tmp_path):
+    """`vidgen demo` opened with Ray's "Token authentication is enabled" warning and printed Ray
+    Train's PreemptionWatcher notice (an error line from Ray's core worker) once per training run;
+    a worker's own lines, errors included, still reach the console."""
+    import os
+    import subprocess
+    import sys
+
+    from vidgen.runtime import HIDDEN_WORKER_LINES
+
+    script = f"""
+import sys, time
+import ray
+from vidgen.runtime import init_ray
+init_ray(num_cpus=1)
+
+@ray.remote(num_cpus=0)
+def noisy():
+    print("E core_worker.cc:2465: Actor with class name: 'PreemptionWatcher' " + {HIDDEN_WORKER_LINES[0]!r},
+          file=sys.stderr, flush=True)
+    print("a worker's own error line", file=sys.stderr, flush=True)
+
+ray.get(noisy.remote())
+time.sleep(2)  # the log monitor forwards worker output about every 0.5 s
+ray.shutdown()
+"""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env,
+                          cwd=tmp_path)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "a worker's own error line" in out
+    assert "PreemptionWatcher" not in out
+    assert "Token authentication" not in out

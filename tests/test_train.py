@@ -112,7 +112,7 @@ def test_export_unpickles_only_tensors_and_refuses_keys_leaving_its_folder(datas
 
 
 @pytest.mark.parametrize("family,stage,precision", [("gan", 2, "bf16"), ("gan", 3, "fp32"), ("restore", 3, "fp32")])
-def test_two_workers_zero_stages_on_s3(family, stage, precision, datasets, s3_root, ray_session, tmp_path):
+def test_two_workers_zero_stages_on_s3(family, stage, precision, datasets, s3_root, ray_session, tmp_path, capfd):
     """Two ranks under ZeRO-2/3 with the run in S3 (ZeRO-2 in fp32: the resume tests below); each run
     leaves what a run leaves, the GAN at stage 3 also resumes, and each exports.
 
@@ -133,7 +133,9 @@ def test_two_workers_zero_stages_on_s3(family, stage, precision, datasets, s3_ro
         assert [r["step"] for r in read_metrics(run)] == [1, 2, 3, 4]
     # The export of the newest checkpoint equals the live model captured inside the run.
     out = storage.join(s3_root, "models", f"{family}-z{stage}")
+    capfd.readouterr()
     export(run, out)
+    assert "checkpoint shards" not in capfd.readouterr().err  # DeepSpeed's consolidation bars stay off the console
     exported = models.load(out)
     assert torch.allclose(probe_output(exported), load_file(probe)["output"], atol=1e-5)
     if family == "gan":

@@ -43,8 +43,12 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, object_sto
     quiet = {"log_to_driver": True, "logging_level": logging.WARNING}
     if address and address != "local":
         ray.init(address=address, **quiet)
+        _hide_worker_lines()
         return
     _loopback_only()
+    # Ray starts a new local Ray with token authentication (its default since 2.5x) and says so in a
+    # warning at the top of every command's output; the choice stands, the notice goes.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_token_auth_notice)
     # Every process of this Ray inherits the variable: Ray Data's INFO lines go to its log file only.
     os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", str(resources.files("vidgen") / "assets" / "ray-data-logging.yaml"))
     ray.init(
@@ -61,6 +65,49 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, object_sto
         _node_ip_address="127.0.0.1",
         **quiet,
     )
+    _hide_worker_lines()
+
+
+def _token_auth_notice(record: logging.LogRecord) -> bool:
+    """False for Ray's "Token authentication is enabled for this Ray cluster" notice (a logging filter)."""
+    return not str(record.msg).startswith("Token authentication is enabled")
+
+
+# Worker output that Ray forwards to the driver's console and that says nothing a vidgen user can act
+# on; it stays in the workers' log files (/tmp/ray/session_latest/logs, or the demo's logs/ folder).
+HIDDEN_WORKER_LINES = (
+    # Ray Train's controller starts a PreemptionWatcher actor (restartable, handles in its arguments)
+    # and Ray's core worker notes, as an error, that such an actor may fail to restart (ray#53727):
+    # once in every training run
+    "has constructor arguments in the object store and max_restarts > 0",
+)
+
+
+def _hide_worker_lines() -> None:
+    """Drop HIDDEN_WORKER_LINES from the worker output printed on this driver's console.
+
+    Ray prints forwarded worker output through a handler named "ray_print_logs" on its
+    stdstream dispatcher; it is wrapped here. Where Ray has no such handler (another version, or
+    log_to_driver off), nothing changes and the lines show.
+    """
+    try:
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+        handlers = [h for name, h in dispatcher.handlers if name == "ray_print_logs"]
+    except (ImportError, AttributeError):
+        return
+    if len(handlers) != 1 or getattr(handlers[0], "hides_lines", False):
+        return
+    forward = handlers[0]
+
+    def filtered(data: dict) -> None:
+        lines = [line for line in data.get("lines", []) if not any(h in line for h in HIDDEN_WORKER_LINES)]
+        if lines:
+            forward({**data, "lines": lines})
+
+    filtered.hides_lines = True
+    dispatcher.remove_handler("ray_print_logs")
+    dispatcher.add_handler("ray_print_logs", filtered)
 
 
 class RayDataConsoleFilter(logging.Filter):

@@ -106,6 +106,16 @@ def weights_only_loads():
         yield
 
 
+@contextlib.contextmanager
+def _no_progress_bars(module):
+    """While inside, `module.tqdm(iterable, ...)` is the iterable itself: DeepSpeed's consolidation
+    drew "Loading checkpoint shards" bars of a few milliseconds on the console, one per part exported."""
+    from unittest import mock
+
+    with mock.patch.object(module, "tqdm", lambda iterable, *args, **kwargs: iterable):
+        yield
+
+
 def consolidated_state_dict(directory: str, model: torch.nn.Module, zero_stage: int) -> dict[str, torch.Tensor]:
     """The full fp32 family state_dict from a checkpoint folder of any ZeRO stage, read without
     unpickling anything but tensors and DeepSpeed's records (`weights_only_loads`)."""
@@ -117,11 +127,11 @@ def consolidated_state_dict(directory: str, model: torch.nn.Module, zero_stage: 
                 states = torch.load(os.path.join(part_dir, TAG, "mp_rank_00_model_states.pt"), map_location="cpu")
             weights = states["module"]
         else:
-            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+            from deepspeed.utils import zero_to_fp32
 
-            # it prints each file and tensor count it reads
-            with weights_only_loads(), contextlib.redirect_stdout(io.StringIO()):
-                weights = get_fp32_state_dict_from_zero_checkpoint(part_dir, tag=TAG)
+            # it prints each file and tensor count it reads, and draws a progress bar or two on stderr
+            with weights_only_loads(), contextlib.redirect_stdout(io.StringIO()), _no_progress_bars(zero_to_fp32):
+                weights = zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(part_dir, tag=TAG)
         for k, v in weights.items():
             key = prefix + k
             if key not in full:
