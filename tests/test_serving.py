@@ -500,6 +500,45 @@ def bare_runner(store, stale_s: float):
     return runner
 
 
+def test_a_jobs_first_runner_plans_without_looking_in_its_folder_and_a_later_one_looks(tmp_path, monkeypatch):
+    """The first runner of a job (its lease had none) reads the job's record once, while claiming,
+    and its plan looks for no records, outputs or unfinished uploads in the job's folder, where
+    nothing was ever written (three LISTs a job, of moto's costliest calls). A runner that takes the
+    job over may find a killed runner's work there: it plans as a batch does, and keeps an ok record."""
+    from vidgen.render.batch import plan_batch
+    from vidgen.render.record import RenderRecord
+    from vidgen.render.spec import parse_batch
+
+    model = str(tmp_path / "model")
+    models.save(models.build("gan", "tiny", num_classes=3, label_names=["circle", "square", "triangle"]), model)
+    out = str(tmp_path / "renders" / "out")
+    store = serving.JobStore(str(tmp_path / "renders"))
+    job = serving.Job(id=new_job_id(), created="2026-11-30T00:00:00Z", created_ts=time.time(),
+                      batch={"output": out, "name": "ads", "model": model,
+                             "items": [{"id": "a", "mode": "generate", "seed": 1}]})
+    store.create(job)
+    first = bare_runner(store, stale_s=30)._claim(job.id)
+    assert first.fresh and first.job == job
+    listed = []
+    real_list = storage.list_prefix
+    monkeypatch.setattr(storage, "list_prefix", lambda uri, *a, **k: listed.append(uri) or real_list(uri, *a, **k))
+    batch = parse_batch(job.batch)
+    assert [e.action for e in plan_batch(batch, first.fresh).entries] == ["render"] and listed == []
+
+    # the first runner rendered item a, then died; its lease was released
+    entry = plan_batch(batch).entries[0]
+    storage.write_json(storage.join(out, "items", "a.json"),
+                       RenderRecord.ok(entry.item, entry.model, entry.spec_hash, {"": {
+                           "uri": storage.join(out, "a.mp4"), "poster": storage.join(out, "a.jpg"), "bytes": 1,
+                           "frames": 16, "seconds": 2.0, "fps": 8.0, "width": 64, "height": 64, "sha256": "0" * 64,
+                       }}).to_json())
+    store.swap_lease(job.id, first.lease.model_copy(update={"released": True}), first.etag)
+    second = bare_runner(store, stale_s=30)._claim(job.id)
+    assert not second.fresh and second.lease.attempt == 2
+    listed.clear()
+    assert [e.action for e in plan_batch(batch, second.fresh).entries] == ["skip"] and listed
+
+
 def test_a_heartbeat_in_flight_when_the_job_ends_does_not_lose_the_lease(tmp_path, monkeypatch):
     """The job ends while a heartbeat's write is on its way: that write lands, and the final write
     (state finished) must follow it, not fail its condition as if another runner held the job."""

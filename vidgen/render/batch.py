@@ -94,9 +94,11 @@ class Plan:
         return self.count("fail") + self.count("keep")
 
 
-def plan_batch(batch: RenderBatch) -> Plan:
+def plan_batch(batch: RenderBatch, fresh: bool = False) -> Plan:
     """Read the models' manifests and the existing records; decide what each item needs.
-    A label the model does not know raises SpecError (nothing has rendered yet)."""
+    A label the model does not know raises SpecError (nothing has rendered yet). `fresh`: nothing
+    was ever written under OUT (an endpoint job's first attempt, in a folder of its own), so no
+    records or outputs are looked for there."""
     manifests: dict[str, ModelManifest | None] = {}
     model_errors: dict[str, str] = {}
     for uri in batch.models():
@@ -107,10 +109,10 @@ def plan_batch(batch: RenderBatch) -> Plan:
             model_errors[uri] = f"model {uri}: {e}" if uri not in str(e) else str(e)
     items = batch.resolve(manifests)
     out = batch.output
-    stored = _read_records(out, [item.id for item in items])
+    stored = {} if fresh else _read_records(out, [item.id for item in items])
     unreadable = {i for i, r in stored.items() if r is UNREADABLE}
     previous = {i: r for i, r in stored.items() if r is not UNREADABLE}
-    existing = set(storage.list_prefix(out, recursive=False))
+    existing = set() if fresh else set(storage.list_prefix(out, recursive=False))
     missing = _missing_assets(items)
     entries = []
     for item in items:

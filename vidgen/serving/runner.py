@@ -33,8 +33,12 @@ def _encode_task():
 class _Run:
     """A job this runner holds: its lease (and etag), and what the heartbeat has learnt."""
 
-    def __init__(self, job_id: str, lease: Lease, etag: str):
+    def __init__(self, job_id: str, lease: Lease, etag: str, job: Job | None = None):
         self.job_id, self.lease, self.etag = job_id, lease, etag
+        self.job = job  # the job record, when claiming read it
+        # The first runner of the job: nothing was ever written to its output folder, so its plan
+        # looks for no records, outputs or unfinished uploads there (three LISTs fewer a job)
+        self.fresh = lease.attempt == 1
         self.cancelled = False
         self.lost = False  # another runner took the lease: stop
         self.finishing = False
@@ -116,7 +120,8 @@ class JobRunner:
         """Take the job's lease when it has none, or a stale one; None when another runner holds it."""
         lease, etag = self.store.lease(job_id)
         now = time.time()
-        if lease is None and self.store.read(job_id) is None:  # its record is being written, or never will be
+        job = self.store.read(job_id) if lease is None else None
+        if lease is None and job is None:  # its record is being written, or never will be
             # (kept apart from the leases' first sights: the next poll must look again, not wait stale_s / 2)
             marker, marker_etag = read_json_etag(self.store.queue_uri(job_id))
             if (marker is not None and self._stale(job_id, marker, marker_etag, self.markers)
@@ -145,7 +150,7 @@ class JobRunner:
             why = "released" if lease.released else f"its lease unchanged for {self.conf.stale_s:g} s"
             logger.warning(f"runner {self.runner_id}: took over job {job_id} from {lease.runner} ({why}), "
                            f"attempt {attempt}")
-        return _Run(job_id, new, etag)
+        return _Run(job_id, new, etag, job)
 
     async def _write_lease(self, run: _Run, **changes) -> bool:
         async with run.lock:
@@ -181,7 +186,7 @@ class JobRunner:
         heartbeat = asyncio.get_running_loop().create_task(self._heartbeat(run))
         state, error, counts = None, None, None  # state None: not ended here; release the lease for a retry
         try:
-            job = await _io(self.pool, self.store.read, job_id)
+            job = run.job or await _io(self.pool, self.store.read, job_id)
             run.cancelled = await _io(self.pool, self.store.cancelled, job_id)
             if job is None:
                 state, error = "failed", "the job record is missing"
@@ -226,7 +231,7 @@ class JobRunner:
         from vidgen.render.batch import abort_killed_runs_uploads, plan_batch, unwritten_error
 
         batch = parse_batch(job.batch, source=f"job {job.id}")
-        plan = await _io(self.pool, plan_batch, batch)
+        plan = await _io(self.pool, plan_batch, batch, run.fresh)
         out = batch.output
         records: dict[str, RenderRecord] = {}
         todo = []
@@ -244,7 +249,8 @@ class JobRunner:
             else:
                 todo.append(entry)
 
-        await _io(self.pool, abort_killed_runs_uploads, plan)
+        if not run.fresh:
+            await _io(self.pool, abort_killed_runs_uploads, plan)
 
         async def one(entry) -> None:
             async with self.slots:
