@@ -511,8 +511,11 @@ def test_an_unreadable_model_json_never_turns_an_ok_record_into_an_error(assets,
     assert "earlier ok record kept" in capsys.readouterr().out
 
 
-def test_two_renders_into_one_folder_keep_each_others_items_in_the_index(assets, s3_root):
+def test_two_renders_into_one_folder_keep_each_others_items_in_the_index(assets, s3_root, monkeypatch):
+    """And the index reads back only the records that are not this render's own, byte for byte (their
+    S3 ETags tell): a batch's index used to GET every record it had just written."""
     from vidgen.render.batch import write_index
+    from vidgen.render.engine import record_uri
 
     def spec(name: str, ids: list[str]) -> dict:
         return {"name": name, "output": storage.join(s3_root, "shared"), "model": assets["gan"],
@@ -521,10 +524,23 @@ def test_two_renders_into_one_folder_keep_each_others_items_in_the_index(assets,
 
     first = render_batch(parse_batch(spec("first", ["a-1", "a-2"])), workers=0, progress=False)
     render_batch(parse_batch(spec("second", ["b-1"])), workers=0, progress=False)
+    def manifest() -> list[dict]:
+        text = storage.read_text(storage.join(first.output, "manifest.jsonl"))
+        return [json.loads(line) for line in text.splitlines()]
+
+    reads = []
+    real_read = storage.read_json
+    monkeypatch.setattr(storage, "read_json", lambda uri: reads.append(storage.basename(uri)) or real_read(uri))
     write_index(first.output, "first", first.records)  # the first render's index write lands last
-    manifest = [json.loads(line) for line in storage.read_text(storage.join(first.output, "manifest.jsonl")).splitlines()]
-    assert [r["id"] for r in manifest] == ["a-1", "a-2", "b-1"] and all(r["status"] == "ok" for r in manifest)
+    assert [r["id"] for r in manifest()] == ["a-1", "a-2", "b-1"] and all(r["status"] == "ok" for r in manifest())
     assert "b-1.mp4" in storage.read_text(storage.join(first.output, "index.html"))
+    assert reads == ["b-1.json"]
+
+    # a-2 rendered again by another writer since: its stored record differs from ours, and is read
+    storage.write_json(record_uri(first.output, "a-2"), {**first.records[1].to_json(), "elapsed_s": 99.0})
+    reads.clear()
+    write_index(first.output, "first", first.records)
+    assert sorted(reads) == ["a-2.json", "b-1.json"] and manifest()[1]["elapsed_s"] == 99.0
 
 
 # --------------------------------------------------------------------------------------------

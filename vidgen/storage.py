@@ -373,8 +373,13 @@ def write_text(uri: str, text: str, content_type: str | None = None) -> None:
     write_bytes(uri, text.encode("utf-8"), content_type)
 
 
+def json_bytes(obj: Any) -> bytes:
+    """What `write_json` stores."""
+    return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
+
+
 def write_json(uri: str, obj: Any) -> None:
-    write_bytes(uri, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode(), "application/json")
+    write_bytes(uri, json_bytes(obj), "application/json")
 
 
 def _atomic_local_write(path: str, data: bytes) -> None:

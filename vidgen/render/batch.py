@@ -329,18 +329,31 @@ def write_index(out: str, name: str, records: list[RenderRecord]) -> None:
     changed. Two renders into one folder may finish in any order: the last
     writer reads the records after its own have landed, and writes again if records changed while
     it wrote, so neither index drops the other's items or shows an older record."""
+    ours = {r.id: r for r in records}
     for _ in range(3):
         before = _record_versions(out)
-        stored = {i: r for i, r in _read_records(out, [storage.basename(u)[:-5] for u in before], set(before)).items()
+        ids_there = {storage.basename(u)[:-5]: u for u in before}
+        # a stored record whose ETag is the MD5 of ours is ours, byte for byte: not read back
+        same = {i for i, u in ids_there.items() if i in ours and before[u][1] == _etag_of(ours[i])}
+        stored = {i: r for i, r in _read_records(out, [i for i in ids_there if i not in same], set(before)).items()
                   if r is not UNREADABLE}
+        stored.update({i: ours[i] for i in same})
         ids = [r.id for r in records] + sorted(set(stored) - {r.id for r in records})
-        ours = {r.id: r for r in records}
         merged = [stored.get(i) or ours[i] for i in ids]
         manifest = "".join(json.dumps(r.to_json(), sort_keys=True) + "\n" for r in merged)
         _write_if_changed(storage.join(out, "manifest.jsonl"), manifest.encode())
         _write_if_changed(storage.join(out, "index.html"), gallery.render_html(name, merged).encode())
         if _record_versions(out) == before:
             return
+
+
+def _etag_of(record: RenderRecord) -> str:
+    """The S3 ETag of the record as `engine.write_record` stores it (a single-part object's ETag is
+    the MD5 of its bytes); a listed ETag that differs (another writer's record, or a bucket whose
+    ETags are not MD5s, e.g. with SSE-KMS) means the record is read."""
+    import hashlib
+
+    return f'"{hashlib.md5(storage.json_bytes(record.to_json()), usedforsecurity=False).hexdigest()}"'
 
 
 def _record_versions(out: str) -> dict[str, tuple]:
