@@ -360,6 +360,7 @@ class _Ingress:
             await _io(self.pool, self.store.create, job)
         except Conflict:  # the key's job was being created by another request
             return await self._replayed_or_busy(key_sha, request_sha)
+        self._remember(job)  # its status polls that reach this replica need not read it back
         logger.info(f"POST /v1/renders: job {job_id} queued, {len(body.items)} items (request {rid})")
         self._poke()
         return self._accepted(job_id, "queued")
@@ -587,9 +588,7 @@ class _Ingress:
         job = self.jobs.get(job_id) or await _io(self.pool, self.store.read, job_id)
         if job is None:
             return None
-        self.jobs[job_id] = job  # job records never change
-        while len(self.jobs) > 10_000:
-            self.jobs.popitem(last=False)
+        self._remember(job)
         out = self.store.output(job_id)
         uris = {item_id: _record_uri(out, item_id) for item_id in job.items}
         (lease, _), cancelled, present = await asyncio.gather(
@@ -616,6 +615,12 @@ class _Ingress:
                 "urls_expire_at": (dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=expiry)).isoformat(
                     timespec="seconds") if storage.is_s3(out) else None,
                 "items": items}
+
+    def _remember(self, job: Job) -> None:
+        """Keep a job record (they never change) for the status view, the newest 10,000."""
+        self.jobs[job.id] = job
+        while len(self.jobs) > 10_000:
+            self.jobs.popitem(last=False)
 
     def _present(self, job_id: str, uris: dict[str, str]) -> set[str]:
         """Which of a job's item records exist: the final ones held here are known, a few others are
