@@ -43,9 +43,20 @@ def test_a_local_ray_console_shows_worker_lines_but_not_rays_known_notices(tmp_p
     from vidgen.runtime import HIDDEN_WORKER_LINES
 
     script = f"""
-import sys, time
+import io, sys, time
 import ray
 from vidgen.runtime import init_ray
+
+class Seen(io.TextIOBase):  # what reaches this driver's stderr, where Ray prints forwarded worker errors
+    def __init__(self, inner):
+        self.inner, self.text = inner, ""
+    def write(self, s):
+        self.text += s
+        return self.inner.write(s)
+    def flush(self):
+        self.inner.flush()
+
+sys.stderr = seen = Seen(sys.stderr)
 init_ray(num_cpus=1)
 
 @ray.remote(num_cpus=0)
@@ -55,7 +66,10 @@ def noisy():
     print("a worker's own error line", file=sys.stderr, flush=True)
 
 ray.get(noisy.remote())
-time.sleep(2)  # the log monitor forwards worker output about every 0.5 s
+deadline = time.monotonic() + 60  # Ray's log monitor forwards worker output within a second or so
+while "a worker's own error line" not in seen.text and time.monotonic() < deadline:
+    time.sleep(0.2)
+time.sleep(0.5)
 ray.shutdown()
 """
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
