@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import math
 
@@ -149,7 +151,7 @@ GOLDEN = {
     # for D, and modulates its output colours by the code (a layer more, so the init draws differ);
     # G's loss has MSGAN's mode-seeking term (0.2): a second sample of every clip, other draws after
     "gan": [4.04296, 1.23853, 2.55599, -0.5454, 1.57149, -2.86096],
-    "vae": [0.19307, 0.1545, 0.12444],
+    "vae": [0.18957, 0.11749, 0.04524],  # tiny norms 4 channels a group, lr 2e-3
     "convlstm": [0.11336, 0.10234, 0.06676],  # tiny re-sized for Life (down=1, hidden 64, 2 context frames)
     "restore": [0.04304, 0.05737, 0.04275],   # tiny became a U-Net trained on 4-frame patches
     "style": [4.81172, 3.56338, 4.02179],
@@ -335,6 +337,19 @@ def test_vae_reconstruct_and_convlstm_predict_any_length():
     assert convlstm.predict(video[:, :, :2], num_frames=20).shape == (2, 3, 20, 32, 32)
     with pytest.raises(ValueError, match="context_frames"):
         convlstm.train_steps()[0].loss({"video": video[:, :, :convlstm.config.context_frames]}, convlstm.parts())
+
+
+def test_a_vae_saved_before_norm_channels_keeps_one_channel_a_group():
+    from vidgen.models.contract import config_from_dict
+    from vidgen.models.vae import VAEConfig
+
+    saved = {k: v for k, v in dataclasses.asdict(VAEConfig.preset("tiny")).items() if k != "norm_channels"}
+    old = models.family_class("vae")(config_from_dict(VAEConfig, saved))
+    groups = {(m.num_groups, m.num_channels) for m in old.modules() if isinstance(m, torch.nn.GroupNorm)}
+    assert groups == {(8, 8), (16, 16), (32, 32)}
+    new = models.build("vae", "tiny")
+    assert {(m.num_groups, m.num_channels) for m in new.modules() if isinstance(m, torch.nn.GroupNorm)} == {
+        (2, 8), (4, 16), (8, 32)}
 
 
 def test_restorer_starts_as_identity_and_upscales():
