@@ -16,6 +16,14 @@ from harness import machine
 from vidgen import quality
 
 
+def kept_families(out_json: str) -> dict:
+    """The families of an earlier report at `out_json`, each with the machine it ran on (a report
+    written before families kept their own has it once, for all of them)."""
+    with open(out_json) as f:
+        old = json.load(f)
+    return {name: {"_machine": old.get("_machine"), **family} for name, family in old.get("families", {}).items()}
+
+
 def run_families(names: Iterable[str], run: Callable[[str], dict], report: dict, out_json: str,
                  describe: Callable[[str, dict], str | None] = lambda name, result: None) -> None:
     """`run(name)` -> {"figures": [Figure, ...], ...} for each name; `describe` gives an optional
@@ -29,6 +37,7 @@ def run_families(names: Iterable[str], run: Callable[[str], dict], report: dict,
             print(f"!! {name} failed: {e}", flush=True)
             continue
         result["figures"] = [f.row() for f in result["figures"]]
+        result["_machine"] = machine()  # each family's own: a run of some families keeps the others' last ones
         report["families"][name] = result
         report["_machine"] = machine()  # run directly (not through run_all.py), the table still knows where
         line = describe(name, result)

@@ -47,7 +47,7 @@ from vidgen.data.format import open_dataset
 from vidgen.data.tensors import frames_to_video
 from vidgen.quality import Figure
 
-from families import run_families
+from families import kept_families, run_families
 
 # The recipes: what a user gets from the example configs jobs/train/*-cpu.yaml and from `vidgen demo`.
 GAN_RECIPE = dict(micro_batch=8)
@@ -250,7 +250,7 @@ def main() -> None:
     init_ray()
     report: dict = {"settings": {"scale": args.scale, "startup_minutes": args.startup_minutes}, "families": {}}
     if os.path.exists(args.out_json) and args.only:  # keep the other families' last figures
-        report["families"] = json.load(open(args.out_json)).get("families", {})
+        report["families"] = kept_families(args.out_json)
     def describe(name: str, result: dict) -> str:
         run = result.get("run") or {}
         return f"{name}: {run.get('wall_minutes')} min, {run.get('steps')} steps, {run.get('steps_per_s')} steps/s"

@@ -89,7 +89,7 @@ def _quality(r: dict) -> list[tuple[str, str]]:
                  f"{f['baseline_value']:.3f}{f['unit']} ({'meets target' if f['met'] else 'MISSES target' if f['met'] is False else 'report'})"
                  for f in family["figures"]]
         rows.append((f"quality: {name}, trained through vidgen train (2 workers, ZeRO-2), held-out clips",
-                     head + "; ".join(cells)))
+                     head + "; ".join(cells), family.get("_machine")))
     return rows
 
 
@@ -184,8 +184,9 @@ def main() -> None:
         with open(path) as f:
             result = json.load(f)
         where = result.get("_machine", "unrecorded")
-        rows += [{"benchmark": b, "figure": fig, "command": f"python bench/{name}.py", "machine": where}
-                 for b, fig in fmt(result)]
+        # a row may name its own machine (a family of bench/quality.py kept from an earlier run)
+        rows += [{"benchmark": b, "figure": fig, "command": f"python bench/{name}.py", "machine": own[0] or where}
+                 for b, fig, *own in (row + (None,) for row in fmt(result))]
     text = table(rows)
     with open(os.path.join(RESULTS, "table.md"), "w") as f:
         f.write(text + "\n")
