@@ -29,3 +29,19 @@ def test_render_bench_ray_data_contender_renders_every_item(tmp_path, ray_sessio
     records = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
     assert [(r["id"], r["status"]) for r in records] == [(f"ad-{i:03d}", "ok") for i in range(3)]
     assert all((out / f"ad-{i:03d}.mp4").stat().st_size > 0 for i in range(3))
+
+
+def test_a_partial_quality_run_keeps_each_kept_familys_machine(tmp_path, monkeypatch):
+    """`bench/run_all.py --only quality --args='--only vae'` relabelled every kept family's row with
+    the machine of the new run; each family now keeps the machine it ran on."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import run_all
+    from families import kept_families
+
+    figure = {"figure": "gan: x", "value": 1.0, "baseline": "chance", "baseline_value": 0.5, "unit": "", "met": None}
+    old = tmp_path / "quality.json"
+    old.write_text(json.dumps({"families": {"gan": {"figures": [figure]}}, "_machine": "machine A"}))
+    families = kept_families(str(old)) | {"vae": {"figures": [figure], "_machine": "machine B"}}
+    rows = run_all._quality({"families": families, "_machine": "machine B"})
+    assert [(row[0].split(",")[0], row[2]) for row in rows] == [("quality: gan", "machine A"),
+                                                                ("quality: vae", "machine B")]

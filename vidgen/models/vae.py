@@ -56,6 +56,8 @@ PRESETS = {
     # vae data in-process, 600 steps of batch 16: reconstruction PSNR 19.4 dB -> 23.6 dB (each clip's mean
     # frame: 19.0 dB); one channel a group at lr 1e-3 reached 21.0, groups of 4 at 1e-3 23.4.
     "tiny": dict(frame_size=32, num_frames=8, width=8, max_width=32, latent_channels=4, norm_channels=4, lr=2e-3),
+    # small: groups of 4 as well; measured on 32x32 8-frame shapes (not its 64x64 x 16), 500 steps of batch 4
+    # at its lr 2e-4: 21.1 -> 22.1 dB (each clip's mean frame 18.7)
     "small": dict(frame_size=64, num_frames=16, width=32, max_width=128, latent_channels=8, blocks_per_stage=1,
                   norm_channels=4),
     "base": dict(frame_size=128, num_frames=16, width=64, max_width=256, spatial_down=3, temporal_down=2,
