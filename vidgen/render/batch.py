@@ -35,6 +35,7 @@ model worker's start (1.8 s, mostly `import torch`) comes before any frame. Past
 from __future__ import annotations
 
 import functools
+import hashlib
 import itertools
 import json
 import os
@@ -330,11 +331,12 @@ def write_index(out: str, name: str, records: list[RenderRecord]) -> None:
     writer reads the records after its own have landed, and writes again if records changed while
     it wrote, so neither index drops the other's items or shows an older record."""
     ours = {r.id: r for r in records}
+    etags = {i: _etag_of(r) for i, r in ours.items()}
     for _ in range(3):
         before = _record_versions(out)
         ids_there = {storage.basename(u)[:-5]: u for u in before}
         # a stored record whose ETag is the MD5 of ours is ours, byte for byte: not read back
-        same = {i for i, u in ids_there.items() if i in ours and before[u][1] == _etag_of(ours[i])}
+        same = {i for i, u in ids_there.items() if i in ours and before[u][1] == etags[i]}
         stored = {i: r for i, r in _read_records(out, [i for i in ids_there if i not in same], set(before)).items()
                   if r is not UNREADABLE}
         stored.update({i: ours[i] for i in same})
@@ -351,8 +353,6 @@ def _etag_of(record: RenderRecord) -> str:
     """The S3 ETag of the record as `engine.write_record` stores it (a single-part object's ETag is
     the MD5 of its bytes); a listed ETag that differs (another writer's record, or a bucket whose
     ETags are not MD5s, e.g. with SSE-KMS) means the record is read."""
-    import hashlib
-
     return f'"{hashlib.md5(storage.json_bytes(record.to_json()), usedforsecurity=False).hexdigest()}"'
 
 
