@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
+import pytest
 import torch
 
-from vidgen import models
+from vidgen import metrics, models
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
@@ -45,3 +47,22 @@ def test_a_partial_quality_run_keeps_each_kept_familys_machine(tmp_path, monkeyp
     rows = run_all._quality({"families": families, "_machine": "machine B"})
     assert [(row[0].split(",")[0], row[2]) for row in rows] == [("quality: gan", "machine A"),
                                                                 ("quality: vae", "machine B")]
+
+
+def test_a_filter_is_tuned_by_its_distance_to_clean_clips_even_where_one_comes_back_exact(monkeypatch):
+    """bench/quality.py's denoise row chose nlmeans' weakest strength (s=1): a tuning clip whose noise
+    was drawn near 0 came back from the filter exactly clean (rounded to 8 bits), its PSNR was +inf,
+    so was every strength's mean, and max() took the first. That baseline scored 33.5 dB on the
+    scored clips; tuned by their pooled PSNR, nlmeans (s=8) scores 39.4 dB there, and the model's
+    margin over the best filter is +1.6 dB, not the +6.9 dB reported before."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import quality as quality_bench
+
+    g = torch.Generator().manual_seed(0)
+    flat = (torch.rand(3, 3, 1, 1, 1, generator=g) * 255).round() / 127.5 - 1  # 8-bit values, as clips have
+    clean = flat.expand(3, 3, 4, 16, 16).contiguous()  # one colour each: what a denoiser restores
+    noisy = clean + torch.randn(clean.shape, generator=g) * torch.tensor([0.1, 0.1, 0.0]).view(3, 1, 1, 1, 1)
+    best, scores = quality_bench.tune_filter(noisy, clean, ["null", "hqdn3d=8:6:12:9"])
+    assert all(math.isfinite(v) for v in scores.values()), scores
+    assert best == "hqdn3d=8:6:12:9", scores  # not the no-op
+    assert scores["null"] == pytest.approx(metrics.psnr(noisy.clamp(-1, 1), clean, reduction="pooled").item(), abs=0.1)

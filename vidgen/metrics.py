@@ -28,16 +28,21 @@ def _reduce(values: Tensor, reduction: str) -> Tensor:
         return values.mean()
     if reduction == "none":
         return values
-    raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+    raise ValueError(f"reduction must be 'mean' or 'none' (or 'pooled' for psnr), got {reduction!r}")
 
 
 def psnr(a: Tensor, b: Tensor, data_range: float = 2.0, reduction: str = "mean") -> Tensor:
     """Peak signal-to-noise ratio in dB: 10 log10(data_range^2 / MSE), MSE over each whole video.
 
     Returns the mean over the batch (reduction="mean"), or one value per video ("none"), (B,).
-    Identical videos give +inf.
+    Identical videos give +inf, and so does a mean over a batch holding a pair of them.
+    reduction="pooled": one value from the MSE over the whole batch, finite unless every pair is
+    identical, and not carried by the few videos that come back near exact (for comparing methods
+    whose outputs are rounded to 8 bits, such as ffmpeg's filters, on a set of clips).
     """
     _check_videos(a, b)
+    if reduction == "pooled":
+        return (10 * torch.log10(data_range**2 / (a.double() - b.double()).pow(2).mean())).float()
     mse = (a.double() - b.double()).pow(2).flatten(1).mean(1)   # (B,)
     values = 10 * torch.log10(data_range**2 / mse)
     return _reduce(values.float(), reduction)
