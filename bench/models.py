@@ -7,8 +7,9 @@
 sizes    for every family and preset (tiny, small, base): trainable parameters, and the median
          seconds of one training step's forward + backward (every TrainStep of the family, the
          family's own loss) on a batch of 2 clips of the preset's shape, with all CPU threads.
-restore  a restoration model (scale 1: a denoiser, 5-frame window) trained in this process for
-         --train-seconds on 8 x 32 x 32 patches of synthetic `shapes` + `digits` clips (64x64, 16
+restore  the denoiser bench/quality.py trains through `vidgen train` (its DENOISE_MODEL: the `tiny`
+         preset's U-Net with two levels, a 5-frame window, 4 x 32 x 32 training patches) trained in
+         this process for --train-seconds on synthetic `shapes` + `digits` clips (64x64, 16
          frames) with the family's own on-the-fly degradation (gaussian noise, sigma uniform in
          0-0.1 of the [-1, 1] range, i.e. up to 12.75 levels of 255), then evaluated on held-out
          whole clips degraded with fixed seeds. Denoising is what hqdn3d and nlmeans are made for;
@@ -21,6 +22,9 @@ restore  a restoration model (scale 1: a denoiser, 5-frame window) trained in th
            ours      the trained model
          The filters' strengths are tuned on the evaluation clips themselves (an oracle choice,
          generous to the baselines); each filter runs on the raw degraded frames piped to ffmpeg.
+         As in quality.py: the noisy clips and all outputs are 8-bit, and each PSNR is over all the
+         clips at once. bench/quality.py's denoise row is the issue's protocol (15 minutes through
+         `vidgen train`, strengths tuned on other clips than the scored ones); this is 5 in-process.
          Targets: ours - degraded >= 3 dB, ours - best filter >= 1 dB.
 """
 
@@ -28,26 +32,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
+import math
 import statistics
 import time
 
-import numpy as np
 import torch
+from quality import DENOISE_MODEL, FILTERS, eight_bit, tune_filter  # bench/quality.py: its denoiser, its scoring
 
-
-from vidgen import media, metrics, models
+from vidgen import metrics, models
 from vidgen.data.synth import synth_clip
 from vidgen.data.tensors import frames_to_video
 
 PRESETS = ("tiny", "small", "base")
 SHAPES = {"tiny": (8, 32), "small": (16, 64), "base": (16, 128)}  # (T, S) where the config does not fix them
-FILTERS = {
-    "hqdn3d": ["hqdn3d", "hqdn3d=6:4.5:9:6.75", "hqdn3d=10:8:15:12", "hqdn3d=16:12:24:18"],
-    "nlmeans": ["nlmeans=s=2", "nlmeans=s=4", "nlmeans=s=6", "nlmeans=s=8:p=5:r=9"],
-}
-RESTORE = dict(scale=1, window=5, width=32, num_blocks=4, degradations=("noise",), noise_sigma=0.1, lr=1e-3)
-CROP = (8, 32, 32)  # training patches (T, H, W) cut from the 16 x 64 x 64 clips; evaluation uses whole clips
 
 
 def clips_of(kinds: list[str], seed: int, n: int, frames: int, size: int) -> torch.Tensor:
@@ -100,29 +97,25 @@ def sizes(repeat: int) -> dict:
     return out
 
 
-def ffmpeg_filter(video: torch.Tensor, vf: str) -> torch.Tensor:
-    """(C, T, H, W) in [-1, 1] -> the same frames through an ffmpeg video filter (`media.filter_frames`)."""
-    frames = ((video.permute(1, 2, 3, 0) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
-    return torch.from_numpy(media.filter_frames(frames, vf)).permute(3, 0, 1, 2).float() / 127.5 - 1
-
-
-def restore(train_seconds: float, eval_clips: int, batch_size: int) -> dict:
+def restore(train_seconds: float, eval_clips: int, batch_size: int, schedule: str = "constant") -> dict:
     kinds = ["shapes", "digits"]
     train = clips_of(kinds, 0, 256, 16, 64)
     clean = clips_of(kinds, 1, eval_clips, 16, 64)
     torch.manual_seed(0)
-    model = models.build("restore", "small", **RESTORE)
+    model = models.build("restore", "tiny", **DENOISE_MODEL)  # it cuts its own training patches
     params = sum(p.numel() for p in model.net.parameters())
     step = model.train_steps()[0]
     opt = torch.optim.AdamW(model.net.parameters(), lr=model.config.lr)
-    print(f"restore: training {params / 1e6:.2f}M parameters for {train_seconds:.0f} s on patches {CROP} of "
+    crop = (model.config.crop_frames, model.config.crop, model.config.crop)
+    print(f"restore: training {params / 1e6:.2f}M parameters for {train_seconds:.0f} s on patches {crop} of "
           f"{len(train)} clips (batch {batch_size}, degradations {list(model.config.degradations)})", flush=True)
     start, steps, losses = time.perf_counter(), 0, []
-    while time.perf_counter() - start < train_seconds:
+    while (done := (time.perf_counter() - start) / train_seconds) < 1:
+        if schedule == "cosine":  # over the time budget
+            for group in opt.param_groups:
+                group["lr"] = model.config.lr * 0.5 * (1 + math.cos(math.pi * done))
         idx = torch.randint(len(train), (batch_size,))
-        t0, y0, x0 = (int(torch.randint(n - c + 1, ())) for n, c in zip(train.shape[2:], CROP, strict=True))
-        crops = train[idx, :, t0:t0 + CROP[0], y0:y0 + CROP[1], x0:x0 + CROP[2]]  # (B, C, 8, 32, 32) patches
-        loss, _ = step.loss({"video": crops}, model.parts())
+        loss, _ = step.loss({"video": train[idx]}, model.parts())
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -132,22 +125,20 @@ def restore(train_seconds: float, eval_clips: int, batch_size: int) -> dict:
             print(f"  step {steps:5d}  l1 {statistics.mean(losses[-25:]):.4f}  {time.perf_counter() - start:5.0f} s",
                   flush=True)
 
-    degraded = torch.cat([model.degrade(clean[i:i + 1], seed=10_000 + i) for i in range(len(clean))])
+    # 8-bit noisy clips for every method, 8-bit outputs, each PSNR over all the clips at once (quality.py's denoise)
+    degraded = eight_bit(torch.cat([model.degrade(clean[i:i + 1], seed=10_000 + i) for i in range(len(clean))]))
     model.eval()
     with torch.no_grad():
-        ours = torch.cat([model.restore(degraded[i:i + 1]) for i in range(len(clean))])
-    results = {"degraded": metrics.psnr(degraded, clean).item(), "ours": metrics.psnr(ours, clean).item()}
+        ours = eight_bit(torch.cat([model.restore(degraded[i:i + 1]) for i in range(len(clean))]))
+    results = {"degraded": metrics.psnr(degraded, clean, reduction="pooled").item(),
+               "ours": metrics.psnr(ours, clean, reduction="pooled").item()}
     tuned = {}
     for name, options in FILTERS.items():
-        scores = {}
-        for vf in options:
-            filtered = torch.stack([ffmpeg_filter(degraded[i], vf) for i in range(len(clean))])
-            scores[vf] = metrics.psnr(filtered, clean).item()
-        best = max(scores, key=scores.get)
+        best, scores = tune_filter(degraded, clean, options)
         results[name], tuned[name] = scores[best], {"best": best, "scores": scores}
     best_filter = max(FILTERS, key=results.get)
     figures = {"params": params, "train_steps": steps, "train_seconds": train_seconds, "batch": batch_size,
-               "eval_clips": eval_clips, "config": {k: list(v) if isinstance(v, tuple) else v for k, v in RESTORE.items()},
+               "eval_clips": eval_clips, "lr_schedule": schedule, "config": {"preset": "tiny", **DENOISE_MODEL},
                "psnr_db": results, "filters": tuned, "gain_vs_degraded_db": results["ours"] - results["degraded"],
                "best_filter": best_filter, "gain_vs_best_filter_db": results["ours"] - results[best_filter]}
     print(f"restore: PSNR on {eval_clips} held-out clips (dB): degraded {results['degraded']:.2f}, "
@@ -164,6 +155,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3, help="sizes: timed steps per preset (base: 1)")
     ap.add_argument("--train-seconds", type=float, default=300)
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant",
+                    help="restore: the learning rate, or its cosine decay over --train-seconds")
     ap.add_argument("--eval-clips", type=int, default=16)
     ap.add_argument("--out-json")
     args = ap.parse_args()
@@ -172,7 +165,7 @@ def main() -> None:
     if args.only in (None, "sizes"):
         figures["sizes"] = sizes(args.repeat)
     if args.only in (None, "restore"):
-        figures["restore"] = restore(args.train_seconds, args.eval_clips, args.batch)
+        figures["restore"] = restore(args.train_seconds, args.eval_clips, args.batch, args.lr_schedule)
     if args.out_json:
         with open(args.out_json, "w") as f:
             json.dump(figures, f, indent=2)
