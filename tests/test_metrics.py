@@ -25,6 +25,15 @@ def test_psnr_of_a_known_mse():
         psnr(a, b[:, :, :2])
 
 
+def test_pooled_psnr_is_one_figure_from_the_mse_of_all_videos_and_stays_finite_with_an_exact_one():
+    a = torch.zeros(3, 3, 4, 8, 8)
+    b = a.clone()
+    b[0] += 0.1                                                   # MSE 0.01
+    b[1] -= 0.2                                                   # MSE 0.04; b[2] is exact
+    assert psnr(a, b, reduction="pooled").item() == pytest.approx(10 * math.log10(4 / (0.05 / 3)), abs=1e-4)
+    assert math.isinf(psnr(a, b).item())                          # the mean of per-video figures is not
+
+
 def test_ssim_of_identical_videos_is_one():
     video = torch.rand(2, 3, 4, 16, 16) * 2 - 1
     assert ssim(video, video).item() == pytest.approx(1.0, abs=1e-6)
