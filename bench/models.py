@@ -24,8 +24,9 @@ restore  the denoiser bench/quality.py trains through `vidgen train` (its DENOIS
          generous to the baselines); each filter runs on the raw degraded frames piped to ffmpeg.
          As in quality.py: the noisy clips and all outputs are 8-bit, and each PSNR is over all the
          clips at once. bench/quality.py's denoise row is the issue's protocol (15 minutes through
-         `vidgen train`, strengths tuned on other clips than the scored ones); this is 5 in-process.
-         Targets: ours - degraded >= 3 dB, ours - best filter >= 1 dB.
+         `vidgen train`, strengths tuned on other clips than the scored ones); this one trains for
+         --train-seconds (300) in this process, without Ray.
+         The targets, for 15 minutes (the quality row): ours - degraded >= 3 dB, ours - best filter >= 1 dB.
 """
 
 from __future__ import annotations
