@@ -206,7 +206,8 @@ def bench_vae(work: str, args) -> dict:
     recon = torch.cat([model.reconstruct(xv[i:i + 8]) for i in range(0, len(xv), 8)])
     mean_frame = xv.mean(2, keepdim=True).expand_as(xv)
     clf = quality.train_classifier(x, y, classes=3)
-    samples = model.sample(150, num_frames=x.shape[2], seed=123)
+    # as many samples as train clips: both distances from as many clips (see quality.score_conditional)
+    samples = model.sample(len(x), num_frames=x.shape[2], seed=123)
     with torch.no_grad():
         ratio = (quality.frechet_distance(clf.features(samples), clf.features(xv))
                  / quality.frechet_distance(clf.features(x), clf.features(xv)))
