@@ -7,12 +7,13 @@ Trains GAN `tiny` in this process through its own training contract (`optimizer_
 the family's settings, clipping at 1.0, the after-step EMA; no Ray, no DeepSpeed) on the data and
 batch of `bench/quality.py`'s gan run (shapes 32x32, 8 frames, 384 train and 384 val clips; 2
 workers x 8), and every `--every` steps scores the EMA generator as it does: label accuracy of one
-sample per train clip by a judge trained on the real train clips (chance 1/3), and the Frechet
-distance of the judge's features, samples vs real val clips, over real train vs real val clips.
-The judge is trained once, so a run's checks differ only by the generator. The Frechet ratio swings
-from one check to the next (the shipped preset at 2,000 and 2,400 steps: 10.3x and 12.8x with
-seed 0, 9.4x and 9.4x with seed 1, 2026-11-30): read the curve, not its last point. `--out PNG`
-writes the last samples (12 rows) over 6 real clips.
+sample per train clip by its panel of judges trained on 384 other real clips (chance 1/3), and the
+Frechet distance of a judge's features, samples vs real val clips, over real train vs real val
+clips: the judges' geometric mean, and their range. The judges are trained once, so a run's checks
+differ only by the generator. The Frechet ratio swings from one check to the next (the shipped
+preset at 2,000 and 2,400 steps, by one judge trained on the train clips, as the figures below
+were scored up to 2026-12-01: 10.3x and 12.8x with seed 0, 9.4x and 9.4x with seed 1): read the
+curve, not its last point. `--out PNG` writes the last samples (12 rows) over 6 real clips.
 
 `--decay-from STEP` lets both learning rates fall linearly to 0 at --steps, to see whether the
 samples settle late in a run. From 1,200 of 2,400 steps (2026-12-01) it froze what the GAN drew
@@ -30,7 +31,7 @@ import time
 import numpy as np
 import torch
 
-from quality import GAN_RECIPE, clips, synth  # bench/quality.py: its gan run's data and batch
+from quality import GAN_RECIPE, clips, judge_clips, synth  # bench/quality.py: its gan run's data and batch
 from vidgen import models, quality
 from vidgen.models.contract import optimizer_step
 
@@ -60,9 +61,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="vidgen-gan-curve-") as work:
         data = synth(work, "shapes", 768, 8, 32, seed=0, val=0.5)
         (x, y), (xv, _) = clips(data, "train"), clips(data, "val")
-    judge = quality.train_classifier(x, y, 3)
-    real_val = judge.features(xv).detach()
-    real = quality.frechet_distance(judge.features(x).detach(), real_val)
+    panel = quality.JudgePanel(*judge_clips(384, 8, 32), classes=3)
     torch.manual_seed(args.seed)
     model = models.build("gan", "tiny", num_classes=3, label_names=["circle", "square", "triangle"], **overrides)
     optimizers = {p: torch.optim.AdamW(m.parameters(), **model.optimizer_settings(p)) for p, m in model.parts().items()}
@@ -73,8 +72,8 @@ def main() -> None:
 
     schedules = [torch.optim.lr_scheduler.LambdaLR(o, factor) for o in optimizers.values()]
     asked = y.clone()  # one sample per train clip, with its label (see quality.score_conditional)
-    print(f"gan tiny {overrides or ''} seed {args.seed}: real train vs val Frechet distance {real:.3f}")
-    print(" step      s  label accuracy  Frechet ratio")
+    print(f"gan tiny {overrides or ''} seed {args.seed}; {quality.JUDGES} judges")
+    print(" step      s  label accuracy  Frechet ratio (judges' range)")
     started = time.perf_counter()
     for step in range(1, args.steps + 1):
         idx = torch.randint(len(x), (batch,))
@@ -86,9 +85,10 @@ def main() -> None:
             model.eval()
             with torch.no_grad():
                 samples = model.sample(len(asked), 8, asked.tolist(), seed=123)
-                ratio = quality.frechet_distance(judge.features(samples), real_val) / real
-                accuracy = quality.label_accuracy(judge, samples, asked)
-            print(f"{step:5d} {time.perf_counter() - started:6.0f}  {accuracy:14.2f}  {ratio:12.2f}x", flush=True)
+                ratios = panel.frechet_ratios(samples, x, xv)
+                accuracy = panel.label_accuracy(samples, asked)
+            print(f"{step:5d} {time.perf_counter() - started:6.0f}  {accuracy:14.2f}  "
+                  f"{quality.geometric_mean(ratios):12.2f}x ({min(ratios):.1f}-{max(ratios):.1f})", flush=True)
     if args.out:
         from PIL import Image
 

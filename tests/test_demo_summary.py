@@ -40,7 +40,9 @@ def test_the_gan_is_scored_against_hundreds_of_fresh_held_out_clips_not_the_data
     """The demo's Frechet ratio came from the dataset's ~40 val clips: a distance estimated from n
     clips is biased up by about tr(cov) / n, which swamps the real-vs-real baseline and pulls the
     ratio towards 1 (a lenient verdict). It now scores against HELD_OUT_CLIPS fresh clips of the same
-    generator, none of them a dataset clip."""
+    generator, none of them a dataset clip. Its judges are a panel (one judge's ratio is as much its
+    seed's as the samples') trained on a third fresh set, so the real train clips, like the samples,
+    are clips no judge has seen."""
     from vidgen import models, quality
 
     torch.manual_seed(0)
@@ -52,7 +54,7 @@ def test_the_gan_is_scored_against_hundreds_of_fresh_held_out_clips_not_the_data
     real_score = quality.score_conditional
 
     def spy(sample, train, held_out, classes, **kw):
-        seen["train"], seen["held_out"] = train, held_out
+        seen["train"], seen["held_out"], seen["judge_clips"] = train, held_out, kw.get("judge_clips")
         return real_score(sample, train, held_out, classes, **kw)
 
     monkeypatch.setattr(quality, "score_conditional", spy)
@@ -62,4 +64,9 @@ def test_the_gan_is_scored_against_hundreds_of_fresh_held_out_clips_not_the_data
     dataset = np.stack([r["frames"] for r in ds.iter_clips()])
     fresh = ((seen["held_out"][0].permute(0, 2, 3, 4, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
     assert not any((dataset == clip).all((1, 2, 3, 4)).any() for clip in fresh[:64])
+    judged = ((seen["judge_clips"][0].permute(0, 2, 3, 4, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+    assert len(judged) >= 384 and sorted(set(seen["judge_clips"][1].tolist())) == [0, 1, 2]
+    assert not any((dataset == clip).all((1, 2, 3, 4)).any() for clip in judged[:64])
+    assert not any((fresh == clip).all((1, 2, 3, 4)).any() for clip in judged[:64])
     assert figures[2].baseline_name == "real train vs held-out" and figures[2].value > 0
+    assert f"({quality.JUDGES} judges: " in figures[2].name and quality.JUDGES >= 4

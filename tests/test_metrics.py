@@ -158,6 +158,33 @@ def test_conditional_scores_ask_one_sample_per_train_clip_so_both_frechet_distan
         asked.append(labels)
         return train[0]
 
-    scores = score_conditional(copy_of_train, train, held_out, classes=3)
+    scores = score_conditional(copy_of_train, train, held_out, classes=3, judges=2)
     assert asked == [train[1].tolist()]
     assert scores.frechet_ratio == pytest.approx(1.0, abs=1e-4)  # the train clips themselves: exactly the baseline
+    assert scores.frechet_range == pytest.approx((1.0, 1.0), abs=1e-4)
+
+
+def test_a_judge_panel_gives_one_ratio_per_judge_and_their_geometric_mean():
+    """One judge's Frechet ratio is one draw of its seed (blurred real clips read 11-89x over ten
+    judges): the panel trains each judge from its own seed, and the score is their geometric mean."""
+    import numpy as np
+
+    from vidgen.data.synth import synth_clip
+    from vidgen.data.tensors import frames_to_video
+    from vidgen.quality import JudgePanel, geometric_mean, score_conditional
+    from vidgen.models.restore import _gaussian_blur
+
+    def clips(n: int, seed: int):
+        rows = [synth_clip("shapes", seed, i, 4, 32, 0.0) for i in range(n)]
+        return frames_to_video(np.stack([r.frames for r in rows])), torch.tensor([r.label for r in rows])
+
+    train, held_out, judged = clips(60, seed=0), clips(60, seed=1), clips(60, seed=2)
+    blurred = torch.stack([_gaussian_blur(clip, 1.0) for clip in train[0]])
+    panel = JudgePanel(*judged, classes=3, judges=3)
+    ratios = panel.frechet_ratios(blurred, train[0], held_out[0])
+    assert len(ratios) == 3 and geometric_mean(ratios) > 1.5  # the panel sees the blur
+    assert max(ratios) / min(ratios) > 1.1, ratios           # judges of different seeds see it differently
+    assert geometric_mean([2.0, 8.0]) == pytest.approx(4.0)
+    scores = score_conditional(lambda labels, seed: blurred, train, held_out, classes=3, judge_clips=judged, judges=3)
+    assert scores.frechet_ratio == pytest.approx(geometric_mean(ratios), rel=1e-6)
+    assert scores.frechet_range == pytest.approx((min(ratios), max(ratios)), rel=1e-6)
