@@ -4,16 +4,16 @@
 
 `bench/quality.py` scores a conditional GAN by the Frechet distance of a judge's features (a
 classifier trained on other real clips), samples vs real val clips, over real train vs real val
-clips, for each of a panel of judges. This takes the same data and judges and scores the real
-train clips themselves after one alteration each (blur, smaller objects, one colour for every
-object, texture, noise, frames shuffled or frozen): a generator whose samples share a defect can
-read no better than that defect's ratio. It tells which defect of the samples to fix first.
-2026-12-01, 2 cores, the judges' geometric mean (lowest-highest judge): everything 0.8 times its
-size 31.9x (24-46), blur of sigma 1 px 25.6x (11-76), every object one colour 13.6x (11-19), blur
-0.5 px 4.0x (1.7-19), still frames 3.0x (1.7-5.2); colours halfway to grey, textured backgrounds,
-pixel noise and shuffled frames about 1x. One judge alone (seed 0, trained on the train clips, as
-the figures were scored until then) read blur 1 px 22.6x and still frames 6.0x: a judge's seed
-moves a ratio as much as a defect does.
+clips, each the mean over 6 draws of clips, for each of a panel of judges. This takes the same data,
+draws and judges and scores the real clips themselves after one alteration each (blur, smaller
+objects, one colour for every object, texture, noise, frames shuffled or frozen): a generator whose
+samples share a defect can read no better than that defect's ratio. It tells which defect of the
+samples to fix first. 2026-12-01, 2 cores, the judges' geometric mean (lowest-highest judge):
+everything 0.8 times its size 48.0x (40-61), blur of sigma 1 px 31.6x (14-95), every object one
+colour 15.9x (13-21), blur 0.5 px 4.5x (2.1-24), still frames 2.9x (1.5-5.0); colours halfway to
+grey, textured backgrounds, pixel noise and shuffled frames about 1x. One judge alone (seed 0,
+trained on the train clips) over one draw, as the figures were scored until then, read blur 1 px
+22.6x and still frames 6.0x: a judge's seed moves a ratio as much as a defect does.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import tempfile
 import torch
 import torch.nn.functional as F
 
-from quality import clips, judge_clips, synth  # bench/quality.py: its gan run's data
+from quality import clips, scoring_clips, synth  # bench/quality.py: its gan run's data
 from vidgen import quality
 from vidgen.models.restore import _gaussian_blur
 
@@ -64,11 +64,15 @@ def main() -> None:
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory(prefix="vidgen-frechet-") as work:
         data = synth(work, "shapes", 768, 8, 32, seed=0, val=0.5)
-        (x, y), (xv, _) = clips(data, "train"), clips(data, "val")
-    panel = quality.JudgePanel(*judge_clips(384, 8, 32), classes=3)
-    print(f"Frechet ratio over real train vs val: the geometric mean of {quality.JUDGES} judges (their range)")
-    for name, video in alterations(x).items():
-        ratios = panel.frechet_ratios(video.clamp(-1, 1), x, xv)
+        (x, _), (xv, _) = clips(data, "train"), clips(data, "val")
+    judges, draws = scoring_clips(len(x), len(xv), 8, 32)
+    panel = quality.JudgePanel(*judges, classes=3)
+    reals, held_outs = [x, *(r for (r, _), _ in draws)], [xv, *(h for _, (h, _) in draws)]
+    altered = [alterations(r) for r in reals]
+    print(f"Frechet ratio over real vs held-out, the means over {len(reals)} draws of clips: "
+          f"the geometric mean of {quality.JUDGES} judges (their range)")
+    for name in altered[0]:
+        ratios = panel.frechet_ratios([a[name].clamp(-1, 1) for a in altered], reals, held_outs)
         print(f"{quality.geometric_mean(ratios):8.2f}x  ({min(ratios):5.1f}-{max(ratios):5.1f})  {name}")
 
 

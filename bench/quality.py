@@ -15,8 +15,9 @@ gan       conditional, shapes 32x32, 8 frames (384 train, 384 val clips), 6 min.
           scoring sees, judges one sample per train clip, asked for that clip's label: the share
           recognised as the asked class, vs chance 1/3 and vs the same judges on real val clips
           (target >= 0.90). The Frechet distance of a judge's features, samples vs real val clips,
-          over the distance real train vs real val, both from as many clips: the geometric mean over
-          the judges, and their range (target <= 3x).
+          over the distance real train vs real val, both from as many clips, and both the mean over
+          6 draws (train and val, then 5 fresh pairs of real and held-out sets as large): the
+          geometric mean over the judges, and their range (target <= 3x).
 restore   blur + noise on shapes 64x64, 3 min: PSNR gain over the degraded input (target >= +3 dB).
 denoise   noise only (sigma U(0, 0.1) on [-1, 1]), shapes + digits 64x64, 15 min: PSNR vs ffmpeg's hqdn3d
           and nlmeans, each at the strength that scores best on half of the val clips; all three are
@@ -74,18 +75,24 @@ def clips(uri: str, split: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     return video, (torch.tensor(labels) if None not in labels else None)
 
 
-def judge_clips(clips_: int, frames: int, size: int, seed: int = 20_000) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fresh shapes clips of another seed for the judges to train on: clips neither Frechet distance uses."""
-    from vidgen.data.synth import synth_clip
+JUDGE_SEED, DRAW_SEED = 20_000, 30_000  # fresh clips for scoring a generator; the data's seeds are small
 
-    rows = [synth_clip("shapes", seed, i, frames, size, 0.0) for i in range(clips_)]
-    return frames_to_video(np.stack([r.frames for r in rows])), torch.tensor([r.label for r in rows])
+
+def scoring_clips(real: int, held_out: int, frames: int, size: int) -> tuple[tuple, list]:
+    """Fresh shapes clips, none of them in a dataset: 384 for the judges to train on, and
+    quality.REAL_DRAWS - 1 more (real, held-out) draws beside the data's own (see
+    quality.score_conditional), each real set `real` clips and each held-out set `held_out`."""
+    judges = quality.fresh_clips("shapes", JUDGE_SEED, 384, frames, size)
+    draws = [(quality.fresh_clips("shapes", DRAW_SEED + 2 * k, real, frames, size),
+              quality.fresh_clips("shapes", DRAW_SEED + 2 * k + 1, held_out, frames, size))
+             for k in range(quality.REAL_DRAWS - 1)]
+    return judges, draws
 
 
 def frechet_figure(name: str, ratio: float, spread: tuple[float, float], target: float | None = None) -> Figure:
     """The panel's geometric-mean Frechet ratio, with the lowest and highest judge's in its name."""
     judges = f"{quality.JUDGES} judges: {spread[0]:.1f}-{spread[1]:.1f}x"
-    return Figure(f"{name}: Frechet distance / real-vs-real ({judges})", ratio, "real train vs val", 1.0, unit="x",
+    return Figure(f"{name}: Frechet distance / real-vs-real ({judges})", ratio, "real vs held-out", 1.0, unit="x",
                   target=target, higher_is_better=False)
 
 
@@ -129,9 +136,10 @@ def bench_gan(work: str, args) -> dict:
     data = synth(work, "shapes", 768, 8, 32, seed=0, val=0.5)
     gan, run = train_and_export(work, "gan", "gan", data, budget(6, args), {}, **GAN_RECIPE)
     frames = open_dataset(data).clip_shape[0]
+    train, val = clips(data, "train"), clips(data, "val")
+    judges, draws = scoring_clips(len(train[0]), len(val[0]), frames, 32)
     scores = quality.score_conditional(lambda labels, seed: gan.sample(len(labels), frames, labels, seed),
-                                       clips(data, "train"), clips(data, "val"), classes=3,
-                                       judge_clips=judge_clips(384, 8, 32))
+                                       train, val, classes=3, judge_clips=judges, more_draws=draws)
     return {"run": run, "figures": [
         Figure("gan: label accuracy of samples", scores.label_accuracy, "chance", 1 / 3, target=0.90),
         Figure("gan: judges on real val clips (reference)", scores.judge_on_real, "chance", 1 / 3),
@@ -222,10 +230,12 @@ def bench_vae(work: str, args) -> dict:
     model, run = train_and_export(work, "vae", "vae", data, budget(3, args), {}, micro_batch=8)
     recon = torch.cat([model.reconstruct(xv[i:i + 8]) for i in range(0, len(xv), 8)])
     mean_frame = xv.mean(2, keepdim=True).expand_as(xv)
-    panel = quality.JudgePanel(*judge_clips(384, x.shape[2], x.shape[-1]), classes=3)
-    # as many samples as train clips: both distances from as many clips (see quality.score_conditional)
-    samples = model.sample(len(x), num_frames=x.shape[2], seed=123)
-    ratios = panel.frechet_ratios(samples, x, xv)
+    judges, draws = scoring_clips(len(x), len(xv), x.shape[2], x.shape[-1])
+    panel = quality.JudgePanel(*judges, classes=3)
+    reals, held_outs = [x, *(r for (r, _), _ in draws)], [xv, *(h for _, (h, _) in draws)]
+    # as many samples as real clips: both distances from as many clips (see quality.score_conditional)
+    samples = [model.sample(len(r), num_frames=x.shape[2], seed=123 + k) for k, r in enumerate(reals)]
+    ratios = panel.frechet_ratios(samples, reals, held_outs)
     return {"run": run, "figures": [
         Figure("vae: reconstruction PSNR", metrics.psnr(recon, xv).item(), "each clip's mean frame",
                metrics.psnr(mean_frame, xv).item(), unit=" dB"),

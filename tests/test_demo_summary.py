@@ -42,7 +42,8 @@ def test_the_gan_is_scored_against_hundreds_of_fresh_held_out_clips_not_the_data
     ratio towards 1 (a lenient verdict). It now scores against HELD_OUT_CLIPS fresh clips of the same
     generator, none of them a dataset clip. Its judges are a panel (one judge's ratio is as much its
     seed's as the samples') trained on a third fresh set, so the real train clips, like the samples,
-    are clips no judge has seen."""
+    are clips no judge has seen; and both distances are means over several draws of real clips (one
+    draw's real-vs-real distance ranged 10x, and so did the ratio with it)."""
     from vidgen import models, quality
 
     torch.manual_seed(0)
@@ -55,6 +56,7 @@ def test_the_gan_is_scored_against_hundreds_of_fresh_held_out_clips_not_the_data
 
     def spy(sample, train, held_out, classes, **kw):
         seen["train"], seen["held_out"], seen["judge_clips"] = train, held_out, kw.get("judge_clips")
+        seen["more_draws"] = kw.get("more_draws", [])
         return real_score(sample, train, held_out, classes, **kw)
 
     monkeypatch.setattr(quality, "score_conditional", spy)
@@ -68,5 +70,11 @@ def test_the_gan_is_scored_against_hundreds_of_fresh_held_out_clips_not_the_data
     assert len(judged) >= 384 and sorted(set(seen["judge_clips"][1].tolist())) == [0, 1, 2]
     assert not any((dataset == clip).all((1, 2, 3, 4)).any() for clip in judged[:64])
     assert not any((fresh == clip).all((1, 2, 3, 4)).any() for clip in judged[:64])
-    assert figures[2].baseline_name == "real train vs held-out" and figures[2].value > 0
+    # more draws of real and held-out clips, each real set as large as train, none of them alike
+    assert len(seen["more_draws"]) == quality.REAL_DRAWS - 1 >= 3
+    sets = [seen["train"][0], seen["held_out"][0], *(v for draw in seen["more_draws"] for v, _ in draw)]
+    assert all(len(real) == len(seen["train"][0]) for (real, _), _ in seen["more_draws"])
+    firsts = torch.stack([v[0] for v in sets])
+    assert len({tuple(f.flatten()[:64].tolist()) for f in firsts}) == len(sets)
+    assert figures[2].baseline_name == "real vs held-out" and figures[2].value > 0
     assert f"({quality.JUDGES} judges: " in figures[2].name and quality.JUDGES >= 4

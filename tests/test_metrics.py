@@ -163,6 +163,20 @@ def test_conditional_scores_ask_one_sample_per_train_clip_so_both_frechet_distan
     assert scores.frechet_ratio == pytest.approx(1.0, abs=1e-4)  # the train clips themselves: exactly the baseline
     assert scores.frechet_range == pytest.approx((1.0, 1.0), abs=1e-4)
 
+    # More draws: the samples of draw k are asked for its real set's labels with seed + k, and a
+    # generator that reproduces each draw's real clips still scores exactly the baseline.
+    draws = [(clips(60, seed=3), clips(60, seed=4)), (clips(60, seed=5), clips(60, seed=6))]
+    reals = [train, *(real for real, _ in draws)]
+    calls: list[tuple[list[int], int]] = []
+
+    def copy_of_each(labels, seed):
+        calls.append((labels, seed))
+        return reals[seed - 123][0]
+
+    scores = score_conditional(copy_of_each, train, held_out, classes=3, judges=2, more_draws=draws)
+    assert calls == [(real[1].tolist(), 123 + k) for k, real in enumerate(reals)]
+    assert scores.frechet_ratio == pytest.approx(1.0, abs=1e-4)
+
 
 def test_a_judge_panel_gives_one_ratio_per_judge_and_their_geometric_mean():
     """One judge's Frechet ratio is one draw of its seed (blurred real clips read 11-89x over ten
@@ -187,4 +201,7 @@ def test_a_judge_panel_gives_one_ratio_per_judge_and_their_geometric_mean():
     assert geometric_mean([2.0, 8.0]) == pytest.approx(4.0)
     scores = score_conditional(lambda labels, seed: blurred, train, held_out, classes=3, judge_clips=judged, judges=3)
     assert scores.frechet_ratio == pytest.approx(geometric_mean(ratios), rel=1e-6)
+    # over several draws each distance is the mean of the draws' distances
+    twice = panel.frechet_ratios([blurred, blurred], [train[0], train[0]], [held_out[0], held_out[0]])
+    assert twice == pytest.approx(ratios, rel=1e-9)
     assert scores.frechet_range == pytest.approx((min(ratios), max(ratios)), rel=1e-6)

@@ -91,6 +91,21 @@ def frechet_distance(a: Tensor, b: Tensor) -> float:
 # (one object colour for all: 11-19x), so one judge's Frechet ratio says as much about its seed as
 # about the samples. The geometric mean over 8 judges spreads about sqrt(8) times less (2026-12-01).
 JUDGES = 8
+# Draws of real clips. The Frechet distance between two sets of 384 real clips is itself one draw:
+# over 28 pairs of fresh sets it ranged 0.08-0.78 (the judges' geometric mean; their features are
+# heavy-tailed), so a ratio over one pair moved 4x with the clips alone (one GAN read 37x against the
+# demo's pair and 8.9x against bench/quality.py's). The mean over 6 pairs brought both to 8-9x.
+REAL_DRAWS = 6
+
+
+def fresh_clips(kind: str, seed: int, count: int, frames: int, size: int) -> tuple[Tensor, Tensor]:
+    """`count` real clips of a procedural kind (vidgen.data.synth), drawn anew from `seed`:
+    (videos (N, C, T, H, W) in [-1, 1], labels (N,))."""
+    from vidgen.data.synth import synth_clip
+    from vidgen.data.tensors import frames_to_video
+
+    clips = [synth_clip(kind, seed, i, frames, size, 0.0) for i in range(count)]
+    return frames_to_video(np.stack([c.frames for c in clips])), torch.tensor([c.label for c in clips])
 
 
 class JudgePanel:
@@ -105,14 +120,23 @@ class JudgePanel:
         return float(np.mean([label_accuracy(judge, videos, labels) for judge in self.judges]))
 
     @torch.no_grad()
-    def frechet_ratios(self, samples: Tensor, reference: Tensor, held_out: Tensor) -> list[float]:
-        """Per judge: the Frechet distance samples vs held-out over reference (real clips) vs held-out."""
+    def frechet_ratios(self, samples, reference, held_out) -> list[float]:
+        """Per judge: the Frechet distance samples vs held-out over reference (real clips) vs
+        held-out. Each argument is a video batch or a list of them, one per draw (samples[k] and
+        reference[k] are both scored against held_out[k]): then each distance is the mean over the
+        draws, so that neither rests on one draw of clips."""
+        samples, reference, held_out = _draws(samples), _draws(reference), _draws(held_out)
         ratios = []
         for judge in self.judges:
-            real = judge.features(held_out)
-            ratios.append(frechet_distance(judge.features(samples), real)
-                          / frechet_distance(judge.features(reference), real))
+            real = [judge.features(h) for h in held_out]
+            fake = np.mean([frechet_distance(judge.features(x), r) for x, r in zip(samples, real, strict=True)])
+            base = np.mean([frechet_distance(judge.features(x), r) for x, r in zip(reference, real, strict=True)])
+            ratios.append(float(fake / base))
         return ratios
+
+
+def _draws(videos) -> list[Tensor]:
+    return [videos] if isinstance(videos, Tensor) else list(videos)
 
 
 def geometric_mean(values: list[float]) -> float:
@@ -125,15 +149,15 @@ class ConditionalScores:
 
     label_accuracy: float   # share of samples a judge assigns to the asked class (the panel's mean)
     judge_on_real: float    # the judges' accuracy on the real held-out clips (their own ceiling)
-    frechet_ratio: float    # Frechet distance samples vs held-out, over real train vs held-out: the
-                            # geometric mean of the panel's judges
+    frechet_ratio: float    # Frechet distance samples vs held-out, over real (train) vs held-out, each
+                            # the mean over the draws: the geometric mean of the panel's judges
     frechet_range: tuple[float, float]  # the lowest and the highest judge's ratio
 
 
 @torch.no_grad()
 def score_conditional(sample, train: tuple[Tensor, Tensor], held_out: tuple[Tensor, Tensor], classes: int,
                       seed: int = 123, judge_clips: tuple[Tensor, Tensor] | None = None,
-                      judges: int = JUDGES) -> ConditionalScores:
+                      judges: int = JUDGES, more_draws: list = ()) -> ConditionalScores:
     """Train a panel of judges on `judge_clips` (real clips that neither distance uses; default: the
     train clips), then score `sample(labels, seed) -> videos` against the held-out clips. Videos are
     (N, C, T, H, W) in [-1, 1]; labels (N,) long.
@@ -142,20 +166,27 @@ def score_conditional(sample, train: tuple[Tensor, Tensor], held_out: tuple[Tens
     puts the real-vs-real baseline on unequal terms with the samples (whom no judge saw): give the
     judges a third set where one can be drawn.
 
-    The samples are asked for the train clips' labels, one each, so both Frechet distances (samples
-    vs held-out, real train vs held-out) are measured with the same number of clips and the same mix
+    `more_draws`: further ((real videos, labels), (held-out videos, labels)) pairs of fresh real
+    clips, each real set as large as train (see REAL_DRAWS). For each draw k (train and held_out
+    first), samples asked for its real set's labels (seed + k) and its real set are scored against
+    its held-out set; each distance is the mean over the draws.
+
+    The samples are asked for the real clips' labels, one each, so both Frechet distances (samples
+    vs held-out, real vs held-out) are measured with the same number of clips and the same mix
     of classes: a Frechet distance estimated from n clips is biased upwards by about tr(cov)/n, and
     fewer samples than train clips made a perfect generator score above 1."""
-    x, y = train
-    xv, yv = held_out
+    draws = [(train, held_out), *more_draws]
     with torch.enable_grad():
         panel = JudgePanel(*(judge_clips or train), classes, judges)
-    asked = y.clone()
-    samples = sample(asked.tolist(), seed)
-    asked = asked.to(samples.device)
-    ratios = panel.frechet_ratios(samples, x, xv)
-    return ConditionalScores(panel.label_accuracy(samples, asked), panel.label_accuracy(xv, yv),
-                             geometric_mean(ratios), (min(ratios), max(ratios)))
+    samples, asked = [], []
+    for k, ((_, y), _) in enumerate(draws):
+        samples.append(sample(y.tolist(), seed + k))
+        asked.append(y.to(samples[-1].device))
+    ratios = panel.frechet_ratios(samples, [x for (x, _), _ in draws], [h for _, (h, _) in draws])
+    real_x, real_y = torch.cat([h for _, (h, _) in draws]), torch.cat([hy for _, (_, hy) in draws])
+    return ConditionalScores(panel.label_accuracy(torch.cat(samples), torch.cat(asked)),
+                             panel.label_accuracy(real_x, real_y), geometric_mean(ratios),
+                             (min(ratios), max(ratios)))
 
 
 @dataclass
