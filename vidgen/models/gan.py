@@ -143,13 +143,14 @@ PRESETS = {
     # the EMA's warm-up, decay (1 + n) / (10 + n), stays below 0.999 until step 8,990: over this preset's
     # 2,000-6,000 steps it averages the last n / 9 steps or so, whatever ema_decay is above ~0.997
     # (ema_decay 0.997 gave the same samples to the bit).
-    # Since 2026-12-01 the ratio is a panel's (vidgen.quality.JudgePanel: the geometric mean of 8
-    # judges trained on clips the scoring does not use): this recipe 9.0 / 8.6 / 17.5 at 1,600 / 2,000 /
+    # Since 2026-12-01 the ratio is a panel's (vidgen.quality.JudgePanel: the geometric mean of 8 judges
+    # trained on clips the scoring does not use; over one draw of clips here, over 6 since, which put the
+    # demo's model at 9.0x where one draw had read 37x): this recipe 9.0 / 8.6 / 17.5 at 1,600 / 2,000 /
     # 2,400 steps (seed 0) and 11.0 / 7.6 / 8.9 (seed 1), label accuracy 0.94 and 0.98. A flat sprite
-    # colour read from three content dimensions through a learned tanh(a z + b) per channel (a fixed
-    # axis, so the map from noise to colour cannot rotate and the EMA keeps it saturated) drew objects
-    # as colourful as the real ones, but lumpy circles and notched squares: 100.6 / 22.9 / 9.1 and
-    # 22.0 / 12.2 / 12.1, label accuracy 0.92 (bench/gan_curve.py).
+    # colour read from three content dimensions through a learned tanh(a z + b) per channel (a fixed axis,
+    # so the map from noise to colour cannot rotate and the EMA keeps it saturated) drew objects as
+    # colourful as the real ones, but lumpy circles and notched squares: 100.6 / 22.9 / 9.1 and 22.0 /
+    # 12.2 / 12.1, label accuracy 0.92 (bench/gan_curve.py).
     "tiny": dict(frame_size=32, num_frames=8, content_dim=32, motion_dim=16, noise_dim=8, class_dim=16,
                  g_width=16, g_max_width=64, d_width=16, d_max_width=64, image_frames=2, ema_decay=0.999,
                  g_norm="pixel", rgb_modulation=True, sprite=True, spectral_norm=True, aux_weight=1.0,
