@@ -9,16 +9,18 @@ batch of `bench/quality.py`'s gan run (shapes 32x32, 8 frames, 384 train and 384
 workers x 8), and every `--every` steps scores the EMA generator as it does: label accuracy of one
 sample per train clip by its panel of judges trained on 384 other real clips (chance 1/3), and the
 Frechet distance of a judge's features, samples vs real val clips, over real train vs real val
-clips, each the mean over 6 draws of real clips: the judges' geometric mean, and their range. The judges are trained once, so a run's checks
-differ only by the generator. The Frechet ratio swings from one check to the next (the shipped
-preset at 2,000 and 2,400 steps, by one judge trained on the train clips, as the figures below
-were scored up to 2026-12-01: 10.3x and 12.8x with seed 0, 9.4x and 9.4x with seed 1): read the
-curve, not its last point. `--out PNG` writes the last samples (12 rows) over 6 real clips.
+clips, each the mean over 6 draws of real clips: the judges' geometric mean, and their range. The
+judges are trained once, so a run's checks differ only by the generator. The Frechet ratio swings
+from one check to the next (the shipped preset at 2,000 and 2,400 steps, by one judge trained on the
+train clips, as the figures below were scored up to 2026-12-01: 10.3x and 12.8x with seed 0, 9.4x
+and 9.4x with seed 1): read the curve, not its last point. `--out PNG` writes the last samples (12
+rows) over 6 real clips.
 
 `--decay-from STEP` lets both learning rates fall linearly to 0 at --steps, to see whether the
 samples settle late in a run. From 1,200 of 2,400 steps (2026-12-01) it froze what the GAN drew
-when the rates got small: seed 0 ended at 8.9x (its constant-rate run: 12.8x), seed 1 at 102.6x
-with its sprites stuck at the frame's edges (constant: 9.4x).
+when the rates got small (scored then by one judge over one draw): seed 0 ended at 8.9x (its
+constant-rate run: 12.8x), seed 1 at 102.6x with its sprites stuck at the frame's edges (constant:
+9.4x).
 """
 
 from __future__ import annotations

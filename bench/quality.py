@@ -82,11 +82,8 @@ def scoring_clips(real: int, held_out: int, frames: int, size: int) -> tuple[tup
     """Fresh shapes clips, none of them in a dataset: 384 for the judges to train on, and
     quality.REAL_DRAWS - 1 more (real, held-out) draws beside the data's own (see
     quality.score_conditional), each real set `real` clips and each held-out set `held_out`."""
-    judges = quality.fresh_clips("shapes", JUDGE_SEED, 384, frames, size)
-    draws = [(quality.fresh_clips("shapes", DRAW_SEED + 2 * k, real, frames, size),
-              quality.fresh_clips("shapes", DRAW_SEED + 2 * k + 1, held_out, frames, size))
-             for k in range(quality.REAL_DRAWS - 1)]
-    return judges, draws
+    return (quality.fresh_clips("shapes", JUDGE_SEED, 384, frames, size),
+            quality.fresh_draws("shapes", DRAW_SEED, real, held_out, frames, size))
 
 
 def frechet_figure(name: str, ratio: float, spread: tuple[float, float], target: float | None = None) -> Figure:

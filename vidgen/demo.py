@@ -298,9 +298,7 @@ def measure_gan(demo: Demo) -> dict:
     # More draws of fresh real and held-out clips, so that neither distance rests on one draw of clips;
     # and the judges train on a set of their own, so that the real train clips, like the samples, are
     # clips no judge has seen (see quality.score_conditional).
-    more_draws = [(quality.fresh_clips(kind, HELD_OUT_SEED + 2 * k - 1, len(train_rows), frames, size),
-                   quality.fresh_clips(kind, HELD_OUT_SEED + 2 * k, HELD_OUT_CLIPS, frames, size))
-                  for k in range(1, quality.REAL_DRAWS)]
+    more_draws = quality.fresh_draws(kind, HELD_OUT_SEED + 1, len(train_rows), HELD_OUT_CLIPS, frames, size)
     gan = models.load(demo.uri("models", "gan"))
     scores = quality.score_conditional(lambda labels, seed: gan.sample(len(labels), frames, labels, seed), train,
                                        quality.fresh_clips(kind, HELD_OUT_SEED, HELD_OUT_CLIPS, frames, size),

@@ -108,6 +108,14 @@ def fresh_clips(kind: str, seed: int, count: int, frames: int, size: int) -> tup
     return frames_to_video(np.stack([c.frames for c in clips])), torch.tensor([c.label for c in clips])
 
 
+def fresh_draws(kind: str, first_seed: int, real: int, held_out: int, frames: int, size: int) -> list:
+    """REAL_DRAWS - 1 pairs (real clips, held-out clips) of fresh clips for `score_conditional`'s
+    `more_draws`, beside the data's own pair: pair i draws `real` clips from seed first_seed + 2i
+    and `held_out` clips from first_seed + 2i + 1."""
+    return [(fresh_clips(kind, first_seed + 2 * i, real, frames, size),
+             fresh_clips(kind, first_seed + 2 * i + 1, held_out, frames, size)) for i in range(REAL_DRAWS - 1)]
+
+
 class JudgePanel:
     """`judges` ClipClassifiers trained on the same real clips from seeds 0, 1, ...: their mean label
     accuracy, and one Frechet ratio each (`geometric_mean` combines them)."""
