@@ -23,7 +23,7 @@ import tempfile
 import torch
 import torch.nn.functional as F
 
-from quality import clips, scoring_clips, synth  # bench/quality.py: its gan run's data
+from quality import clips, synth  # bench/quality.py: its gan run's data
 from vidgen import quality
 from vidgen.models.restore import _gaussian_blur
 
@@ -65,7 +65,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="vidgen-frechet-") as work:
         data = synth(work, "shapes", 768, 8, 32, seed=0, val=0.5)
         (x, _), (xv, _) = clips(data, "train"), clips(data, "val")
-    judges, draws = scoring_clips(len(x), len(xv), 8, 32)
+    judges, draws = quality.scoring_clips("shapes", len(x), len(xv), 8, 32)
     panel = quality.JudgePanel(*judges, classes=3)
     reals, held_outs = [x, *(r for (r, _), _ in draws)], [xv, *(h for _, (h, _) in draws)]
     altered = [alterations(r) for r in reals]

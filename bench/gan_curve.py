@@ -33,7 +33,7 @@ import time
 import numpy as np
 import torch
 
-from quality import GAN_RECIPE, clips, scoring_clips, synth  # bench/quality.py: its gan run's data and batch
+from quality import GAN_RECIPE, clips, synth  # bench/quality.py: its gan run's data and batch
 from vidgen import models, quality
 from vidgen.models.contract import optimizer_step
 
@@ -63,7 +63,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="vidgen-gan-curve-") as work:
         data = synth(work, "shapes", 768, 8, 32, seed=0, val=0.5)
         (x, y), (xv, _) = clips(data, "train"), clips(data, "val")
-    judges, draws = scoring_clips(len(x), len(xv), 8, 32)
+    judges, draws = quality.scoring_clips("shapes", len(x), len(xv), 8, 32)
     panel = quality.JudgePanel(*judges, classes=3)
     reals, held_outs = [x, *(r for (r, _), _ in draws)], [xv, *(h for _, (h, _) in draws)]
     asked = [y, *(ry for (_, ry), _ in draws)]  # one sample per real clip, with its label

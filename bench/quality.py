@@ -13,9 +13,10 @@ whole `vidgen train`), then exported with `vidgen export` and scored on the data
 gan       conditional, shapes 32x32, 8 frames (384 train, 384 val clips), 6 min. A panel of 8
           ClipClassifiers (seeds 0-7), trained on 384 more real clips that neither the GAN nor the
           scoring sees, judges one sample per train clip, asked for that clip's label: the share
-          recognised as the asked class, vs chance 1/3 and vs the same judges on real val clips
-          (target >= 0.90). The Frechet distance of a judge's features, samples vs real val clips,
-          over the distance real train vs real val, both from as many clips, and both the mean over
+          recognised as the asked class, vs chance 1/3 and vs the same judges on the real held-out
+          clips of all 6 draws (the row still says "val clips"; target >= 0.90). The Frechet
+          distance of a judge's features, samples vs real val clips, over the distance real train
+          vs real val, both from as many clips, and both the mean over
           6 draws (train and val, then 5 fresh pairs of real and held-out sets as large): the
           geometric mean over the judges, and their range (target <= 3x).
 restore   blur + noise on shapes 64x64, 3 min: PSNR gain over the degraded input (target >= +3 dB).
@@ -75,17 +76,6 @@ def clips(uri: str, split: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     return video, (torch.tensor(labels) if None not in labels else None)
 
 
-JUDGE_SEED, DRAW_SEED = 20_000, 30_000  # fresh clips for scoring a generator; the data's seeds are small
-
-
-def scoring_clips(real: int, held_out: int, frames: int, size: int) -> tuple[tuple, list]:
-    """Fresh shapes clips, none of them in a dataset: 384 for the judges to train on, and
-    quality.REAL_DRAWS - 1 more (real, held-out) draws beside the data's own (see
-    quality.score_conditional), each real set `real` clips and each held-out set `held_out`."""
-    return (quality.fresh_clips("shapes", JUDGE_SEED, 384, frames, size),
-            quality.fresh_draws("shapes", DRAW_SEED, real, held_out, frames, size))
-
-
 def frechet_figure(name: str, ratio: float, spread: tuple[float, float], target: float | None = None) -> Figure:
     """The panel's geometric-mean Frechet ratio, with the lowest and highest judge's in its name."""
     judges = f"{quality.JUDGES} judges: {spread[0]:.1f}-{spread[1]:.1f}x"
@@ -134,7 +124,7 @@ def bench_gan(work: str, args) -> dict:
     gan, run = train_and_export(work, "gan", "gan", data, budget(6, args), {}, **GAN_RECIPE)
     frames = open_dataset(data).clip_shape[0]
     train, val = clips(data, "train"), clips(data, "val")
-    judges, draws = scoring_clips(len(train[0]), len(val[0]), frames, 32)
+    judges, draws = quality.scoring_clips("shapes", len(train[0]), len(val[0]), frames, 32)
     scores = quality.score_conditional(lambda labels, seed: gan.sample(len(labels), frames, labels, seed),
                                        train, val, classes=3, judge_clips=judges, more_draws=draws)
     return {"run": run, "figures": [
@@ -227,7 +217,7 @@ def bench_vae(work: str, args) -> dict:
     model, run = train_and_export(work, "vae", "vae", data, budget(3, args), {}, micro_batch=8)
     recon = torch.cat([model.reconstruct(xv[i:i + 8]) for i in range(0, len(xv), 8)])
     mean_frame = xv.mean(2, keepdim=True).expand_as(xv)
-    judges, draws = scoring_clips(len(x), len(xv), x.shape[2], x.shape[-1])
+    judges, draws = quality.scoring_clips("shapes", len(x), len(xv), x.shape[2], x.shape[-1])
     panel = quality.JudgePanel(*judges, classes=3)
     reals, held_outs = [x, *(r for (r, _), _ in draws)], [xv, *(h for _, (h, _) in draws)]
     # as many samples as real clips: both distances from as many clips (see quality.score_conditional)

@@ -151,14 +151,14 @@ def test_conditional_scores_ask_one_sample_per_train_clip_so_both_frechet_distan
         rows = [synth_clip("shapes", seed, i, 8, 32, 0.0) for i in range(n)]
         return frames_to_video(np.stack([r.frames for r in rows])), torch.tensor([r.label for r in rows])
 
-    train, held_out = clips(60, seed=0), clips(60, seed=1)
+    train, held_out, judged = clips(60, seed=0), clips(60, seed=1), clips(60, seed=2)
     asked: list[list[int]] = []
 
     def copy_of_train(labels, seed):  # a generator that reproduces the train clips exactly
         asked.append(labels)
         return train[0]
 
-    scores = score_conditional(copy_of_train, train, held_out, classes=3, judges=2)
+    scores = score_conditional(copy_of_train, train, held_out, classes=3, judge_clips=judged, more_draws=[], judges=2)
     assert asked == [train[1].tolist()]
     assert scores.frechet_ratio == pytest.approx(1.0, abs=1e-4)  # the train clips themselves: exactly the baseline
     assert scores.frechet_range == pytest.approx((1.0, 1.0), abs=1e-4)
@@ -173,7 +173,8 @@ def test_conditional_scores_ask_one_sample_per_train_clip_so_both_frechet_distan
         calls.append((labels, seed))
         return reals[seed - 123][0]
 
-    scores = score_conditional(copy_of_each, train, held_out, classes=3, judges=2, more_draws=draws)
+    scores = score_conditional(copy_of_each, train, held_out, classes=3, judge_clips=judged, more_draws=draws,
+                               judges=2)
     assert calls == [(real[1].tolist(), 123 + k) for k, real in enumerate(reals)]
     assert scores.frechet_ratio == pytest.approx(1.0, abs=1e-4)
 
@@ -185,7 +186,7 @@ def test_a_judge_panel_gives_one_ratio_per_judge_and_their_geometric_mean():
 
     from vidgen.data.synth import synth_clip
     from vidgen.data.tensors import frames_to_video
-    from vidgen.quality import JudgePanel, geometric_mean, score_conditional
+    from vidgen.quality import JudgePanel, frechet_distance, geometric_mean, score_conditional
     from vidgen.models.restore import _gaussian_blur
 
     def clips(n: int, seed: int):
@@ -199,9 +200,19 @@ def test_a_judge_panel_gives_one_ratio_per_judge_and_their_geometric_mean():
     assert len(ratios) == 3 and geometric_mean(ratios) > 1.5  # the panel sees the blur
     assert max(ratios) / min(ratios) > 1.1, ratios           # judges of different seeds see it differently
     assert geometric_mean([2.0, 8.0]) == pytest.approx(4.0)
-    scores = score_conditional(lambda labels, seed: blurred, train, held_out, classes=3, judge_clips=judged, judges=3)
+    scores = score_conditional(lambda labels, seed: blurred, train, held_out, classes=3, judge_clips=judged,
+                               more_draws=[], judges=3)
     assert scores.frechet_ratio == pytest.approx(geometric_mean(ratios), rel=1e-6)
-    # over several draws each distance is the mean of the draws' distances
-    twice = panel.frechet_ratios([blurred, blurred], [train[0], train[0]], [held_out[0], held_out[0]])
-    assert twice == pytest.approx(ratios, rel=1e-9)
     assert scores.frechet_range == pytest.approx((min(ratios), max(ratios)), rel=1e-6)
+    # over two draws each of the ratio's distances is the mean of the draws' distances (not the
+    # mean of the draws' ratios), and the second draw moves it
+    real2, held2 = clips(60, seed=3)[0], clips(60, seed=4)[0]
+    blurred2 = torch.stack([_gaussian_blur(clip, 1.0) for clip in real2])
+    two = panel.frechet_ratios([blurred, blurred2], [train[0], real2], [held_out[0], held2])
+    for judge, ratio in zip(panel.judges, two, strict=True):
+        def fd(a, b, judge=judge):
+            return frechet_distance(judge.features(a), judge.features(b))
+        fake = (fd(blurred, held_out[0]) + fd(blurred2, held2)) / 2
+        base = (fd(train[0], held_out[0]) + fd(real2, held2)) / 2
+        assert ratio == pytest.approx(fake / base, rel=1e-6)
+    assert all(abs(a / b - 1) > 1e-3 for a, b in zip(two, ratios)), (two, ratios)

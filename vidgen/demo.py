@@ -309,7 +309,8 @@ def measure_gan(demo: Demo) -> dict:
     low, high = scores.frechet_range
     return {
         "summary": {"label_accuracy": {"samples": round(scores.label_accuracy, 3),
-                                       "real_val_clips": round(scores.judge_on_real, 3), "chance": round(chance, 3)},
+                                       "real_held_out_clips": round(scores.judge_on_real, 3),
+                                       "chance": round(chance, 3)},
                     "frechet_ratio": round(scores.frechet_ratio, 2),
                     "frechet_ratio_range": [round(r, 2) for r in scores.frechet_range]},
         "figures": [

@@ -116,6 +116,18 @@ def fresh_draws(kind: str, first_seed: int, real: int, held_out: int, frames: in
              fresh_clips(kind, first_seed + 2 * i + 1, held_out, frames, size)) for i in range(REAL_DRAWS - 1)]
 
 
+JUDGE_SEED, DRAW_SEED = 20_000, 30_000  # fresh clips for scoring a generator; the datasets' seeds are small
+
+
+def scoring_clips(kind: str, real: int, held_out: int, frames: int, size: int, judges: int = 384,
+                  judge_seed: int = JUDGE_SEED, draw_seed: int = DRAW_SEED) -> tuple[tuple, list]:
+    """Fresh clips of `kind`, none of them in a dataset, for `score_conditional`: `judges` clips for
+    the judges to train on, and REAL_DRAWS - 1 (real, held-out) draws beside the data's own pair,
+    each real set `real` clips and each held-out set `held_out` (as large as the data's two sets)."""
+    return (fresh_clips(kind, judge_seed, judges, frames, size),
+            fresh_draws(kind, draw_seed, real, held_out, frames, size))
+
+
 class JudgePanel:
     """`judges` ClipClassifiers trained on the same real clips from seeds 0, 1, ...: their mean label
     accuracy, and one Frechet ratio each (`geometric_mean` combines them)."""
@@ -163,19 +175,20 @@ class ConditionalScores:
 
 
 @torch.no_grad()
-def score_conditional(sample, train: tuple[Tensor, Tensor], held_out: tuple[Tensor, Tensor], classes: int,
-                      seed: int = 123, judge_clips: tuple[Tensor, Tensor] | None = None,
-                      judges: int = JUDGES, more_draws: list = ()) -> ConditionalScores:
-    """Train a panel of judges on `judge_clips` (real clips that neither distance uses; default: the
-    train clips), then score `sample(labels, seed) -> videos` against the held-out clips. Videos are
+def score_conditional(sample, train: tuple[Tensor, Tensor], held_out: tuple[Tensor, Tensor], classes: int, *,
+                      judge_clips: tuple[Tensor, Tensor], more_draws: list, seed: int = 123,
+                      judges: int = JUDGES) -> ConditionalScores:
+    """Train a panel of judges on `judge_clips` (real clips that neither distance uses), then score
+    `sample(labels, seed) -> videos` against the held-out clips. Videos are
     (N, C, T, H, W) in [-1, 1]; labels (N,) long.
 
     A judge's features on the clips it was trained on are not those of clips it never saw, which
-    puts the real-vs-real baseline on unequal terms with the samples (whom no judge saw): give the
-    judges a third set where one can be drawn.
+    puts the real-vs-real baseline on unequal terms with the samples (whom no judge saw): the judges
+    get a third set (`scoring_clips` draws one).
 
     `more_draws`: further ((real videos, labels), (held-out videos, labels)) pairs of fresh real
-    clips, each real set as large as train (see REAL_DRAWS). For each draw k (train and held_out
+    clips, each real set as large as train (see REAL_DRAWS; [] scores over the data's pair alone,
+    which is one draw). For each draw k (train and held_out
     first), samples asked for its real set's labels (seed + k) and its real set are scored against
     its held-out set; each distance is the mean over the draws.
 
@@ -185,7 +198,7 @@ def score_conditional(sample, train: tuple[Tensor, Tensor], held_out: tuple[Tens
     fewer samples than train clips made a perfect generator score above 1."""
     draws = [(train, held_out), *more_draws]
     with torch.enable_grad():
-        panel = JudgePanel(*(judge_clips or train), classes, judges)
+        panel = JudgePanel(*judge_clips, classes, judges)
     samples, asked = [], []
     for k, ((_, y), _) in enumerate(draws):
         samples.append(sample(y.tolist(), seed + k))
