@@ -52,12 +52,13 @@ def test_the_gan_is_scored_against_hundreds_of_fresh_held_out_clips_not_the_data
     ds = open_dataset(run.uri("data", "shapes32"))
     models.save(models.build("gan", "tiny", num_classes=3, label_names=ds.labels), run.uri("models", "gan"))
     seen = {}
-    real_score = quality.score_conditional
 
+    # Which clips the demo scores with is checked here; the scoring itself, in tests/test_metrics.py
+    # (8 judges over 6 draws of 384 clips took 90 s of this test).
     def spy(sample, train, held_out, classes, **kw):
         seen["train"], seen["held_out"], seen["judge_clips"] = train, held_out, kw.get("judge_clips")
         seen["more_draws"] = kw.get("more_draws", [])
-        return real_score(sample, train, held_out, classes, **kw)
+        return quality.ConditionalScores(0.5, 0.9, 4.25, (3.5, 5.3))
 
     monkeypatch.setattr(quality, "score_conditional", spy)
     figures = demo.measure_gan(run)["figures"]
@@ -79,5 +80,5 @@ def test_the_gan_is_scored_against_hundreds_of_fresh_held_out_clips_not_the_data
     everything = dataset + [d for videos in sets for d in digests(videos)]
     assert len(set(everything)) == len(everything)
     assert set(digests(seen["train"][0])) <= set(dataset)  # the hashes see a clip as the dataset stores it
-    assert figures[2].baseline_name == "real vs held-out" and figures[2].value > 0
-    assert f"({quality.JUDGES} judges: " in figures[2].name and quality.JUDGES >= 4
+    assert figures[2].baseline_name == "real vs held-out" and figures[2].value == 4.25
+    assert f"({quality.JUDGES} judges: 3.5-5.3x)" in figures[2].name and quality.JUDGES >= 4

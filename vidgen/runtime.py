@@ -51,6 +51,10 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, object_sto
     logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_token_auth_notice)
     # Every process of this Ray inherits the variable: Ray Data's INFO lines go to its log file only.
     os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", str(resources.files("vidgen") / "assets" / "ray-data-logging.yaml"))
+    # A local Ray is one node: none of it can be drained while the rest trains on, so Ray Train's
+    # PreemptionWatcher (an actor of its own, a Python process: 2.5 CPU-seconds of every run's start on
+    # 2 cores) has nothing to watch. On a cluster (an address) it stays on: see train/loop.py.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     ray.init(
         "local",
         num_cpus=num_cpus,
