@@ -10,8 +10,9 @@ figures are the model's and the GPU's, not the trainer's overheads. MFU counts t
 training step with torch's FlopCounterMode (forward and backward of convs and matmuls) against
 the H200's dense bf16 peak (989 TFLOP/s, datasheet) and the 790 TFLOP/s a matmul reached there.
 
-gan       conditional shapes, base size (128x128, 16 frames): label accuracy of a judge trained on
-          real clips and the Frechet ratio, as in bench/quality.py. Once with the `base` preset,
+gan       conditional shapes, base size (128x128, 16 frames): label accuracy and the Frechet
+          ratio of a panel of 8 judges trained on clips of their own, over 6 draws, as in
+          bench/quality.py. Once with the `base` preset,
           once with `base` plus `tiny`'s stabilisers (`--gan-recipe`).
 restore   base (x2 super-resolution of blur + downscale + noise) on shapes 128x128: PSNR gain over
           the bicubic upscale of the degraded input.

@@ -80,3 +80,14 @@ ray.shutdown()
     assert "a worker's own error line" in out
     assert "PreemptionWatcher" not in out
     assert "Token authentication" not in out
+
+
+def test_a_local_ray_keeps_its_preemption_watcher_setting_out_of_this_process(ray_session):
+    """The local Ray's processes start with the PreemptionWatcher off, but this process's
+    environment is left as it was: Ray Train passes the driver's value on to its controller, and
+    the multi-node drain test (a cluster started from this process) lost its just-in-time
+    checkpoint to the leaked setting."""
+    import os
+
+    assert "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER" not in os.environ
+

@@ -35,7 +35,6 @@ from vidgen.quality import Figure, table
 
 GAN_DATA = dict(kind="shapes", clips=384, frames=8, size=32)
 HELD_OUT_CLIPS, HELD_OUT_SEED = 384, 10_000  # the GAN is scored on these (see measure_gan)
-JUDGE_SEED = 20_000        # and its judges trained on as many fresh clips of this seed (see measure_gan)
 RESTORE_DATA = dict(kind="shapes", clips=192, frames=8, size=64)
 RESTORE_MODEL: dict = {}  # the tiny preset: blur + noise, trained on patches
 GAN_SHARE = 0.7           # of the training time left after the fixed costs
@@ -303,7 +302,8 @@ def measure_gan(demo: Demo) -> dict:
     scores = quality.score_conditional(lambda labels, seed: gan.sample(len(labels), frames, labels, seed), train,
                                        quality.fresh_clips(kind, HELD_OUT_SEED, HELD_OUT_CLIPS, frames, size),
                                        len(ds.labels), more_draws=more_draws,
-                                       judge_clips=quality.fresh_clips(kind, JUDGE_SEED, HELD_OUT_CLIPS, frames, size))
+                                       judge_clips=quality.fresh_clips(kind, quality.JUDGE_SEED, HELD_OUT_CLIPS,
+                                                                       frames, size))
     write_class_grid(demo, gan, ds.labels)
     chance = 1 / len(ds.labels)
     low, high = scores.frechet_range

@@ -53,8 +53,30 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, object_sto
     os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", str(resources.files("vidgen") / "assets" / "ray-data-logging.yaml"))
     # A local Ray is one node: none of it can be drained while the rest trains on, so Ray Train's
     # PreemptionWatcher (an actor of its own, a Python process: 2.5 CPU-seconds of every run's start on
-    # 2 cores) has nothing to watch. On a cluster (an address) it stays on: see train/loop.py.
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    # 2 cores) has nothing to watch. On a cluster (an address) it stays on: see train/loop.py. Only
+    # the local Ray's processes get the setting (they start inside ray.init and keep its environment),
+    # not this process: Ray Train passes the driver's value on to its controller, so it would reach a
+    # cluster this process, or a process started from it, joins later.
+    with _environ(RAY_TRAIN_ENABLE_PREEMPTION_WATCHER="0"):
+        _start_local_ray(num_cpus, object_store_memory, quiet)
+    _hide_worker_lines()
+
+
+@contextlib.contextmanager
+def _environ(**defaults: str):
+    """Set each variable not already set for the duration of the block, then remove it again."""
+    added = {k: v for k, v in defaults.items() if k not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
+
+
+def _start_local_ray(num_cpus: int | None, object_store_memory: int | None, quiet: dict) -> None:
+    import ray
+
     ray.init(
         "local",
         num_cpus=num_cpus,
@@ -69,7 +91,6 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, object_sto
         _node_ip_address="127.0.0.1",
         **quiet,
     )
-    _hide_worker_lines()
 
 
 def _token_auth_notice(record: logging.LogRecord) -> bool:
@@ -82,7 +103,7 @@ def _token_auth_notice(record: logging.LogRecord) -> bool:
 HIDDEN_WORKER_LINES = (
     # Ray Train's controller starts a PreemptionWatcher actor (restartable, handles in its arguments)
     # and Ray's core worker notes, as an error, that such an actor may fail to restart (ray#53727):
-    # once in every training run
+    # once in every training run on a cluster (a local Ray starts none, see init_ray)
     "has constructor arguments in the object store and max_restarts > 0",
 )
 
