@@ -12,8 +12,8 @@ the H200's dense bf16 peak (989 TFLOP/s, datasheet) and the 790 TFLOP/s a matmul
 
 gan       conditional shapes, base size (128x128, 16 frames): label accuracy and the Frechet
           ratio of a panel of 8 judges trained on clips of their own, over 6 draws, as in
-          bench/quality.py. Once with the `base` preset,
-          once with `base` plus `tiny`'s stabilisers (`--gan-recipe`).
+          bench/quality.py. Once with the `base` preset, once with `base` plus `tiny`'s
+          stabilisers (`--gan-recipe`).
 restore   base (x2 super-resolution of blur + downscale + noise) on shapes 128x128: PSNR gain over
           the bicubic upscale of the degraded input.
 convlstm  base (down 3) on Life 256x256 (8-pixel cells, so the recurrent grid is the cell grid):
@@ -25,6 +25,7 @@ Results: bench/results/gpu.json and the report on stdout.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import time
@@ -107,23 +108,29 @@ def sample(model, labels: list[int], seed: int, chunk: int = 15) -> torch.Tensor
                       for i in range(0, len(labels), chunk)])
 
 
-def bench_gan(args, device, recipe: bool) -> dict:
+@functools.cache
+def gan_sets(device) -> tuple[dict, tuple, list]:
+    """The GAN's data and its scoring clips on `device`, made once for both GAN runs: scored as
+    bench/quality.py scores, judges trained on clips of their own and 6 draws of real clips
+    (about 3,000 clips of 16 x 128 x 128 in all, 9 GB as float32)."""
     data = dataset("shapes", 480, 16, 128, 0, device)
-    tiny = models.GAN.Config.preset("tiny")
-    extra = {k: getattr(tiny, k) for k in GAN_STABILISERS} if recipe else {}
-    model = models.build("gan", "base", num_classes=3, label_names=["circle", "square", "triangle"], **extra)
-    run = train(model, data, args.gan_batch, args.seconds, device)
-    # scored as bench/quality.py scores: judges trained on clips of their own, 6 draws of real clips
-    # (about 3,000 clips of 16 x 128 x 128 in all, 9 GB as float32 on the GPU)
     judges, draws = quality.scoring_clips("shapes", len(data["train"][0]), len(data["val"][0]), 16, 128)
 
     def on(pair):
         return tuple(t.to(device) for t in pair)
 
+    return data, on(judges), [(on(real), on(held)) for real, held in draws]
+
+
+def bench_gan(args, device, recipe: bool) -> dict:
+    data, judges, draws = gan_sets(device)
+    tiny = models.GAN.Config.preset("tiny")
+    extra = {k: getattr(tiny, k) for k in GAN_STABILISERS} if recipe else {}
+    model = models.build("gan", "base", num_classes=3, label_names=["circle", "square", "triangle"], **extra)
+    run = train(model, data, args.gan_batch, args.seconds, device)
     with torch.autocast(device.type, dtype=torch.bfloat16):
         scores = quality.score_conditional(lambda labels, seed: sample(model, labels, seed), data["train"],
-                                           data["val"], classes=3, judge_clips=on(judges),
-                                           more_draws=[(on(real), on(held)) for real, held in draws])
+                                           data["val"], classes=3, judge_clips=judges, more_draws=draws)
     name = "gan base" + (" + tiny's stabilisers" if recipe else "")
     low, high = scores.frechet_range
     return {"run": run, "figures": [

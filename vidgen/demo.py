@@ -297,13 +297,12 @@ def measure_gan(demo: Demo) -> dict:
     # More draws of fresh real and held-out clips, so that neither distance rests on one draw of clips;
     # and the judges train on a set of their own, so that the real train clips, like the samples, are
     # clips no judge has seen (see quality.score_conditional).
-    more_draws = quality.fresh_draws(kind, HELD_OUT_SEED + 1, len(train_rows), HELD_OUT_CLIPS, frames, size)
+    judge_clips, more_draws = quality.scoring_clips(kind, len(train_rows), HELD_OUT_CLIPS, frames, size,
+                                                    judges=HELD_OUT_CLIPS, draw_seed=HELD_OUT_SEED + 1)
     gan = models.load(demo.uri("models", "gan"))
     scores = quality.score_conditional(lambda labels, seed: gan.sample(len(labels), frames, labels, seed), train,
                                        quality.fresh_clips(kind, HELD_OUT_SEED, HELD_OUT_CLIPS, frames, size),
-                                       len(ds.labels), more_draws=more_draws,
-                                       judge_clips=quality.fresh_clips(kind, quality.JUDGE_SEED, HELD_OUT_CLIPS,
-                                                                       frames, size))
+                                       len(ds.labels), judge_clips=judge_clips, more_draws=more_draws)
     write_class_grid(demo, gan, ds.labels)
     chance = 1 / len(ds.labels)
     low, high = scores.frechet_range

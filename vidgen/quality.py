@@ -179,8 +179,8 @@ def score_conditional(sample, train: tuple[Tensor, Tensor], held_out: tuple[Tens
                       judge_clips: tuple[Tensor, Tensor], more_draws: list, seed: int = 123,
                       judges: int = JUDGES) -> ConditionalScores:
     """Train a panel of judges on `judge_clips` (real clips that neither distance uses), then score
-    `sample(labels, seed) -> videos` against the held-out clips. Videos are
-    (N, C, T, H, W) in [-1, 1]; labels (N,) long.
+    `sample(labels, seed) -> videos` against the held-out clips. Videos are (N, C, T, H, W) in
+    [-1, 1]; labels (N,) long.
 
     A judge's features on the clips it was trained on are not those of clips it never saw, which
     puts the real-vs-real baseline on unequal terms with the samples (whom no judge saw): the judges
@@ -188,9 +188,9 @@ def score_conditional(sample, train: tuple[Tensor, Tensor], held_out: tuple[Tens
 
     `more_draws`: further ((real videos, labels), (held-out videos, labels)) pairs of fresh real
     clips, each real set as large as train (see REAL_DRAWS; [] scores over the data's pair alone,
-    which is one draw). For each draw k (train and held_out
-    first), samples asked for its real set's labels (seed + k) and its real set are scored against
-    its held-out set; each distance is the mean over the draws.
+    which is one draw). For each draw k (train and held_out first), samples asked for its real
+    set's labels (seed + k) and its real set are scored against its held-out set; each distance is
+    the mean over the draws.
 
     The samples are asked for the real clips' labels, one each, so both Frechet distances (samples
     vs held-out, real vs held-out) are measured with the same number of clips and the same mix
