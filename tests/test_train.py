@@ -147,19 +147,6 @@ def test_two_workers_zero_stages_on_s3(family, stage, precision, datasets, s3_ro
         assert exported.label_names == ["circle", "square", "triangle"]
 
 
-def test_interrupted_and_resumed_run_matches_uninterrupted(datasets, tmp_path, ray_session):
-    whole, parts = str(tmp_path / "whole"), str(tmp_path / "parts")
-    common = dict(family="gan", workers=2, zero_stage=2, checkpoint_every=2, val_split="")
-    train(config(datasets, whole, max_steps=4, **common))
-    train(config(datasets, parts, max_steps=2, **common))
-    train(config(datasets, parts, max_steps=4, **common))
-    a, b = read_metrics(whole), read_metrics(parts)
-    assert [r["step"] for r in b] == [1, 2, 3, 4]
-    for ra, rb in zip(a, b, strict=True):
-        for key in ("d_loss", "g_loss"):
-            assert ra[key] == pytest.approx(rb[key], abs=1e-4), (ra["step"], key)
-
-
 def test_a_reingest_while_a_run_trains_keeps_the_version_it_reads(tmp_path, ray_session, monkeypatch):
     """Each epoch reads the run's shards again: a re-ingest into the same URI mid-run must not delete
     them (the run pins its version), and the run records the version it started with."""
@@ -200,9 +187,11 @@ def test_a_reingest_while_a_run_trains_keeps_the_version_it_reads(tmp_path, ray_
     assert third.version != first.version
 
 
-def test_sigterm_saves_a_checkpoint_and_the_resumed_run_matches_an_uninterrupted_one(datasets, tmp_path, ray_session):
+def test_stopped_runs_resume_where_they_stopped_and_match_an_uninterrupted_one(datasets, tmp_path, ray_session):
     """A spot node's notice: SIGTERM to `vidgen train` mid-run. It checkpoints after the current step
-    and exits with 143 well within the notice; the same command resumes and reproduces the losses."""
+    and exits with 143 well within the notice; the same command resumes and reproduces the losses.
+    And a run that ended at its max_steps, run again with a higher one, trains on from its last
+    checkpoint with the same losses. One uninterrupted run is the reference for both."""
     import signal
     import time
 
@@ -244,13 +233,18 @@ def test_sigterm_saves_a_checkpoint_and_the_resumed_run_matches_an_uninterrupted
     total = stopped_at + 3
     train(config(datasets, preempted, **{**common, "max_steps": total}))  # the same run, resumed
     assert not pinned_by_the_run()  # finished: unpinned
+    extended = str(tmp_path / "extended")
+    train(config(datasets, extended, **{**common, "max_steps": 2}))
+    train(config(datasets, extended, **{**common, "max_steps": 4}))  # steps 3-4, from the step-2 checkpoint
     whole = str(tmp_path / "whole")
     train(config(datasets, whole, **{**common, "max_steps": total}))
-    a, b = read_metrics(whole), read_metrics(preempted)
-    assert [r["step"] for r in b] == list(range(1, total + 1))  # each step once
-    for ra, rb in zip(a, b, strict=True):
-        for key in ("d_loss", "g_loss"):
-            assert ra[key] == pytest.approx(rb[key], abs=1e-4), (ra["step"], key)
+    a = read_metrics(whole)
+    for run, steps in ((preempted, total), (extended, 4)):
+        b = read_metrics(run)
+        assert [r["step"] for r in b] == list(range(1, steps + 1)), run  # each step once
+        for ra, rb in zip(a[:steps], b, strict=True):
+            for key in ("d_loss", "g_loss"):
+                assert ra[key] == pytest.approx(rb[key], abs=1e-4), (run, ra["step"], key)
 
 
 def _train_workers(alive: bool = False) -> dict[str, int]:
