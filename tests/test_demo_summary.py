@@ -20,11 +20,13 @@ def test_a_summary_with_stages_missing_still_prints_writes_and_round_trips(tmp_p
     run.summary.gan = demo.RunFigures(steps=40, seconds=12.5, clips_per_s=30.0, g_loss=0.7)
     run.summary.gan.label_accuracy = {"samples": 0.95, "chance": 0.333}  # added by the measuring stage
     run.summary.figures = [Figure("ads: GAN samples showing the asked shape", 0.95, "chance", 1 / 3, target=0.9).row()]
-    run.stage_seconds["train a class-conditional GAN"] = 20.0
+    stage = "train a class-conditional GAN, ZeRO-2 on 2 workers (5.1 min of steps)"  # as the demo names it
+    run.stage_seconds[stage] = 20.0
     run.summary.stage_seconds = run.stage_seconds
 
     text = demo.format_summary(run)
     assert "GAN: 40 steps at 30.0 clips/s; restore: 0 steps" in text and "meets the target (>= 0.9)" in text
+    assert f"  {stage}  " in text  # whole, not cut at a fixed width
     demo.write_gallery(run)
     assert "ads: GAN samples showing the asked shape" in (tmp_path / "index.html").read_text()
 

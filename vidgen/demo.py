@@ -40,7 +40,9 @@ RESTORE_MODEL: dict = {}  # the tiny preset: blur + noise, trained on patches
 GAN_SHARE = 0.7           # of the training time left after the fixed costs
 # Seconds on 2 cores that are not training steps: the start and end of each training run (Ray Train
 # workers, DeepSpeed, the last checkpoint and samples), and everything after training.
-FIT_OVERHEAD_S = 35    # bench/startup.py: ~22 s to the first step and ~7 s from the last to exit, plus margin
+# bench/startup.py on a running Ray (its first-step figure less Python and Ray's start): 17-25 s to
+# the first step and 8 s from the last to exit, on the two 2-core machines measured
+FIT_OVERHEAD_S = 35
 AFTER_TRAINING_S = 90  # export, measure (its 8 judges and 6 draws of clips: ~45 s), render, gallery
 
 
@@ -491,15 +493,16 @@ curves: <code>tensorboard --logdir {html.escape(demo.uri('runs'))}</code></p>
 def format_summary(demo: Demo) -> str:
     s = demo.summary
     gan, res, ads, edu = s.gan, s.restore, s.ads, s.education
+    width = max(map(len, ["stage", *demo.stage_seconds]))  # names are whole: they carry the minutes given
     lines = [
         "vidgen demo summary",
         "",
         "What the models learned, on held-out clips:",
         table(s.figures),
         "",
-        f"  {'stage':60s} {'seconds':>8s}",
-        *(f"  {name[:60]:60s} {sec:8.0f}" for name, sec in demo.stage_seconds.items()),
-        f"  {'total':60s} {s.seconds:8.0f}",
+        f"  {'stage':{width}s} {'seconds':>8s}",
+        *(f"  {name:{width}s} {sec:8.0f}" for name, sec in demo.stage_seconds.items()),
+        f"  {'total':{width}s} {s.seconds:8.0f}",
         "",
         f"  GAN: {gan.steps} steps at {gan.clips_per_s} clips/s; restore: {res.steps} steps "
         f"at {res.clips_per_s} clips/s (2 workers, ZeRO-2 each)",
