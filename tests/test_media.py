@@ -408,6 +408,22 @@ def test_logo_changes_only_its_corner(logo_png):
         assert not changed[(3 if corner == "top-right" else H - 4), (W - 4 if corner == "top-right" else 3)]
 
 
+def test_a_title_keeps_clear_of_a_logo_in_a_top_corner(logo_png):
+    """The title is centred at the top and the logo sits in a top corner: the title wraps narrower
+    so that neither its text nor its box covers the logo (the demo's ads drew the title over it)."""
+    title = "Spring sale: 20% off every circle, square and triangle"
+    for corner in ["top-right", "top-left"]:
+        logo = media.Overlays(logo=logo_png, logo_corner=corner, logo_height=0.3)
+        both = media.Overlays(logo=logo_png, logo_corner=corner, logo_height=0.3, title=title)
+        alone = media.decode(media.encode(static_frames(2), FPS, crf=LOSSLESS, overlays=logo))[0].astype(int)
+        out = media.decode(media.encode(static_frames(2), FPS, crf=LOSSLESS, overlays=both))[0].astype(int)
+        side = round(0.3 * H) + 2 * 3  # the logo and its margins
+        box = (slice(0, side), slice(W - side, W) if corner == "top-right" else slice(0, side))
+        assert np.abs(out[box] - alone[box]).max() <= 3, corner
+        titled = np.abs(out - alone).max(axis=-1) > 40
+        assert titled.sum() > 200 and titled[:side].any(), corner  # the title is there, beside the logo
+
+
 def test_watermark_is_translucent():
     plain = media.decode(media.encode(static_frames(), FPS, crf=LOSSLESS))
     ov = media.Overlays(watermark="PREVIEW 'draft': 50%")

@@ -667,12 +667,16 @@ def _wrap(text: str, fontsize: int, max_width: float) -> str:
     return "\n".join(lines)
 
 
-def _draw_title(video, title: str, width: int, height: int, tmp: str):
+def _draw_title(video, title: str, width: int, height: int, tmp: str, beside: int = 0):
+    """The title centred at the top, wrapped to the frame's width; `beside`: pixels at each side
+    the title and its box keep clear of (a logo in a top corner), down to 40% of the width left."""
     size = max(12, height // 12)
+    border = max(2, size // 4)
+    max_width = max(0.4 * width, min(0.9 * width, width - 2 * beside - 2 * border))
     return _draw_text(
-        video, _wrap(title, size, 0.9 * width), tmp, "title",
+        video, _wrap(title, size, max_width), tmp, "title",
         fontsize=size, fontcolor="white", x="(w-text_w)/2", y=max(2, height // 25),
-        box=1, boxcolor="black@0.55", boxborderw=max(2, size // 4),
+        box=1, boxcolor="black@0.55", boxborderw=border,
     )
 
 
@@ -687,7 +691,8 @@ def _draw_watermark(video, text: str, width: int, height: int, opacity: float, t
 
 def _overlay_logo(video, logo: Source, corner: str, fraction: float, width: int, height: int, tmp: str):
     """Scale the logo (Pillow, high-quality Lanczos) and place it in a corner with a margin; the
-    overlay filter blends with its alpha channel."""
+    overlay filter blends with its alpha channel. Returns the video and the logo's width with both
+    margins (what a title at the top keeps clear of when the logo is in a top corner)."""
     data = _read_source(logo, "an image")
     try:
         image = Image.open(io.BytesIO(data))
@@ -702,7 +707,7 @@ def _overlay_logo(video, logo: Source, corner: str, fraction: float, width: int,
     margin = max(2, round(0.03 * height))
     x = margin if corner.endswith("left") else width - w - margin
     y = margin if corner.startswith("top") else height - h - margin
-    return ffmpeg.filter([video, ffmpeg.input(path)], "overlay", x=x, y=y, eof_action="repeat")
+    return ffmpeg.filter([video, ffmpeg.input(path)], "overlay", x=x, y=y, eof_action="repeat"), w + 2 * margin
 
 
 def _subtitles_file(subtitles: Source, tmp: str) -> str:
@@ -975,12 +980,15 @@ def _overlay_graph(video, overlays: Overlays, width: int, height: int, tmp: str)
     """Burned-in overlays, bottom layer first: subtitles, logo, watermark, title."""
     if overlays.subtitles is not None and overlays.burn_subtitles:
         video = _burn_subtitles(video, _subtitles_file(overlays.subtitles, tmp), _label(overlays.subtitles))
+    logo_band = 0  # the width a logo in a top corner takes from the title's line
     if overlays.logo is not None:
-        video = _overlay_logo(video, overlays.logo, overlays.logo_corner, overlays.logo_height, width, height, tmp)
+        video, logo_width = _overlay_logo(video, overlays.logo, overlays.logo_corner, overlays.logo_height, width,
+                                          height, tmp)
+        logo_band = logo_width if overlays.logo_corner.startswith("top") else 0
     if overlays.watermark:
         video = _draw_watermark(video, overlays.watermark, width, height, overlays.watermark_opacity, tmp)
     if overlays.title:
-        video = _draw_title(video, overlays.title, width, height, tmp)
+        video = _draw_title(video, overlays.title, width, height, tmp, beside=logo_band)
     return video
 
 
