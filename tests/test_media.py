@@ -408,20 +408,23 @@ def test_logo_changes_only_its_corner(logo_png):
         assert not changed[(3 if corner == "top-right" else H - 4), (W - 4 if corner == "top-right" else 3)]
 
 
-def test_a_title_keeps_clear_of_a_logo_in_a_top_corner(logo_png):
-    """The title is centred at the top and the logo sits in a top corner: the title wraps narrower
-    so that neither its text nor its box covers the logo (the demo's ads drew the title over it)."""
-    title = "Spring sale: 20% off every circle, square and triangle"
-    for corner in ["top-right", "top-left"]:
-        logo = media.Overlays(logo=logo_png, logo_corner=corner, logo_height=0.3)
-        both = media.Overlays(logo=logo_png, logo_corner=corner, logo_height=0.3, title=title)
-        alone = media.decode(media.encode(static_frames(2), FPS, crf=LOSSLESS, overlays=logo))[0].astype(int)
-        out = media.decode(media.encode(static_frames(2), FPS, crf=LOSSLESS, overlays=both))[0].astype(int)
-        side = round(0.3 * H) + 2 * 3  # the logo and its margins
-        box = (slice(0, side), slice(W - side, W) if corner == "top-right" else slice(0, side))
-        assert np.abs(out[box] - alone[box]).max() <= 3, corner
-        titled = np.abs(out - alone).max(axis=-1) > 40
-        assert titled.sum() > 200 and titled[:side].any(), corner  # the title is there, beside the logo
+@pytest.mark.parametrize("corner", ["top-right", "top-left"])
+@pytest.mark.parametrize("title,beside", [("Sale!", True), ("Spring sale: 20% off every circle, square and triangle",
+                                                            False)], ids=["fits-beside", "goes-under"])
+def test_a_title_keeps_clear_of_a_logo_in_a_top_corner(logo_png, corner, title, beside):
+    """The title is centred at the top and the logo sits in a top corner (the demo's ads drew the
+    title's box over it): a title that fits between the logo and its mirror image is drawn there;
+    one that does not (here 8 lines of 12 px, or a word wider than that room) starts under the logo."""
+    logo = media.Overlays(logo=logo_png, logo_corner=corner, logo_height=0.3)
+    both = media.Overlays(logo=logo_png, logo_corner=corner, logo_height=0.3, title=title)
+    alone = media.decode(media.encode(static_frames(2), FPS, crf=LOSSLESS, overlays=logo))[0].astype(int)
+    out = media.decode(media.encode(static_frames(2), FPS, crf=LOSSLESS, overlays=both))[0].astype(int)
+    # the logo: 29 px square at a 3 px margin (round(0.3 * H), round(0.03 * H))
+    logo_box = (slice(3, 32), slice(W - 32, W - 3) if corner == "top-right" else slice(3, 32))
+    assert np.abs(out[logo_box] - alone[logo_box]).max() <= 3
+    titled = np.abs(out - alone).max(axis=-1) > 40
+    assert titled.sum() > 60
+    assert titled[:32].any() == beside  # beside the logo, or wholly under it (its box from row 35)
 
 
 def test_watermark_is_translucent():

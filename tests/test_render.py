@@ -73,7 +73,7 @@ def six_item_spec(assets: dict, out: str) -> dict:
         "defaults": {"fps": FPS, "seconds": SECONDS, "size": [SIDE, SIDE], "preset": "ultrafast"},
         "items": [
             {"id": "ad", "mode": "generate", "seed": 7, "label": "square", "title": "Spring sale -20%",
-             "logo": assets["logo"], "watermark": "ACME", "audio": assets["audio"]},
+             "logo": assets["logo"], "logo_corner": "bottom-right", "watermark": "ACME", "audio": assets["audio"]},
             # the same video without overlays, plus renditions: the plain render the overlays are compared to
             {"id": "plain", "mode": "generate", "seed": 7, "label": 1,
              "renditions": [{"name": "16x9", "size": [96, 54]}, {"name": "9x16", "size": "54x96", "fit": "pad"}]},

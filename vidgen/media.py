@@ -667,15 +667,31 @@ def _wrap(text: str, fontsize: int, max_width: float) -> str:
     return "\n".join(lines)
 
 
-def _draw_title(video, title: str, width: int, height: int, tmp: str, beside: int = 0):
-    """The title centred at the top, wrapped to the frame's width; `beside`: pixels at each side
-    the title and its box keep clear of (a logo in a top corner), down to 40% of the width left."""
+TITLE_LINES_BESIDE_A_LOGO = 3  # more, and the title goes under the logo at the frame's width instead
+
+
+def _draw_title(video, title: str, width: int, height: int, tmp: str, logo: tuple[int, int] = (0, 0)):
+    """The title centred at the top, wrapped to 90% of the frame's width, clear of a logo in a top
+    corner: `logo` is the (width, bottom) that logo takes, margins included. The title wraps between
+    the logo and its mirror image when it fits there in TITLE_LINES_BESIDE_A_LOGO lines (no word
+    wider than that room); otherwise it starts under the logo."""
     size = max(12, height // 12)
     border = max(2, size // 4)
-    max_width = max(0.4 * width, min(0.9 * width, width - 2 * beside - 2 * border))
+    top = max(2, height // 25)
+    text = _wrap(title, size, 0.9 * width)
+    beside, bottom = logo
+    if beside:
+        room = width - 2 * beside - 2 * border
+        narrow = _wrap(title, size, room)
+        font = ImageFont.truetype(font_path(), size)
+        lines = narrow.split("\n")
+        if len(lines) <= TITLE_LINES_BESIDE_A_LOGO and max(map(font.getlength, lines)) <= room:
+            text = narrow
+        else:
+            top = max(top, bottom + border)
     return _draw_text(
-        video, _wrap(title, size, max_width), tmp, "title",
-        fontsize=size, fontcolor="white", x="(w-text_w)/2", y=max(2, height // 25),
+        video, text, tmp, "title",
+        fontsize=size, fontcolor="white", x="(w-text_w)/2", y=top,
         box=1, boxcolor="black@0.55", boxborderw=border,
     )
 
@@ -691,8 +707,8 @@ def _draw_watermark(video, text: str, width: int, height: int, opacity: float, t
 
 def _overlay_logo(video, logo: Source, corner: str, fraction: float, width: int, height: int, tmp: str):
     """Scale the logo (Pillow, high-quality Lanczos) and place it in a corner with a margin; the
-    overlay filter blends with its alpha channel. Returns the video and the logo's width with both
-    margins (what a title at the top keeps clear of when the logo is in a top corner)."""
+    overlay filter blends with its alpha channel. Returns the video and, for a logo in a top corner,
+    the (width with both margins, bottom with its margin) a title at the top keeps clear of; else (0, 0)."""
     data = _read_source(logo, "an image")
     try:
         image = Image.open(io.BytesIO(data))
@@ -707,7 +723,8 @@ def _overlay_logo(video, logo: Source, corner: str, fraction: float, width: int,
     margin = max(2, round(0.03 * height))
     x = margin if corner.endswith("left") else width - w - margin
     y = margin if corner.startswith("top") else height - h - margin
-    return ffmpeg.filter([video, ffmpeg.input(path)], "overlay", x=x, y=y, eof_action="repeat"), w + 2 * margin
+    taken = (w + 2 * margin, y + h + margin) if corner.startswith("top") else (0, 0)
+    return ffmpeg.filter([video, ffmpeg.input(path)], "overlay", x=x, y=y, eof_action="repeat"), taken
 
 
 def _subtitles_file(subtitles: Source, tmp: str) -> str:
@@ -980,15 +997,14 @@ def _overlay_graph(video, overlays: Overlays, width: int, height: int, tmp: str)
     """Burned-in overlays, bottom layer first: subtitles, logo, watermark, title."""
     if overlays.subtitles is not None and overlays.burn_subtitles:
         video = _burn_subtitles(video, _subtitles_file(overlays.subtitles, tmp), _label(overlays.subtitles))
-    logo_band = 0  # the width a logo in a top corner takes from the title's line
+    logo = (0, 0)  # what a logo in a top corner takes from the title's place
     if overlays.logo is not None:
-        video, logo_width = _overlay_logo(video, overlays.logo, overlays.logo_corner, overlays.logo_height, width,
-                                          height, tmp)
-        logo_band = logo_width if overlays.logo_corner.startswith("top") else 0
+        video, logo = _overlay_logo(video, overlays.logo, overlays.logo_corner, overlays.logo_height, width, height,
+                                    tmp)
     if overlays.watermark:
         video = _draw_watermark(video, overlays.watermark, width, height, overlays.watermark_opacity, tmp)
     if overlays.title:
-        video = _draw_title(video, overlays.title, width, height, tmp, beside=logo_band)
+        video = _draw_title(video, overlays.title, width, height, tmp, logo=logo)
     return video
 
 
