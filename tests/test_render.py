@@ -24,6 +24,7 @@ import yaml
 
 from vidgen import media, models, storage
 from vidgen.render import load_batch, parse_batch, render_batch
+from vidgen.errors import InputError
 from vidgen.render.spec import MAX_ITEMS, SpecError
 
 FPS, SECONDS, SIDE = 8, 1.5, 64
@@ -487,6 +488,73 @@ def test_a_model_that_will_not_load_fails_its_items_only(assets, s3_root, ray_se
     for bad, uri in (("bad", broken), ("bad-restore", broken_restore)):  # streamed too: said once, not retried
         assert uri in records[bad]["error"] and "sha256" in records[bad]["error"], records[bad]["error"]
         assert "attempts" not in records[bad]["error"]
+
+    # Mended (the same model.json, its weights now whole): the next batch loads it, rather than taking
+    # the worker that could not load it as one kept warm for these weights
+    for uri, source in ((broken, assets["gan"]), (broken_restore, assets["restore"])):
+        storage.copy(storage.join(source, "model.safetensors"), storage.join(uri, "model.safetensors"))
+    result = render_batch(parse_batch(spec), workers=2, progress=False)
+    assert result.ok and result.rendered == ["bad", "bad-restore"], result.summary()
+
+
+def _model_workers(state: str | None = None) -> set[str]:
+    from ray.util.state import list_actors
+
+    filters = [("class_name", "=", "ModelWorker")] + ([("state", "=", state)] if state else [])
+    return {a.actor_id for a in list_actors(filters=filters, limit=10_000, raise_on_missing_output=False)}
+
+
+def _alive_model_workers_become(expected: set[str]) -> set[str]:
+    deadline = time.monotonic() + 30  # the State API sees a kill a moment later
+    while (alive := _model_workers("ALIVE")) != expected and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return alive
+
+
+def test_a_process_renders_its_next_batch_of_the_same_weights_on_the_model_worker_it_kept(
+        s3_root, ray_session, monkeypatch):
+    """A finished batch keeps its model worker warm for this process's next batch of the same weights
+    (its start, mostly `import torch`, would come before any frame); new weights get a new worker;
+    training or an endpoint started from this process ends the kept ones; 0 s keeps none."""
+    import torch
+
+    from vidgen.runtime import release_warm_workers
+
+    model = storage.join(s3_root, "models", "gan")
+
+    def export(seed: int) -> None:
+        torch.manual_seed(seed)
+        models.save(models.build("gan", "tiny", num_classes=3, label_names=["circle", "square", "triangle"]), model)
+
+    def render(name: str) -> None:
+        spec = {"name": name, "output": storage.join(s3_root, name), "model": model,
+                "defaults": {"fps": FPS, "seconds": 1, "size": [SIDE, SIDE], "preset": "ultrafast"},
+                "items": [{"id": f"gen-{i}", "mode": "generate", "seed": i} for i in range(3)]}
+        result = render_batch(parse_batch(spec), workers=2, progress=False)
+        assert result.ok and len(result.rendered) == 3, result.summary()
+
+    export(1)
+    earlier = _model_workers()
+    render("first")
+    [kept] = _model_workers() - earlier
+    assert _alive_model_workers_become({kept}) == {kept}  # kept; other models' kept workers were ended
+    render("second")
+    assert _model_workers() - earlier == {kept} and _alive_model_workers_become({kept}) == {kept}
+
+    export(2)  # re-exported: new weights, a new worker; the old one is ended
+    render("third")
+    [new] = _model_workers() - earlier - {kept}
+    assert _alive_model_workers_become({new}) == {new}
+
+    release_warm_workers()
+    assert _alive_model_workers_become(set()) == set()
+
+    monkeypatch.setenv("VIDGEN_RENDER_KEEP_WARM_S", "0")
+    render("fourth")
+    assert _alive_model_workers_become(set()) == set()
+    monkeypatch.setenv("VIDGEN_RENDER_KEEP_WARM_S", "soon")
+    with pytest.raises(InputError, match="VIDGEN_RENDER_KEEP_WARM_S='soon'"):
+        render("fifth")
 
 
 def test_an_unreadable_model_json_never_turns_an_ok_record_into_an_error(assets, s3_root, capsys):

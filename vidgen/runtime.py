@@ -16,6 +16,22 @@ import os
 from importlib import resources
 
 
+_WARM_RELEASES: list = []
+
+
+def release_warm_workers_on(release) -> None:
+    """Have `release()` called by release_warm_workers: it ends workers a stage keeps warm
+    between its calls in this process (a render's model workers)."""
+    _WARM_RELEASES.append(release)
+
+
+def release_warm_workers() -> None:
+    """End every worker kept warm in this process, before a stage that sizes itself by the cluster's
+    CPUs (training, an endpoint) and would otherwise wait for the cores they hold."""
+    for release in _WARM_RELEASES:
+        release()
+
+
 def _loopback_only() -> None:
     """Make a local Ray use 127.0.0.1 as its node address, for itself and its worker processes.
 
@@ -57,7 +73,12 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, object_sto
     # the local Ray's processes get the setting (they start inside ray.init and keep its environment),
     # not this process: Ray Train passes the driver's value on to its controller, so it would reach a
     # cluster this process, or a process started from it, joins later.
-    with _environ(RAY_TRAIN_ENABLE_PREEMPTION_WATCHER="0"):
+    # Ray ends an idle worker process after 1 s when more processes live than the node has CPUs; a
+    # render's model worker is one of them, so one of its encoders' processes went between two batches
+    # and the next batch started a new one (python, ray, vidgen's imports: 0.5-0.9 s of a 2.6 s batch
+    # on 2 cores, bench/render.py). A local Ray keeps idle workers as long as a render keeps its model
+    # workers warm (render/batch.py, KEEP_WARM_S); a cluster's raylets keep their operator's setting.
+    with _environ(RAY_TRAIN_ENABLE_PREEMPTION_WATCHER="0", RAY_idle_worker_killing_time_threshold_ms="60000"):
         _start_local_ray(num_cpus, object_store_memory, quiet)
     _hide_worker_lines()
 

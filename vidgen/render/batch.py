@@ -18,28 +18,37 @@ encode tasks run (each one's upload overlapping the others' encodes). Memory is 
 asks for more inference only while fewer than `workers + max_batch` items are inferred (or being
 inferred) and not yet encoding, and an encoder fetches one chunk at a time. A model's first group
 is small (`workers` items), so the encoders start before a whole batch is inferred. At most
-MAX_LIVE_MODELS model workers live at once; a worker is ended once its groups are inferred and
-their encodes have finished (the chunks it put in the object store live as long as it does).
+MAX_LIVE_MODELS model workers live at once; a worker is done once its groups are inferred and their
+encodes have finished (the chunks it put in the object store live as long as it does). A done worker
+is kept warm for KEEP_WARM_S (VIDGEN_RENDER_KEEP_WARM_S) in case this process renders the same
+weights again (a service calling render_batch, a notebook): its start (1.5 s on 2 cores, mostly `import torch`;
+far more for a GPU's) would come before any frame of that batch. A batch ends the kept workers of
+other models, and training or an endpoint started from this process ends them all
+(`runtime.release_warm_workers`): both size themselves by the cluster's CPUs.
 
 Why actors and tasks rather than Ray Data: items differ in mode, model and length, one item's
 failure must become its record while the rest go on, each item commits with its own record, and
 restore/stylize stream video chunks of unknown count; Ray Data's row blocks and operator-level
 retries fit none of these well. Measured (bench/render.py runs the same stages as a Ray Data
-pipeline: an actor pool for the model, map_batches of 8, a map of encodes): 48 generate items on
-2 cores, 8.4 videos/s here against 6.5 with Ray Data into S3 (1.29x), 10.2 against 7.1 into a local
-folder (1.45x). On so short a batch both are slower than a plain loop on 2 cores (0.68x into S3): a
-model worker's start (1.8 s, mostly `import torch`) comes before any frame. Past such fixed costs
-(48 -> 240 items) this pipeline renders 1.38x the loop's rate, 0.83 of what 2 cores can do.
+pipeline: an actor pool for the model, map_batches of 8, a map of encodes), 48 generate items on 2
+cores, each starting its model worker, two runs: 10.8-11.5 videos/s here against 8.9-9.1 with Ray
+Data into S3 (1.21-1.26x), 12.1-12.6 against 9.6-10.2 into a local folder (1.24-1.26x). Both are
+slower than a plain loop in a process that has torch loaded (0.87-0.88x into S3): the worker's start
+(1.6-1.7 s) comes before any frame. With the worker kept from the batch before, this pipeline renders
+1.42-1.46x the loop into S3 (0.83-0.85 of what 2 cores can do) and 1.49-1.51x into a local folder;
+past fixed costs (48 -> 240 items), 1.46-1.47x, 0.80-0.85 of the limit.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import itertools
 import json
 import os
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -53,6 +62,7 @@ from vidgen.render import engine, gallery
 from vidgen.render.engine import CHUNK_FRAMES, ItemError, ModelInfo
 from vidgen.render.record import RenderRecord
 from vidgen.render.spec import RenderBatch, ResolvedItem
+from vidgen.runtime import release_warm_workers_on
 
 ACTOR_CPUS = 0.5  # logical CPUs of a model worker: torch and ffmpeg share the cores; `workers` bounds the work
 ENCODE_CPUS = 0.5
@@ -61,6 +71,8 @@ MAX_BATCH = 8  # generate/predict items inferred in one call
 ITEM_ATTEMPTS = 3  # an item whose model worker or encoder dies is inferred again, up to this many times in all
 STOP_GRACE_ENV = "VIDGEN_RENDER_STOP_GRACE_S"  # told to stop: encodes in flight get this long to land (default
 STOP_GRACE_S = 20.0                             # 20 s, within a spot notice), then are cancelled, uploads aborted
+KEEP_WARM_ENV = "VIDGEN_RENDER_KEEP_WARM_S"  # a finished batch's model workers wait this long (default 60 s;
+KEEP_WARM_S = 60.0                            # 0: end them at once) for this process's next batch of them
 CANCEL_WAIT_S = 30.0  # how long a stop waits for cancelled encoders to be gone before aborting their uploads
 
 
@@ -304,6 +316,7 @@ def render_batch(
         init_ray(address)  # before the signal handlers: ray.init installs its own
     try:
         grace = _stop_grace_s()
+        _keep_warm_s()  # a wrong value fails here, before any item
         with stop_on_signal(f"finishing the items in flight (at most {grace:g} s), then stopping") as stop:
             if todo and workers == 0:
                 _render_in_process(todo, out, chunk_frames, max_batch, finish, stop)
@@ -659,15 +672,20 @@ def _ray_error(e: BaseException) -> str:
     return lines[-1] if lines else type(e).__name__
 
 
-def _stop_grace_s() -> float:
-    value = os.environ.get(STOP_GRACE_ENV, "")
+def _env_seconds(name: str, default: float) -> float:
+    """Seconds >= 0 from the variable `name` (default when unset); InputError naming a wrong value."""
+    value = os.environ.get(name, "")
     try:
-        grace = float(value) if value else STOP_GRACE_S
+        seconds = float(value) if value else default
     except ValueError:
-        grace = -1.0
-    if not grace >= 0:
-        raise InputError(f"{STOP_GRACE_ENV}={value!r}: expected seconds >= 0")
-    return grace
+        seconds = -1.0
+    if not seconds >= 0:
+        raise InputError(f"{name}={value!r}: expected seconds >= 0")
+    return seconds
+
+
+def _stop_grace_s() -> float:
+    return _env_seconds(STOP_GRACE_ENV, STOP_GRACE_S)
 
 
 def _render_on_ray(todo, out, workers, address, chunk_frames, max_batch, finish: Finish, stop=None,
@@ -709,6 +727,9 @@ class _RayPipeline:
         self.attempts: dict[str, int] = {}  # item id -> attempts its worker or encoder died in
         self.retried: list[PlanEntry] = []  # their dead attempts may have left unfinished uploads
         self.placed: set = set()  # (model uri, node) already reported
+        self.keys: dict[str, tuple] = {}  # model uri -> its worker's WarmWorkers key
+        self.failed_workers: set = set()  # workers whose model did not load: ended, never kept
+        WARM.end_all_but({(*_session(), g[0].item.model, g[0].model.sha256) for g in self.pending})
 
     def run(self) -> None:
         import ray
@@ -779,12 +800,15 @@ class _RayPipeline:
             self.inferring[worker.infer.remote([e.item for e in group], self.chunk_frames)] = (uri, group, worker)
 
     def _new_worker(self, model: ModelInfo):
-        """A model worker on a GPU when the cluster has one now (a pending worker waits for one, as
-        for a node the autoscaler is adding), else on CPUs."""
+        """A kept worker of the same weights (see WarmWorkers), or a new model worker: on a GPU when
+        the cluster has one now (a pending worker waits for one, as for a node the autoscaler is
+        adding), else on CPUs."""
         import ray
 
         gpu = ray.cluster_resources().get("GPU", 0) >= 1
-        return self.worker_cls.options(num_cpus=ACTOR_CPUS, num_gpus=1 if gpu else 0).remote(
+        key = _worker_key(model, gpu)
+        self.keys[model.uri] = key
+        return WARM.take(key) or self.worker_cls.options(num_cpus=ACTOR_CPUS, num_gpus=1 if gpu else 0).remote(
             model.uri, model.sha256, _runtime_family(model.family))
 
     def _inferred(self, ref) -> None:
@@ -801,6 +825,7 @@ class _RayPipeline:
                     self._again(entry, uri, _ray_error(e))
                 return
             results = [{"error": f"model {uri}: {_ray_error(e)}", "model_trouble": True}] * len(group)
+            self.failed_workers.add(worker)
         for entry, res in zip(group, results, strict=True):
             if "error" in res:
                 _fail(self.out, entry, res["error"], self.finish, model_trouble=res.get("model_trouble", False))
@@ -820,6 +845,7 @@ class _RayPipeline:
         try:
             record = ray.get(ref)
         except ModelUnavailableError as e:
+            self.failed_workers.add(worker)
             _fail(self.out, entry, str(getattr(e, "cause", None) or e), self.finish, model_trouble=True)
         except Exception as e:  # noqa: BLE001 - the encoder died, or the frames went with their node
             if isinstance(e, FramesLostError):  # their owner, the model worker that inferred them, is gone
@@ -849,10 +875,89 @@ class _RayPipeline:
             ray.kill(self.actors.pop(uri))
 
     def _retire_idle_workers(self) -> None:
-        import ray
-
         for uri in [u for u in self.actors if self.groups_left[u] == 0 and self.encodes_of[u] == 0]:
-            ray.kill(self.actors.pop(uri))
+            worker = self.actors.pop(uri)
+            if worker in self.failed_workers:
+                _kill(worker)
+            else:
+                WARM.keep(self.keys[uri], worker)
+
+
+def _worker_key(model: ModelInfo, gpu: bool) -> tuple:
+    """What makes a kept worker fit a batch: this Ray (a process may join another one), the
+    weights, the family class that loaded them, and the kind of device."""
+    return *_session(), model.uri, model.sha256, _runtime_family(model.family), gpu
+
+
+def _session() -> tuple[str, str]:
+    import ray
+
+    context = ray.get_runtime_context()
+    return context.gcs_address, context.get_job_id()
+
+
+class WarmWorkers:
+    """Model workers of finished batches, each kept for KEEP_WARM_S for a later batch of the same
+    weights in this process, then ended (a timer; the process's exit ends them too: they are its
+    actors). A kept worker that died meanwhile costs its first group one attempt, as any lost worker."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.kept: dict[tuple, tuple[object, threading.Timer]] = {}
+
+    def keep(self, key: tuple, worker) -> None:
+        seconds = _keep_warm_s()
+        if seconds <= 0:
+            _kill(worker)
+            return
+        timer = threading.Timer(seconds, self._expire, (key, worker))
+        timer.daemon = True
+        with self.lock:
+            old = self.kept.pop(key, None)
+            self.kept[key] = (worker, timer)
+        if old:
+            old[1].cancel()
+            _kill(old[0])
+        timer.start()
+
+    def take(self, key: tuple):
+        with self.lock:
+            worker, timer = self.kept.pop(key, (None, None))
+        if timer:
+            timer.cancel()
+        return worker
+
+    def end_all_but(self, models: set[tuple] = frozenset()) -> None:
+        """End the kept workers of every model but `models`: (gcs address, job id, uri, sha256),
+        the start of their keys."""
+        with self.lock:
+            ended = [k for k in self.kept if k[:4] not in models]
+            pairs = [self.kept.pop(k) for k in ended]
+        for worker, timer in pairs:
+            timer.cancel()
+            _kill(worker)
+
+    def _expire(self, key: tuple, worker) -> None:
+        with self.lock:
+            if self.kept.get(key, (None,))[0] is not worker:
+                return
+            del self.kept[key]
+        _kill(worker)
+
+
+def _kill(worker) -> None:
+    import ray
+
+    with contextlib.suppress(Exception):  # gone already, or its Ray was shut down
+        ray.kill(worker)
+
+
+def _keep_warm_s() -> float:
+    return _env_seconds(KEEP_WARM_ENV, KEEP_WARM_S)
+
+
+WARM = WarmWorkers()
+release_warm_workers_on(WARM.end_all_but)
 
 
 def _lost_worker(e: BaseException) -> bool:

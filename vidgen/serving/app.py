@@ -28,6 +28,9 @@ def _autoscaling(a: Autoscaling) -> dict:
 def build_app(settings: ServiceSettings, token: str | None = None):
     """The Serve application for `settings`. `token`: the API token (default: $VIDGEN_API_TOKEN);
     only its sha256 reaches the replicas."""
+    from vidgen.runtime import release_warm_workers
+
+    release_warm_workers()  # a render's model workers kept warm by this process: the replicas want the cores
     token = token if token is not None else os.environ.get(TOKEN_ENV) or None
     handles = {}
     for name in settings.models:
