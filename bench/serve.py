@@ -6,8 +6,9 @@
 Everything runs here: moto's S3 server and a local Ray (--cpus) on loopback, the application of
 serve/config.yaml (its settings, with a model `g` and an S3 output root). Four parts, one run:
   offline      the same items (--jobs-per-level of them) as one `vidgen render` batch on the same Ray,
-               before Serve starts: the renders/s the endpoint's saturation is compared with
-               (target: the best end-to-end level >= 0.8 of it)
+               before Serve starts, on the model worker its warm-up batch kept (as the endpoint's
+               model replica is up before the first job): the renders/s the endpoint's saturation is
+               compared with (target: the best end-to-end level >= 0.8 of it)
   end to end   at each concurrency C, C clients each POST a job of one generate item and poll it
                (every --poll-s) until done, then POST the next; figures: completed renders/s (done,
                not 202s) and p50/p99 submit-to-done latency. Each level stops after --jobs-per-level

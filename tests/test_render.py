@@ -101,7 +101,10 @@ def rendered(assets, s3_bucket, ray_session):
     spec = six_item_spec(assets, out)
     started = time.monotonic()
     result = render_batch(parse_batch(spec), workers=2, progress=False)
-    return {"spec": spec, "out": out, "result": result, "seconds": time.monotonic() - started}
+    from vidgen.render import batch
+
+    kept = {key[2] for key in batch.WARM.kept}
+    return {"spec": spec, "out": out, "result": result, "seconds": time.monotonic() - started, "kept": kept}
 
 
 def records_by_id(out: str) -> dict[str, dict]:
@@ -124,6 +127,10 @@ def test_batch_renders_five_ok_and_records_one_error(rendered):
     for item_id, record in records.items():  # each record is also its own object, written after the outputs
         assert storage.read_json(storage.join(out, "items", f"{item_id}.json")) == record
     assert not storage.exists(storage.join(out, "missing.mp4"))
+    # Four models on 2 CPUs: a worker done while another model's items waited was ended, not kept
+    # warm (its half CPU stalled the next model's encodes until its timer, 60 s). Only the workers
+    # still live when the last model's items were all inferred may be kept.
+    assert 1 <= len(rendered["kept"]) <= 2, rendered["kept"]
 
 
 def test_outputs_have_the_asked_fps_size_and_duration(rendered, assets):
@@ -512,13 +519,15 @@ def _alive_model_workers_become(expected: set[str]) -> set[str]:
 
 
 def test_a_process_renders_its_next_batch_of_the_same_weights_on_the_model_worker_it_kept(
-        s3_root, ray_session, monkeypatch):
-    """A finished batch keeps its model worker warm for this process's next batch of the same weights
-    (its start, mostly `import torch`, would come before any frame); new weights get a new worker;
-    training or an endpoint started from this process ends the kept ones; 0 s keeps none."""
+        assets, s3_root, ray_session, monkeypatch):
+    """A finished batch keeps its last model worker warm for this process's next batch of the same
+    weights (its start, mostly `import torch`, would come before any frame): not a worker that died,
+    nor one of other weights; every other stage's init_ray ends the kept ones; the timer ends them."""
+    import ray
     import torch
 
-    from vidgen.runtime import release_warm_workers
+    from vidgen.render import batch
+    from vidgen.runtime import init_ray
 
     model = storage.join(s3_root, "models", "gan")
 
@@ -526,36 +535,46 @@ def test_a_process_renders_its_next_batch_of_the_same_weights_on_the_model_worke
         torch.manual_seed(seed)
         models.save(models.build("gan", "tiny", num_classes=3, label_names=["circle", "square", "triangle"]), model)
 
-    def render(name: str) -> None:
+    def render(name: str, also: str | None = None) -> None:
+        items = [{"id": f"gen-{i}", "mode": "generate", "seed": i} for i in range(3)]
+        if also:  # a first model's items: its worker is done before the batch's last model starts
+            items = [{"id": "first-model", "mode": "generate", "seed": 9, "model": also}, *items]
         spec = {"name": name, "output": storage.join(s3_root, name), "model": model,
-                "defaults": {"fps": FPS, "seconds": 1, "size": [SIDE, SIDE], "preset": "ultrafast"},
-                "items": [{"id": f"gen-{i}", "mode": "generate", "seed": i} for i in range(3)]}
+                "defaults": {"fps": FPS, "seconds": 1, "size": [SIDE, SIDE], "preset": "ultrafast"}, "items": items}
         result = render_batch(parse_batch(spec), workers=2, progress=False)
-        assert result.ok and len(result.rendered) == 3, result.summary()
+        assert result.ok and len(result.rendered) == len(items), result.summary()
 
     export(1)
     earlier = _model_workers()
-    render("first")
-    [kept] = _model_workers() - earlier
-    assert _alive_model_workers_become({kept}) == {kept}  # kept; other models' kept workers were ended
-    render("second")
-    assert _model_workers() - earlier == {kept} and _alive_model_workers_become({kept}) == {kept}
+    render("first", also=assets["gan"])  # two models; the one whose items are last is kept
+    made = _model_workers() - earlier
+    [kept] = [w._actor_id.hex() for key, (w, _) in batch.WARM.kept.items() if key[2] == model]
+    assert len(made) == 2 and kept in made
+    render("second")  # the other model's worker, if it was kept too, is ended
+    assert _model_workers() - earlier == made and _alive_model_workers_become({kept}) == {kept}
 
     export(2)  # re-exported: new weights, a new worker; the old one is ended
     render("third")
-    [new] = _model_workers() - earlier - {kept}
+    [new] = _model_workers() - earlier - made
     assert _alive_model_workers_become({new}) == {new}
 
-    release_warm_workers()
+    ray.kill(next(iter(batch.WARM.kept.values()))[0])  # the kept worker dies (its node went)
+    render("fourth")  # a new worker at once: no item spends an attempt on the dead one
+    [replacement] = _model_workers() - earlier - made - {new}
+    assert _alive_model_workers_become({replacement}) == {replacement}
+
+    init_ray()  # ingest, training, ...: they want the cores
     assert _alive_model_workers_become(set()) == set()
 
+    monkeypatch.setenv("VIDGEN_RENDER_KEEP_WARM_S", "1")
+    render("fifth")
+    assert _alive_model_workers_become(set()) == set()  # ended by its timer
     monkeypatch.setenv("VIDGEN_RENDER_KEEP_WARM_S", "0")
-    render("fourth")
-    assert _alive_model_workers_become(set()) == set()
+    render("sixth")
+    assert not batch.WARM.kept and _alive_model_workers_become(set()) == set()
     monkeypatch.setenv("VIDGEN_RENDER_KEEP_WARM_S", "soon")
     with pytest.raises(InputError, match="VIDGEN_RENDER_KEEP_WARM_S='soon'"):
-        render("fifth")
-
+        render("seventh")
 
 def test_an_unreadable_model_json_never_turns_an_ok_record_into_an_error(assets, s3_root, capsys):
     from vidgen import cli

@@ -100,7 +100,7 @@ def test_a_local_rays_idle_workers_wait_as_long_as_a_renders_kept_model_workers(
     idle workers for render.batch.KEEP_WARM_S."""
     import psutil
 
-    from vidgen.render.batch import KEEP_WARM_S
+    from vidgen.runtime import KEEP_WARM_S
 
     import ray
 

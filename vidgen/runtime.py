@@ -15,8 +15,29 @@ import logging
 import os
 from importlib import resources
 
+from vidgen.errors import InputError
 
+
+KEEP_WARM_ENV = "VIDGEN_RENDER_KEEP_WARM_S"  # a finished render's model worker waits this long (default 60 s;
+KEEP_WARM_S = 60.0                            # 0: ended at once) for this process's next batch of its weights
 _WARM_RELEASES: list = []
+
+
+def env_seconds(name: str, default: float) -> float:
+    """Seconds >= 0 from the variable `name` (default when unset); InputError naming a wrong value."""
+    value = os.environ.get(name, "")
+    try:
+        seconds = float(value) if value else default
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0:
+        raise InputError(f"{name}={value!r}: expected seconds >= 0")
+    return seconds
+
+
+def keep_warm_s() -> float:
+    """Seconds a render keeps a finished batch's model worker (KEEP_WARM_ENV)."""
+    return env_seconds(KEEP_WARM_ENV, KEEP_WARM_S)
 
 
 def release_warm_workers_on(release) -> None:
@@ -26,8 +47,8 @@ def release_warm_workers_on(release) -> None:
 
 
 def release_warm_workers() -> None:
-    """End every worker kept warm in this process, before a stage that sizes itself by the cluster's
-    CPUs (training, an endpoint) and would otherwise wait for the cores they hold."""
+    """End every worker kept warm in this process, before a stage that would otherwise wait for the
+    cores (or GPUs) they hold: every init_ray but a render's, and an endpoint's build_app."""
     for release in _WARM_RELEASES:
         release()
 
@@ -46,10 +67,15 @@ def _loopback_only() -> None:
     ray_constants.ENABLE_RAY_CLUSTER = False
 
 
-def init_ray(address: str | None = None, num_cpus: int | None = None, object_store_memory: int | None = None) -> None:
-    """Connect to the Ray at `address`/`RAY_ADDRESS`, or start a local one; no-op if connected."""
+def init_ray(address: str | None = None, num_cpus: int | None = None, object_store_memory: int | None = None,
+             keep_warm: bool = False) -> None:
+    """Connect to the Ray at `address`/`RAY_ADDRESS`, or start a local one; no-op if connected.
+    Every stage but a render (`keep_warm`) first ends the workers kept warm by this process's
+    renders (release_warm_workers): ingest, training, an endpoint size themselves by the cores."""
     import ray
 
+    if not keep_warm:
+        release_warm_workers()
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
@@ -77,8 +103,13 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, object_sto
     # render's model worker is one of them, so one of its encoders' processes went between two batches
     # and the next batch started a new one (python, ray, vidgen's imports: 0.5-0.9 s of a 2.6 s batch
     # on 2 cores, bench/render.py). A local Ray keeps idle workers as long as a render keeps its model
-    # workers warm (render/batch.py, KEEP_WARM_S); a cluster's raylets keep their operator's setting.
-    with _environ(RAY_TRAIN_ENABLE_PREEMPTION_WATCHER="0", RAY_idle_worker_killing_time_threshold_ms="60000"):
+    # workers warm (KEEP_WARM_ENV, render/batch.py); a cluster's raylets keep their operator's setting.
+    try:
+        keep = keep_warm_s()
+    except InputError:  # said by the render that reads it; this Ray keeps the default
+        keep = KEEP_WARM_S
+    idle_ms = str(int(max(1.0, keep) * 1000))  # Ray's default: 1 s
+    with _environ(RAY_TRAIN_ENABLE_PREEMPTION_WATCHER="0", RAY_idle_worker_killing_time_threshold_ms=idle_ms):
         _start_local_ray(num_cpus, object_store_memory, quiet)
     _hide_worker_lines()
 

@@ -19,12 +19,13 @@ asks for more inference only while fewer than `workers + max_batch` items are in
 inferred) and not yet encoding, and an encoder fetches one chunk at a time. A model's first group
 is small (`workers` items), so the encoders start before a whole batch is inferred. At most
 MAX_LIVE_MODELS model workers live at once; a worker is done once its groups are inferred and their
-encodes have finished (the chunks it put in the object store live as long as it does). A done worker
-is kept warm for KEEP_WARM_S (VIDGEN_RENDER_KEEP_WARM_S) in case this process renders the same
-weights again (a service calling render_batch, a notebook): its start (1.5 s on 2 cores, mostly `import torch`;
-far more for a GPU's) would come before any frame of that batch. A batch ends the kept workers of
-other models, and training or an endpoint started from this process ends them all
-(`runtime.release_warm_workers`): both size themselves by the cluster's CPUs.
+encodes have finished (the chunks it put in the object store live as long as it does). The batch's
+last worker is kept warm for VIDGEN_RENDER_KEEP_WARM_S (default 60 s) in case this process renders
+the same weights again (a service calling render_batch, a notebook): its start (1.6 s on 2 cores,
+mostly `import torch`; far more for a GPU's) would come before any frame of that batch. A batch ends
+the kept workers of other weights; every other stage this process starts (init_ray without
+keep_warm: ingest, training; an endpoint's build_app) ends them all, as they size themselves by the
+cluster's cores.
 
 Why actors and tasks rather than Ray Data: items differ in mode, model and length, one item's
 failure must become its record while the rest go on, each item commits with its own record, and
@@ -62,7 +63,7 @@ from vidgen.render import engine, gallery
 from vidgen.render.engine import CHUNK_FRAMES, ItemError, ModelInfo
 from vidgen.render.record import RenderRecord
 from vidgen.render.spec import RenderBatch, ResolvedItem
-from vidgen.runtime import release_warm_workers_on
+from vidgen.runtime import env_seconds, keep_warm_s, release_warm_workers_on
 
 ACTOR_CPUS = 0.5  # logical CPUs of a model worker: torch and ffmpeg share the cores; `workers` bounds the work
 ENCODE_CPUS = 0.5
@@ -71,8 +72,6 @@ MAX_BATCH = 8  # generate/predict items inferred in one call
 ITEM_ATTEMPTS = 3  # an item whose model worker or encoder dies is inferred again, up to this many times in all
 STOP_GRACE_ENV = "VIDGEN_RENDER_STOP_GRACE_S"  # told to stop: encodes in flight get this long to land (default
 STOP_GRACE_S = 20.0                             # 20 s, within a spot notice), then are cancelled, uploads aborted
-KEEP_WARM_ENV = "VIDGEN_RENDER_KEEP_WARM_S"  # a finished batch's model workers wait this long (default 60 s;
-KEEP_WARM_S = 60.0                            # 0: end them at once) for this process's next batch of them
 CANCEL_WAIT_S = 30.0  # how long a stop waits for cancelled encoders to be gone before aborting their uploads
 
 
@@ -313,10 +312,10 @@ def render_batch(
     from vidgen.runtime import init_ray, stop_on_signal
 
     if todo and workers != 0:
-        init_ray(address)  # before the signal handlers: ray.init installs its own
+        init_ray(address, keep_warm=True)  # before the signal handlers: ray.init installs its own
     try:
         grace = _stop_grace_s()
-        _keep_warm_s()  # a wrong value fails here, before any item
+        keep_warm_s()  # a wrong value fails here, before any item
         with stop_on_signal(f"finishing the items in flight (at most {grace:g} s), then stopping") as stop:
             if todo and workers == 0:
                 _render_in_process(todo, out, chunk_frames, max_batch, finish, stop)
@@ -672,20 +671,8 @@ def _ray_error(e: BaseException) -> str:
     return lines[-1] if lines else type(e).__name__
 
 
-def _env_seconds(name: str, default: float) -> float:
-    """Seconds >= 0 from the variable `name` (default when unset); InputError naming a wrong value."""
-    value = os.environ.get(name, "")
-    try:
-        seconds = float(value) if value else default
-    except ValueError:
-        seconds = -1.0
-    if not seconds >= 0:
-        raise InputError(f"{name}={value!r}: expected seconds >= 0")
-    return seconds
-
-
 def _stop_grace_s() -> float:
-    return _env_seconds(STOP_GRACE_ENV, STOP_GRACE_S)
+    return env_seconds(STOP_GRACE_ENV, STOP_GRACE_S)
 
 
 def _render_on_ray(todo, out, workers, address, chunk_frames, max_batch, finish: Finish, stop=None,
@@ -694,7 +681,7 @@ def _render_on_ray(todo, out, workers, address, chunk_frames, max_batch, finish:
 
     from vidgen.runtime import init_ray
 
-    init_ray(address)
+    init_ray(address, keep_warm=True)
     if workers is None:
         workers = max(1, min(8, int(ray.cluster_resources().get("CPU", 1))))
     _RayPipeline(todo, out, workers, chunk_frames, max_batch, finish, stop, grace).run()
@@ -875,9 +862,11 @@ class _RayPipeline:
             ray.kill(self.actors.pop(uri))
 
     def _retire_idle_workers(self) -> None:
+        """End the workers whose groups are inferred and encoded; keep the batch's last ones warm
+        (while another model's groups wait, its worker would want the cores or the GPU)."""
         for uri in [u for u in self.actors if self.groups_left[u] == 0 and self.encodes_of[u] == 0]:
             worker = self.actors.pop(uri)
-            if worker in self.failed_workers:
+            if worker in self.failed_workers or any(self.groups_left.values()):
                 _kill(worker)
             else:
                 WARM.keep(self.keys[uri], worker)
@@ -890,23 +879,30 @@ def _worker_key(model: ModelInfo, gpu: bool) -> tuple:
 
 
 def _session() -> tuple[str, str]:
+    """This Ray session: a Ray started again on the same address gives its first job the same id."""
     import ray
 
-    context = ray.get_runtime_context()
-    return context.gcs_address, context.get_job_id()
+    node = getattr(ray._private.worker, "_global_node", None)  # no public name for the session
+    return f"{ray.get_runtime_context().gcs_address} {getattr(node, 'session_name', '')}", \
+        ray.get_runtime_context().get_job_id()
+
+
+TAKE_TIMEOUT_S = 5.0  # a kept worker that does not answer this fast is replaced
 
 
 class WarmWorkers:
-    """Model workers of finished batches, each kept for KEEP_WARM_S for a later batch of the same
-    weights in this process, then ended (a timer; the process's exit ends them too: they are its
-    actors). A kept worker that died meanwhile costs its first group one attempt, as any lost worker."""
+    """Model workers of finished batches, each kept for KEEP_WARM_S (runtime.KEEP_WARM_ENV) for a
+    later batch of the same weights in this process, then ended (a timer; the process's exit ends
+    them too: they are its actors). A kept worker must answer before it is taken, so one that died
+    meanwhile (its node went) is replaced rather than costing its first group an attempt."""
 
     def __init__(self):
         self.lock = threading.Lock()
         self.kept: dict[tuple, tuple[object, threading.Timer]] = {}
+        self.taken = 0  # kept workers handed to a batch, in all (bench/render.py checks its batches got one)
 
     def keep(self, key: tuple, worker) -> None:
-        seconds = _keep_warm_s()
+        seconds = keep_warm_s()
         if seconds <= 0:
             _kill(worker)
             return
@@ -921,10 +917,20 @@ class WarmWorkers:
         timer.start()
 
     def take(self, key: tuple):
+        """The worker kept for `key` if it still answers (its node may have gone), else None."""
+        import ray
+
         with self.lock:
             worker, timer = self.kept.pop(key, (None, None))
-        if timer:
-            timer.cancel()
+        if timer is None:
+            return None
+        timer.cancel()
+        try:
+            ray.get(worker.__ray_ready__.remote(), timeout=TAKE_TIMEOUT_S)
+        except Exception:  # noqa: BLE001 - dead, or too slow to answer: a new worker instead
+            _kill(worker)
+            return None
+        self.taken += 1
         return worker
 
     def end_all_but(self, models: set[tuple] = frozenset()) -> None:
@@ -950,10 +956,6 @@ def _kill(worker) -> None:
 
     with contextlib.suppress(Exception):  # gone already, or its Ray was shut down
         ray.kill(worker)
-
-
-def _keep_warm_s() -> float:
-    return _env_seconds(KEEP_WARM_ENV, KEEP_WARM_S)
 
 
 WARM = WarmWorkers()

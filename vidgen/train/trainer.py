@@ -159,7 +159,7 @@ def _fit(cfg: TrainConfig, payload: dict, resuming: bool, address: str | None) -
     from ray.train.torch import TorchTrainer
 
     from vidgen.data.loader import loader_data_config, read_split
-    from vidgen.runtime import init_ray, release_warm_workers
+    from vidgen.runtime import init_ray
     from vidgen.train.loop import train_loop_per_worker
 
     version = payload["data_version"]
@@ -171,7 +171,6 @@ def _fit(cfg: TrainConfig, payload: dict, resuming: bool, address: str | None) -
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     ray_started = time.perf_counter()
     init_ray(address)
-    release_warm_workers()  # a render's model workers, kept warm by this process: the run wants every core
     ray_seconds = time.perf_counter() - ray_started
 
     import ray
