@@ -105,6 +105,20 @@ def ray_session(s3_server):
     ray.shutdown()
 
 
+@pytest.fixture
+def ray_address(ray_session) -> str:
+    """The session Ray's address, for a `vidgen` command run as a driver of its own. This process's
+    kept render workers are ended first: their cores would be missing from that driver's (on 2
+    CPUs, a SIGTERM test's encodes waited in Ray's queue, and Ray's driver once aborted on a
+    cancelled one, "Tried to complete task that was not pending")."""
+    import ray
+
+    from vidgen.runtime import release_warm_workers
+
+    release_warm_workers()
+    return ray.get_runtime_context().gcs_address
+
+
 
 class MultiNode:
     """A Ray cluster of several nodes on this machine (`ray.cluster_utils.Cluster`, what Ray's own

@@ -257,9 +257,7 @@ def test_edited_item_rerenders_alone(rendered):
 # A render killed mid-batch
 
 
-def test_killed_render_reruns_with_every_object_uploaded_once(assets, ray_session, tmp_path):
-    import ray
-
+def test_killed_render_reruns_with_every_object_uploaded_once(assets, ray_address, tmp_path):
     client = storage.s3_client()
     bucket = "vidgen-versioned"
     client.create_bucket(Bucket=bucket)
@@ -272,7 +270,7 @@ def test_killed_render_reruns_with_every_object_uploaded_once(assets, ray_sessio
                        "renditions": [{"name": "wide", "size": [96, 54]}]} for i in range(5)]}
     path = tmp_path / "batch.yaml"
     path.write_text(yaml.safe_dump(spec))
-    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    env = {**os.environ, "RAY_ADDRESS": ray_address}
     command = [sys.executable, "-m", "vidgen.cli", "render", str(path), "--workers", "2"]
 
     killed = subprocess.Popen(command, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -314,13 +312,11 @@ def test_killed_render_reruns_with_every_object_uploaded_once(assets, ray_sessio
 
 @pytest.mark.parametrize("grace", ["20", "0"])
 def test_sigterm_finishes_the_items_in_flight_leaves_no_partial_object_and_the_rerun_completes(
-        assets, ray_session, s3_root, tmp_path, grace):
+        assets, ray_address, s3_root, tmp_path, grace):
     """A spot node's notice to `vidgen render`: no new item starts, the encodes in flight land (grace
     20 s) or are cancelled and their uploads aborted (grace 0), the exit code says it was stopped,
     and the same command renders the rest."""
     import signal
-
-    import ray
 
     out = f"{s3_root}/sigterm-{grace}"
     bucket, prefix = storage.split_s3(out)
@@ -329,7 +325,7 @@ def test_sigterm_finishes_the_items_in_flight_leaves_no_partial_object_and_the_r
             "items": [{"id": f"gen-{i}", "mode": "generate", "seed": i} for i in range(10)]}
     path = tmp_path / "batch.yaml"
     path.write_text(yaml.safe_dump(spec))
-    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    env = {**os.environ, "RAY_ADDRESS": ray_address}
     command = [sys.executable, "-m", "vidgen.cli", "render", str(path), "--workers", "2"]
     proc = subprocess.Popen(command, env={**env, "VIDGEN_RENDER_STOP_GRACE_S": grace}, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

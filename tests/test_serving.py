@@ -697,9 +697,8 @@ def test_vidgen_serve_refuses_a_public_host_without_a_token(monkeypatch, capsys)
     assert "NAME=URI" in capsys.readouterr().err
 
 
-def test_serve_run_with_the_config_file_answers_healthz(ray_session, tmp_path):
+def test_serve_run_with_the_config_file_answers_healthz(ray_address, tmp_path):
     """Ray's own CLI on serve/config.yaml (only the port changed): no model, no token, loopback."""
-    import ray
     from ray import serve
 
     serve.shutdown()  # the module's application: `serve run` starts Serve with the config's http_options
@@ -710,7 +709,7 @@ def test_serve_run_with_the_config_file_answers_healthz(ray_session, tmp_path):
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     env = {k: v for k, v in os.environ.items() if k != serving.TOKEN_ENV}
-    env["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+    env["RAY_ADDRESS"] = ray_address
     command = [os.path.join(os.path.dirname(sys.executable), "serve"), "run", str(path)]
     proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:

@@ -187,7 +187,7 @@ def test_a_reingest_while_a_run_trains_keeps_the_version_it_reads(tmp_path, ray_
     assert third.version != first.version
 
 
-def test_stopped_runs_resume_where_they_stopped_and_match_an_uninterrupted_one(datasets, tmp_path, ray_session):
+def test_stopped_runs_resume_where_they_stopped_and_match_an_uninterrupted_one(datasets, tmp_path, ray_address):
     """A spot node's notice: SIGTERM to `vidgen train` mid-run. It checkpoints after the current step
     and exits with 143 well within the notice; the same command resumes and reproduces the losses.
     And a run that ended at its max_steps, run again with a higher one, trains on from its last
@@ -195,7 +195,6 @@ def test_stopped_runs_resume_where_they_stopped_and_match_an_uninterrupted_one(d
     import signal
     import time
 
-    import ray
     import yaml
 
     common = dict(family="gan", workers=2, zero_stage=2, micro_batch=4, checkpoint_every=1000, val_split="",
@@ -204,7 +203,7 @@ def test_stopped_runs_resume_where_they_stopped_and_match_an_uninterrupted_one(d
     spec = tmp_path / "train.yaml"
     spec.write_text(yaml.safe_dump({"preset": "tiny", "data": str(datasets / "shapes"), "run": preempted,
                                     "max_steps": 1000, **common}))
-    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    env = {**os.environ, "RAY_ADDRESS": ray_address}
     proc = subprocess.Popen([sys.executable, "-m", "vidgen.cli", "train", str(spec)], env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
