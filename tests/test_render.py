@@ -626,6 +626,30 @@ def test_two_renders_into_one_folder_keep_each_others_items_in_the_index(assets,
     assert sorted(reads) == ["a-2.json", "b-1.json"] and manifest()[1]["elapsed_s"] == 99.0
 
 
+def test_an_endpoint_jobs_index_is_the_same_without_listing_or_reading_its_folder(assets, s3_root, monkeypatch):
+    """A folder with one writer that holds every record (an endpoint job's, its lease held) gets its
+    manifest and index from those records alone: the same bytes, no LIST (12.5 GETs on S3's price
+    list) and no read of what it just wrote."""
+    from vidgen.render.batch import write_index
+
+    spec = {"name": "job", "output": storage.join(s3_root, "job"), "model": assets["gan"],
+            "defaults": {"fps": FPS, "seconds": 1, "size": [SIDE, SIDE], "preset": "ultrafast"},
+            "items": [{"id": f"gen-{i}", "mode": "generate", "seed": i} for i in range(2)]}
+    result = render_batch(parse_batch(spec), workers=0, progress=False)
+    listed = {name: storage.read_bytes(storage.join(result.output, name)) for name in ("manifest.jsonl", "index.html")}
+    for name in listed:
+        storage.delete(storage.join(result.output, name))
+
+    def refused(*args, **kwargs):
+        raise AssertionError("the folder was listed or read")
+
+    for name in ("list_info", "list_prefix", "read_bytes", "read_json", "read_text", "exists", "stat"):
+        monkeypatch.setattr(storage, name, refused)
+    write_index(result.output, "job", result.records, sole_writer=True)
+    monkeypatch.undo()
+    assert {name: storage.read_bytes(storage.join(result.output, name)) for name in listed} == listed
+
+
 # --------------------------------------------------------------------------------------------
 # Specs rejected before any work
 
