@@ -34,10 +34,10 @@ retries fit none of these well. Measured (bench/render.py runs the same stages a
 pipeline: an actor pool for the model, map_batches of 8, a map of encodes), 48 generate items on 2
 cores, each starting its model worker, two runs: 10.8-11.5 videos/s here against 8.9-9.1 with Ray
 Data into S3 (1.21-1.26x), 12.1-12.6 against 9.6-10.2 into a local folder (1.24-1.26x). Both are
-slower than a plain loop in a process that has torch loaded (0.87-0.88x into S3): the worker's start
+slower than a plain loop in a process that has torch loaded (0.85-0.88x into S3): the worker's start
 (1.6-1.7 s) comes before any frame. With the worker kept from the batch before, this pipeline renders
-1.42-1.46x the loop into S3 (0.83-0.85 of what 2 cores can do) and 1.49-1.51x into a local folder;
-past fixed costs (48 -> 240 items), 1.46-1.47x, 0.80-0.85 of the limit.
+1.41-1.49x the loop into S3 (0.83-0.87 of what 2 cores can do) and 1.49-1.55x into a local folder
+(four runs); past fixed costs (48 -> 240 items), 1.46-1.55x, 0.80-0.90 of the limit.
 """
 
 from __future__ import annotations
