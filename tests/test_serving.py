@@ -712,8 +712,8 @@ def test_serve_run_with_the_config_file_answers_healthz(ray_address, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != serving.TOKEN_ENV}
     env["RAY_ADDRESS"] = ray_address
     command = [os.path.join(os.path.dirname(sys.executable), "serve"), "run", str(path)]
-    # Its output goes to a file, not a pipe this test never reads: a CLI that fills a pipe's 64 KB
-    # (Serve's and Ray's log lines, more of them in a whole-suite run) blocks on its next line
+    # Its output goes to a file, not a pipe this test never reads (a CLI that fills a pipe's 64 KB
+    # blocks on its next line)
     log = tmp_path / "serve-run.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
@@ -732,9 +732,11 @@ def test_serve_run_with_the_config_file_answers_healthz(ray_address, tmp_path):
         assert r.json() == {"status": "ok", "version": __version__, "models": []}
     finally:
         # Ctrl-C: Ray's CLI shuts Serve down (up to 30 s for its controller) and exits: alone, in a few
-        # seconds. In whole-suite runs, with its output in a pipe, it used the test's full 60 s (78 s of
-        # the suite's slowest tests). 20 s, then a kill and a warning with its output, so a CI log
-        # shows it if it happens again; this process's serve.shutdown() ends what it left.
+        # seconds. In whole-suite runs it is still running 20 s later, its last line before the signal
+        # (no "Got KeyboardInterrupt"), cause not found: not the pipe (a file changed nothing), not an
+        # inherited ignored SIGINT (`trap '' INT` changed nothing alone). It used the old 60 s wait in
+        # full (78 s of the suite). 20 s, then a kill and a warning with its output in the CI log;
+        # this process's serve.shutdown() ends what it left.
         proc.send_signal(signal.SIGINT)
         stopping = time.monotonic()
         try:
