@@ -119,7 +119,6 @@ def ray_address(ray_session) -> str:
     return ray.get_runtime_context().gcs_address
 
 
-
 class MultiNode:
     """A Ray cluster of several nodes on this machine (`ray.cluster_utils.Cluster`, what Ray's own
     multi-node tests use), every node on 127.0.0.1: a head with no CPU (it runs Ray's own processes

@@ -726,7 +726,8 @@ class _RayPipeline:
         self.placed: set = set()  # (model uri, node) already reported
         self.keys: dict[str, tuple] = {}  # model uri -> its worker's WarmWorkers key
         self.failed_workers: set = set()  # workers whose model did not load: ended, never kept
-        WARM.end_all_but({(*_session(), g[0].item.model, g[0].model.sha256) for g in self.pending})
+        session = _session()
+        WARM.end_all_but({(*session, g[0].item.model, g[0].model.sha256) for g in self.pending})
 
     def run(self) -> None:
         import ray
@@ -944,8 +945,8 @@ class WarmWorkers:
         return worker
 
     def end_all_but(self, models: set[tuple] = frozenset()) -> None:
-        """End the kept workers of every model but `models`: (gcs address, job id, uri, sha256),
-        the start of their keys."""
+        """End the kept workers of every model but `models`: (*_session(), uri, sha256), the start
+        of their keys."""
         with self.lock:
             ended = [k for k in self.kept if k[:4] not in models]
             pairs = [self.kept.pop(k) for k in ended]

@@ -202,7 +202,8 @@ class JobRunner:
                     from vidgen.render.batch import write_index
 
                     # The job's folder is its own, and only the lease holder writes there
-                    await _io(self.pool, write_index, job.batch["output"], job.batch["name"], records, True)
+                    await _io(self.pool, write_index, job.batch["output"], job.batch["name"], records,
+                              sole_writer=True)
                     failed = sum(not r.is_ok or r.id in run.kept for r in records)
                     state, counts = "finished", {"items": len(records), "ok": len(records) - failed, "failed": failed}
                     if run.kept:  # their earlier ok records stand; the job says why they were not rendered
