@@ -6,8 +6,9 @@
 Everything goes into moto's S3 server on loopback, started here. Five figures, in videos/s:
   naive        load the model once; for each item: sample, encode (same scale, title and codec
                settings), upload the mp4 and its poster, one after the other
-  ours         `vidgen.render.render_batch` on a local Ray with --cpus CPUs: model worker + encode /
-               upload tasks, plus records, manifest.jsonl and index.html (Ray's start is not counted);
+  ours         `vidgen.render.render_batch` on a local Ray with --cpus CPUs, with its default count of
+               encodes in flight (two per CPU; --workers to set it): model worker + encode / upload
+               tasks, plus records, manifest.jsonl and index.html (Ray's start is not counted);
                its model worker is the one the batch before kept warm (as for a process that renders
                batch after batch: a service, a notebook; checked, and VIDGEN_RENDER_KEEP_WARM_S is
                3600 here so that no gap between two batches ends it)
@@ -89,7 +90,7 @@ def ours(args, model_uri: str, out: str, kept: bool = True) -> None:
     from vidgen.render import batch, parse_batch, render_batch
 
     taken = batch.WARM.taken
-    result = render_batch(parse_batch(spec(args, model_uri, out)), workers=args.cpus, progress=False)
+    result = render_batch(parse_batch(spec(args, model_uri, out)), workers=args.workers, progress=False)
     assert result.ok and len(result.rendered) == args.items, result.summary()
     assert (batch.WARM.taken > taken) == kept, f"kept worker {'not ' if kept else ''}used"
 
@@ -115,7 +116,7 @@ def ours_ray_data(args, model_uri: str, out: str) -> None:
     from vidgen.render import batch, parse_batch, render_batch
 
     with mock.patch.object(batch, "_render_on_ray", render_on_ray_data):
-        result = render_batch(parse_batch(spec(args, model_uri, out)), workers=args.cpus, progress=False)
+        result = render_batch(parse_batch(spec(args, model_uri, out)), workers=args.workers, progress=False)
     assert result.ok and len(result.rendered) == args.items, result.summary()
 
 
@@ -157,6 +158,7 @@ def render_on_ray_data(todo, out, workers, address, chunk_frames, max_batch, fin
                                     max(1, int(ray.cluster_resources().get("CPU", 1)) // workers))
         return {"id": row["id"], "record": json.dumps(record.to_json())}  # a RenderRecord, as a row's column
 
+    workers = workers or batch.default_workers(ray.cluster_resources().get("CPU", 1))  # as `ours` resolves it
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ds = (ray.data.from_items([{"id": i} for i in entries], override_num_blocks=max(1, len(entries) // max_batch))
@@ -318,7 +320,9 @@ def main() -> None:
     parser.add_argument("--crf", type=int, default=23)
     parser.add_argument("--x264-preset", default="medium")
     parser.add_argument("--no-title", dest="title", action="store_false", help="no title overlay")
-    parser.add_argument("--cpus", type=int, default=2, help="Ray CPUs, encode workers, parallel ffmpeg")
+    parser.add_argument("--cpus", type=int, default=2, help="Ray CPUs, parallel ffmpeg (encode-only)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="render_batch's encodes in flight (default: its own, two per Ray CPU)")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--steady-items", type=int, default=240,
                         help="a second, longer batch (S3 only) for the per-item rate past fixed costs; 0: skip")
@@ -338,7 +342,9 @@ def main() -> None:
     models.save(model, model_uri)
     frames = round(args.fps * args.seconds)
     native = model.config.frame_size
-    threads = 1  # what `ours` gives each encode: Ray's CPUs // workers, both --cpus here
+    from vidgen.render.batch import default_workers
+
+    threads = max(1, args.cpus // (args.workers or default_workers(args.cpus)))  # what `ours` gives an encode
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start; "
           f"ffmpeg {media.ffmpeg_binary()}")
     print(f"batch: {args.items} generate items, GAN {args.preset} ({native}x{native} native) -> "

@@ -58,11 +58,10 @@ def offline(args, model_uri: str, root: str) -> float:
 
     items = [job_body(args, i)["items"][0] for i in range(args.jobs_per_level)]
     spec = {**job_body(args, 0), "model": model_uri, "items": items}
-    render_batch(parse_batch({**spec, "output": storage.join(root, "offline-warmup")}), workers=args.cpus,
-                 progress=False)  # Ray's workers start
+    # workers: render_batch's default (two encodes in flight per Ray CPU), as `vidgen render` runs it
+    render_batch(parse_batch({**spec, "output": storage.join(root, "offline-warmup")}), progress=False)
     start = time.perf_counter()
-    result = render_batch(parse_batch({**spec, "output": storage.join(root, "offline")}), workers=args.cpus,
-                          progress=False)
+    result = render_batch(parse_batch({**spec, "output": storage.join(root, "offline")}), progress=False)
     seconds = time.perf_counter() - start
     assert result.ok, result.summary()
     return len(items) / seconds

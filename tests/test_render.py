@@ -231,6 +231,13 @@ def test_gallery_escapes_user_text():
     assert "<script>" not in page and "&lt;script&gt;" in page and "&lt;b&gt;batch" in page
 
 
+def test_a_batch_without_workers_keeps_two_encodes_in_flight_per_cpu_at_most_16():
+    from vidgen.render.batch import default_workers
+
+    # `vidgen render --help` and the README promise this; a fraction of a CPU still gets one encode
+    assert [default_workers(c) for c in (0.5, 1, 2, 8, 64)] == [1, 2, 4, 16, 16]
+
+
 def test_rerun_uploads_nothing(rendered):
     out = rendered["out"]
     before = snapshot(out)

@@ -90,7 +90,7 @@ def add_render_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="output URI (default: the spec's output)")
     p.add_argument("--model", default=None, help="default model URI (default: the spec's model)")
     p.add_argument("--workers", type=int, default=None,
-                   help="concurrent encode/upload tasks (default: the cluster's CPUs, at most 8; 0: no Ray)")
+                   help="concurrent encode/upload tasks (default: two per CPU of the cluster, at most 16; 0: no Ray)")
     p.add_argument("--dry-run", action="store_true", help="validate the spec and print the plan; render nothing")
     p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else a new local Ray)")
 

@@ -67,6 +67,13 @@ from vidgen.runtime import env_seconds, keep_warm_s, release_warm_workers_on
 
 ACTOR_CPUS = 0.5  # logical CPUs of a model worker: torch and ffmpeg share the cores; `workers` bounds the work
 ENCODE_CPUS = 0.5
+# Encode tasks in flight by default: two per CPU, at most 16 (`default_workers`). An encode waits
+# for part of its time (ffmpeg's and the poster's processes starting, its frames coming from the
+# object store, its uploads' round trips), so with one per CPU the cores stood idle for 17% of a
+# 48-item batch on 2 cores; two per CPU rendered it 7-14% faster into S3 and into a local folder
+# (ENCODE_CPUS lets Ray run three of the four beside a model worker there; the fourth waits ready).
+ENCODES_PER_CPU = 2
+MAX_DEFAULT_ENCODES = 16
 MAX_LIVE_MODELS = 2
 MAX_BATCH = 8  # generate/predict items inferred in one call
 ITEM_ATTEMPTS = 3  # an item whose model worker or encoder dies is inferred again, up to this many times in all
@@ -272,8 +279,8 @@ def render_batch(
     max_batch: int = MAX_BATCH,
 ) -> BatchResult:
     """Render every item that has no ok record with its current spec hash; write the records,
-    then OUT/manifest.jsonl and OUT/index.html. `workers`: concurrent encode tasks (default: the
-    cluster's CPUs, at most 8); 0 renders in this process without Ray."""
+    then OUT/manifest.jsonl and OUT/index.html. `workers`: concurrent encode tasks (default: two
+    per CPU of the cluster, at most 16, `default_workers`); 0 renders in this process without Ray."""
     from tqdm import tqdm
 
     started = time.monotonic()
@@ -693,8 +700,13 @@ def _render_on_ray(todo, out, workers, address, chunk_frames, max_batch, finish:
 
     init_ray(address, keep_warm=True)
     if workers is None:
-        workers = max(1, min(8, int(ray.cluster_resources().get("CPU", 1))))
+        workers = default_workers(ray.cluster_resources().get("CPU", 1))
     _RayPipeline(todo, out, workers, chunk_frames, max_batch, finish, stop, grace).run()
+
+
+def default_workers(cpus: float) -> int:
+    """Encode tasks in flight when `workers` is not given, for a Ray of `cpus` CPUs (ENCODES_PER_CPU)."""
+    return max(1, min(MAX_DEFAULT_ENCODES, ENCODES_PER_CPU * int(cpus)))
 
 
 class _RayPipeline:
