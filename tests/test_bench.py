@@ -25,7 +25,7 @@ def test_render_bench_ray_data_contender_renders_every_item(tmp_path, ray_sessio
     model_uri = str(tmp_path / "gan")
     models.save(models.build("gan", "tiny", num_classes=3, label_names=render_bench.LABELS), model_uri)
     args = argparse.Namespace(items=3, title=True, fps=8, seconds=0.5, size=32, crf=23, x264_preset="ultrafast",
-                              cpus=1)
+                              cpus=1, workers=None)
     out = tmp_path / "out"
     render_bench.ours_ray_data(args, model_uri, str(out))  # asserts the batch rendered all 3
     records = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
