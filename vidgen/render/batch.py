@@ -70,7 +70,7 @@ ENCODE_CPUS = 0.5
 # Encode tasks in flight by default: two per CPU, at most 16 (`default_workers`). An encode waits
 # for part of its time (ffmpeg's and the poster's processes starting, its frames coming from the
 # object store, its uploads' round trips), so with one per CPU the cores stood idle for 17% of a
-# 48-item batch on 2 cores; two per CPU rendered it 7-14% faster into S3 and into a local folder
+# 48-item batch on 2 cores; two per CPU rendered it 7-12% faster into S3 and 9% into a local folder
 # (ENCODE_CPUS lets Ray run three of the four beside a model worker there; the fourth waits ready).
 ENCODES_PER_CPU = 2
 MAX_DEFAULT_ENCODES = 16

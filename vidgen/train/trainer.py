@@ -174,7 +174,7 @@ def _fit(cfg: TrainConfig, payload: dict, resuming: bool, address: str | None) -
     ray_started = time.perf_counter()
     init_ray(address)
     ray_seconds = time.perf_counter() - ray_started
-    if not (address or os.environ.get("RAY_ADDRESS")):
+    if (address or os.environ.get("RAY_ADDRESS") or "local") == "local":  # init_ray started this Ray
         start_ray_data_actors()
 
     import ray
@@ -237,8 +237,9 @@ def start_ray_data_actors() -> None:
     stats actor and its autoscaling coordinator (named, detached, one per Ray). Each is a new Python
     process (about 1.7 CPU-s on 2 cores), and Ray Train's controller and the first batch of data
     wait for them one after the other; created here, they start while the controller starts, and
-    Ray Data finds them by name. To the first step: 30.1 s against 31.9 s (bench/startup.py's run,
-    3 pairs, interleaved). A Ray whose internals moved (another version) makes them itself, as before."""
+    Ray Data finds them by name. To the first step of bench/startup.py's command: 30.1 s against
+    31.9 s (3 pairs, interleaved). A Ray whose internals moved (another version) makes them itself,
+    as before."""
     try:
         from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
             get_or_create_autoscaling_coordinator,
