@@ -9,10 +9,11 @@ serve/config.yaml (its settings, with a model `g` and an S3 output root). Four p
                before Serve starts, on the model worker its warm-up batch kept (as the endpoint's
                model replica is up before the first job): the renders/s the endpoint's saturation is
                compared with (target: the best end-to-end level >= 0.8 of it)
-  end to end   at each concurrency C, C clients each POST a job of one generate item and poll it
-               (every --poll-s) until done, then POST the next; figures: completed renders/s (done,
-               not 202s) and p50/p99 submit-to-done latency. Each level stops after --jobs-per-level
-               jobs or --level-seconds, whichever comes first.
+  end to end   at each concurrency C, C clients each POST a job of one generate item and wait for it
+               with long polls (GET ?wait_s=--wait-s, answered when the job ends) until done, then
+               POST the next; figures: completed renders/s (done, not 202s) and p50/p99 submit-to-done
+               latency. Each level stops after --jobs-per-level jobs or --level-seconds, whichever
+               comes first. The best level is run again with clients polling every --poll-s instead.
   model stage  the model deployment alone (its handle, no encoding): --model-requests concurrent
                one-item requests against a ModelServer with max_batch_size=--batch and one with
                max_batch_size=1 (one replica each), alternating --repeat times; items/s, the median
@@ -101,8 +102,12 @@ def end_to_end(args, url: str, concurrency: int) -> dict:
                 continue
             job_id = r.json()["id"]
             while time.perf_counter() < deadline + 120:
-                time.sleep(args.poll_s)
-                job = http.get(f"{url}/v1/renders/{job_id}", timeout=60).json()
+                if args.wait_s:  # a long poll: the answer comes when the job ends (or wait_s passes)
+                    job = http.get(f"{url}/v1/renders/{job_id}", params={"wait_s": args.wait_s},
+                                   timeout=args.wait_s + 60).json()
+                else:
+                    time.sleep(args.poll_s)
+                    job = http.get(f"{url}/v1/renders/{job_id}", timeout=60).json()
                 if job["status"] in serving.TERMINAL:
                     with lock:
                         (latencies if job["status"] == "done" else failures).append(time.perf_counter() - t0)
@@ -223,7 +228,10 @@ def main() -> None:
     parser.add_argument("--levels", default="1,2,4,8,16", help="client concurrencies, end to end")
     parser.add_argument("--jobs-per-level", type=int, default=24)
     parser.add_argument("--level-seconds", type=float, default=60)
-    parser.add_argument("--poll-s", type=float, default=0.5, help="how often each client polls its job")
+    parser.add_argument("--wait-s", type=float, default=10,
+                        help="clients wait for their job's end with GET ?wait_s= (a long poll); 0: they poll")
+    parser.add_argument("--poll-s", type=float, default=0.5,
+                        help="how often a polling client asks (--wait-s 0, and the polling row at the best level)")
     parser.add_argument("--batch", type=int, default=8, help="max_batch_size of the batched model stage")
     parser.add_argument("--model-requests", type=int, default=64, help="concurrent requests per model-stage run")
     parser.add_argument("--repeat", type=int, default=5)
@@ -268,7 +276,8 @@ def main() -> None:
     print(f"ray.init + serve.run: {time.perf_counter() - start:.1f} s (not counted)")
     end_to_end(argparse.Namespace(**{**vars(args), "jobs_per_level": 4}), url, 2)  # warm-up: workers, routers
 
-    print("\nend to end (submit -> done, one item per job)")
+    how = f"clients wait with GET ?wait_s={args.wait_s:g}" if args.wait_s else f"clients poll every {args.poll_s:g} s"
+    print(f"\nend to end (submit -> done, one item per job; {how})")
     print(f"{'clients':>8} {'done':>5} {'failed':>6} {'renders/s':>10} {'p50 s':>7} {'p99 s':>7}  rejected")
     levels = []
     for c in args.levels:
@@ -282,6 +291,12 @@ def main() -> None:
     saturation = max(levels, key=lambda r: r["renders_per_s"])
     print(f"saturation: {saturation['renders_per_s']:.2f} renders/s at {saturation['concurrency']} clients = "
           f"{saturation['renders_per_s'] / offline_rate:.2f} of the offline path (target >= 0.8)")
+    polling = None
+    if args.wait_s:  # the same level with clients that poll instead (every --poll-s): what long polls save
+        polling = end_to_end(argparse.Namespace(**{**vars(args), "wait_s": 0}), url, saturation["concurrency"])
+        print(f"the same {saturation['concurrency']} clients polling every {args.poll_s:g} s instead: "
+              f"{polling['renders_per_s']:.2f} renders/s (p50 {polling['p50_s']:.2f} s, p99 {polling['p99_s']:.2f} s) "
+              f"= {polling['renders_per_s'] / offline_rate:.2f} of the offline path")
 
     print(f"\nmodel stage ({args.model_requests} concurrent one-item requests, one replica, {args.repeat} runs "
           f"each, alternating)")
@@ -310,7 +325,7 @@ def main() -> None:
         best = max(levels, key=lambda r: r["renders_per_s"])
         with open(args.out_json, "w") as f:
             json.dump({"settings": {k: v for k, v in vars(args).items()}, "end_to_end": levels,
-                       "offline_renders_per_s": offline_rate,
+                       "offline_renders_per_s": offline_rate, "polling_at_best_level": polling,
                        "model_stage": stage, "overload": bursts,
                        "summary_rows": [
                            [f"serve: model-stage throughput, max_batch_size={args.batch} vs 1 (target >= 3x)",
@@ -320,7 +335,10 @@ def main() -> None:
                             f"{best['concurrency']} clients (p50 {best['p50_s']:.2f} s, p99 {best['p99_s']:.2f} s)"],
                            ["serve: saturation vs the offline path on the same items (target >= 0.8)",
                             f"{best['renders_per_s'] / offline_rate:.2f} ({best['renders_per_s']:.2f} vs "
-                            f"{offline_rate:.2f} renders/s)"],
+                            f"{offline_rate:.2f} renders/s; {how})"],
+                           *([[f"serve: the same level, clients polling every {args.poll_s:g} s instead",
+                               f"{polling['renders_per_s'] / offline_rate:.2f} ({polling['renders_per_s']:.2f} "
+                               f"renders/s, p50 {polling['p50_s']:.2f} s)"]] if polling else []),
                            ["serve: 503 onset (burst size)", str(first_503 or f"> {args.bursts[-1]}")],
                        ]}, f, indent=2, default=str)
 

@@ -183,6 +183,23 @@ def test_submit_poll_done_and_presigned_urls_download(service):
     assert listed[0]["id"] == accepted["id"] and listed[0]["status"] == "done"
 
 
+def test_a_status_request_with_wait_s_answers_when_the_job_ends(service):
+    """GET ?wait_s= is a long poll: one request, answered as the job ends, not a request a second."""
+    job_id = service.post(batch(2)).json()["id"]
+    t0 = time.monotonic()
+    r = service.http.get(f"{service.url}/v1/renders/{job_id}", params={"wait_s": 25}, timeout=60)
+    waited = time.monotonic() - t0
+    assert r.status_code == 200 and r.json()["status"] == "done", r.text[:300]
+    assert r.json()["counts"]["ok"] == 2 and waited < 20, waited  # answered at the end, not at wait_s
+    t0 = time.monotonic()
+    again = service.http.get(f"{service.url}/v1/renders/{job_id}", params={"wait_s": 25}, timeout=60)
+    assert again.json()["status"] == "done" and time.monotonic() - t0 < 5  # over already: at once
+    unknown = service.http.get(f"{service.url}/v1/renders/{new_job_id()}", params={"wait_s": 25}, timeout=60)
+    assert unknown.status_code == 404 and time.monotonic() - t0 < 10
+    too_long = service.http.get(f"{service.url}/v1/renders/{job_id}", params={"wait_s": 31}, timeout=60)
+    assert too_long.status_code == 422 and "wait_s" in too_long.text
+
+
 def test_a_reexported_model_is_reloaded_and_records_name_the_weights_used(service):
     import torch
 
@@ -496,7 +513,7 @@ def bare_runner(store, stale_s: float):
     """A JobRunner's claiming logic without Serve: what `_claim` reads and writes."""
     runner = serving.JobRunner.__new__(serving.JobRunner)
     runner.store, runner.runner_id, runner.seen, runner.markers = store, f"test-{uuid.uuid4().hex[:6]}", {}, {}
-    runner.node_id = "test-node"
+    runner.node_id, runner.poked, runner.poked_jobs = "test-node", [], {}
     runner.conf = RunnerDeployment(heartbeat_s=stale_s / 2, stale_s=stale_s)
     return runner
 
@@ -761,3 +778,79 @@ def test_serve_run_with_the_config_file_answers_healthz(ray_address, tmp_path):
                           f"(SIGINT ignored there: {ignored}; its masks {masks}; this process's SIGINT "
                           f"handler: {signal.getsignal(signal.SIGINT)!r}); its last output: {tail}")
         serve.shutdown()
+
+
+def test_a_poked_job_is_claimed_without_listing_the_queue_and_waits_for_room_when_full(tmp_path, monkeypatch):
+    """The ingress pokes a runner with the id of the job it queued: the runner claims that job by
+    name. It used to list the queue at every poke, one LIST a job (moto's costliest call). A poked
+    job that finds the runner full is claimed when one of its jobs ends."""
+    store = serving.JobStore(str(tmp_path))
+    jobs = [serving.Job(id=new_job_id(), created="2026-11-30T00:00:00Z", created_ts=time.time()) for _ in range(2)]
+    for job in jobs:
+        store.create(job)
+    runner = bare_runner(store, stale_s=30)
+    runner.conf = RunnerDeployment(heartbeat_s=15, stale_s=30, max_jobs=1)
+    runner.pool, runner.running, runner.wake = _executor(), {}, None
+    monkeypatch.setattr(store, "queued", lambda: pytest.fail("the queue was listed for a poked job"))
+    ends = {}
+
+    async def run(claimed):
+        ends[claimed.job_id] = asyncio.get_running_loop().create_future()
+        await ends[claimed.job_id]
+
+    monkeypatch.setattr(runner, "_run", run)
+
+    async def poke_both_then_end_the_first():
+        runner.wake = asyncio.Event()
+        await runner._poll([j.id for j in jobs])
+        await asyncio.sleep(0)
+        assert list(runner.running) == [jobs[0].id] and runner.poked == [jobs[1].id]  # full: the second waits
+        ends[jobs[0].id].set_result(None)
+        await asyncio.sleep(0.01)
+        assert runner.wake.is_set() and runner.running == {}  # the loop is woken to claim it
+        poked, runner.poked = runner.poked, []
+        await runner._poll(poked)
+        await asyncio.sleep(0)
+        assert list(runner.running) == [jobs[1].id]
+        ends[jobs[1].id].set_result(None)
+        await asyncio.sleep(0.01)
+
+    asyncio.run(poke_both_then_end_the_first())
+
+
+def test_wait_ended_answers_from_the_runners_memory(tmp_path):
+    """`wait_ended` (behind GET ?wait_s=): None for a job this runner does not run, False while its
+    run goes on past the timeout, True as soon as the run ends."""
+    runner = bare_runner(serving.JobStore(str(tmp_path)), stale_s=30)
+
+    async def scenario():
+        gate = asyncio.Event()
+        runner.running = {"j": asyncio.get_running_loop().create_task(gate.wait())}
+        assert await runner.wait_ended("other", 5) is None
+        t0 = time.monotonic()
+        assert await runner.wait_ended("j", 0.2) is False and 0.15 < time.monotonic() - t0 < 2
+        asyncio.get_running_loop().call_later(0.2, gate.set)
+        t0 = time.monotonic()
+        assert await runner.wait_ended("j", 20) is True and time.monotonic() - t0 < 5
+
+    asyncio.run(scenario())
+
+
+def test_a_job_poked_with_its_record_is_claimed_with_one_write_and_a_held_one_is_not_taken(tmp_path, monkeypatch):
+    """The ingress hands the runner the job record it wrote: the claim writes the first lease
+    (create-if-absent) without reading the lease or the record (two GETs a job). A lease already
+    there (another runner's, or the ingress's cancel) fails that write: the job is then claimed as
+    any other, and a live one is left alone."""
+    store = serving.JobStore(str(tmp_path))
+    job = serving.Job(id=new_job_id(), created="2026-11-30T00:00:00Z", created_ts=time.time())
+    store.create(job)
+    first, second = bare_runner(store, stale_s=30), bare_runner(store, stale_s=30)
+    reads = []
+    real_lease, real_read = store.lease, store.read
+    monkeypatch.setattr(store, "lease", lambda j: reads.append("lease") or real_lease(j))
+    monkeypatch.setattr(store, "read", lambda j: reads.append("record") or real_read(j))
+    run = first._claim(job.id, job)
+    assert run is not None and run.job is job and run.lease.attempt == 1 and reads == []
+    assert real_lease(job.id)[0].runner == first.runner_id
+    assert second._claim(job.id, job) is None and reads == ["lease"]  # held and fresh: not taken
+    assert real_lease(job.id)[0].runner == first.runner_id

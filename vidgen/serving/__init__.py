@@ -12,7 +12,8 @@ One Serve application; every replica asks for a fraction of a CPU (the whole app
 
     HTTP ─► Ingress (FastAPI)        validates a request against the render spec and the service's
                                      limits, writes the job record and a queue marker, pokes a runner;
-                                     answers status from object storage (any replica, at any time)
+                                     answers status from object storage (any replica, at any time;
+                                     `?wait_s=` waits for the job's end, which its runner reports)
             JobRunner                claims queued jobs with a lease in storage (compare-and-swap,
                                      heartbeat), plans them with the render engine (records already
                                      there are kept), sends each item to its model, hands the frames to

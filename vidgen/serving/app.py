@@ -16,7 +16,7 @@ from vidgen.errors import InputError
 from vidgen.serving.ingress import TOKEN_ENV, Ingress, _is_loopback
 from vidgen.serving.model_server import ModelServer
 from vidgen.serving.runner import JobRunner
-from vidgen.serving.settings import Autoscaling, ServiceSettings, load_settings
+from vidgen.serving.settings import RUNNER_MAX_ONGOING, Autoscaling, ServiceSettings, load_settings
 
 APP_NAME = "vidgen"
 
@@ -45,7 +45,8 @@ def build_app(settings: ServiceSettings, token: str | None = None):
     r = settings.runner
     runner = serve.deployment(JobRunner).options(
         name="runner", num_replicas=r.num_replicas, ray_actor_options={"num_cpus": r.num_cpus},
-        max_replicas_per_node=r.max_replicas_per_node, max_ongoing_requests=64, health_check_period_s=5,
+        max_replicas_per_node=r.max_replicas_per_node, max_ongoing_requests=RUNNER_MAX_ONGOING,
+        health_check_period_s=5,
     ).bind(settings, handles)
     i = settings.ingress
     return serve.deployment(Ingress).options(

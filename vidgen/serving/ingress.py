@@ -25,7 +25,7 @@ from vidgen import __version__, storage
 from vidgen.manifest import ModelManifest
 from vidgen.render.record import RenderRecord, VideoFacts
 from vidgen.render.spec import MAX_ITEMS, Defaults, RenderBatch, RenderItem, SpecError, parse_batch
-from vidgen.serving.settings import MODEL_NAME, ServiceSettings, input_limits, readable
+from vidgen.serving.settings import MAX_WAIT_S, MODEL_NAME, ServiceSettings, input_limits, readable
 from vidgen.serving.store import (
     JOB_ID,
     TERMINAL,
@@ -45,6 +45,7 @@ logger = logging.getLogger("ray.serve")  # Serve adds the request id to each lin
 
 TOKEN_ENV = "VIDGEN_API_TOKEN"
 MAX_BODY_BYTES = 2 * 1024 * 1024  # a request body; MAX_ITEMS items with long titles fit
+WAIT_POLL_S = 0.5  # how often a waiting status request reads the lease of a job no runner answered for
 
 
 # --------------------------------------------------------------------------------------------
@@ -362,7 +363,7 @@ class _Ingress:
             return await self._replayed_or_busy(key_sha, request_sha)
         self._remember(job)  # its status polls that reach this replica need not read it back
         logger.info(f"POST /v1/renders: job {job_id} queued, {len(body.items)} items (request {rid})")
-        self._poke()
+        self._poke(job)
         return self._accepted(job_id, "queued")
 
     @api.get("/v1/renders", response_model=JobList, dependencies=[Depends(bearer)],
@@ -374,7 +375,12 @@ class _Ingress:
 
     @api.get("/v1/renders/{job_id}", response_model=JobView, response_model_exclude_none=False,
              dependencies=[Depends(bearer)], summary="status and per-item results with URLs")
-    async def get_job(self, job_id: str = Path(max_length=64)) -> dict:
+    async def get_job(self, job_id: str = Path(max_length=64),
+                      wait_s: float = Query(0, ge=0, le=MAX_WAIT_S, description=(
+                          "wait up to this many seconds for the job to end before answering (a long "
+                          "poll: one request where a client polling every second would send many)"))) -> dict:
+        if wait_s > 0 and re.fullmatch(JOB_ID, job_id):
+            await self._wait_for_end(job_id, wait_s)
         view = await self._view(job_id, detail=True)
         if view is None:
             raise HTTPException(404, f"no job {job_id!r}")
@@ -399,11 +405,33 @@ class _Ingress:
     def _accepted(self, job_id: str, status: str) -> dict:
         return {"id": job_id, "status": status, "status_url": f"/v1/renders/{job_id}"}
 
-    def _poke(self) -> None:
-        """Wake a runner now (runners also poll): fire and forget."""
+    async def _wait_for_end(self, job_id: str, wait_s: float) -> None:
+        """Return when the job has ended, is unknown, or `wait_s` has passed. The runner that runs
+        it says when its run ends, from memory; a job no runner answers for (still queued, or run by
+        another runner replica than the one this call reached) is watched through its lease, read
+        every WAIT_POLL_S."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_s
+        while (left := deadline - loop.time()) > 0.01:
+            try:
+                held = await asyncio.wait_for(self.runner.wait_ended.remote(job_id, left), timeout=left + 10)
+            except Exception:  # noqa: BLE001 - no runner to ask (being replaced): the lease tells
+                held = None
+            if held:
+                return
+            if held is None:
+                lease, _ = await _io(self.pool, self.store.lease, job_id)
+                if lease is not None and lease.ended:
+                    return
+                if lease is None and job_id not in self.jobs and await _io(self.pool, self.store.read, job_id) is None:
+                    return  # no such job: answered at once (404)
+                await asyncio.sleep(min(WAIT_POLL_S, max(0.0, deadline - loop.time())))
+
+    def _poke(self, job: Job) -> None:
+        """Wake a runner now to claim the job, handing it the record (runners also poll): fire and forget."""
         async def poke():
             try:
-                await asyncio.wait_for(self.runner.poke.remote(), timeout=30)
+                await asyncio.wait_for(self.runner.poke.remote(job.id, job), timeout=30)
             except Exception as e:  # noqa: BLE001 - the runners' own polling covers it
                 logger.warning(f"could not poke a runner ({type(e).__name__}); it will find the job by polling")
 

@@ -15,7 +15,7 @@ from ray import serve
 from vidgen.render.record import RenderRecord
 from vidgen.render.spec import INPUT_MODES, ResolvedItem, SpecError, parse_batch
 from vidgen.serving.model_server import Served
-from vidgen.serving.settings import ServiceSettings, input_limits
+from vidgen.serving.settings import MAX_WAIT_S, ServiceSettings, input_limits
 from vidgen.serving.store import Conflict, Job, JobStore, Lease, _executor, _io, read_json_etag
 
 logger = logging.getLogger("ray.serve")  # Serve adds the request id to each line logged in a request
@@ -65,42 +65,80 @@ class JobRunner:
         self.running: dict[str, asyncio.Task] = {}
         self.seen: dict[str, tuple[str, float]] = {}  # job -> (its lease's version, monotonic time it was first seen)
         self.markers: dict[str, tuple[str, float]] = {}  # the same for queue markers still without a job record
+        self.poked: list[str] = []  # jobs the ingress created since the last poll: claimed without a LIST
+        self.poked_jobs: dict[str, Job] = {}  # their records, as the ingress wrote them
         self.wake = asyncio.Event()
         self.loop_task = asyncio.get_running_loop().create_task(self._poll_loop())
 
-    async def poke(self) -> None:
+    async def poke(self, job_id: str | None = None, job: Job | None = None) -> None:
+        """A job was queued (`job_id`: which one; it is then claimed without listing the queue;
+        `job`: its record, which the claim then need not read)."""
+        if job_id is not None:
+            self.poked.append(job_id)
+            if job is not None:
+                self.poked_jobs[job_id] = job
         self.wake.set()
+
+    async def wait_ended(self, job_id: str, timeout: float) -> bool | None:
+        """For a status request that waits (`GET /v1/renders/{id}?wait_s=`): None when this runner
+        does not run the job (queued, another runner's, or over); else whether its run here ended
+        within `timeout` seconds (its lease then says how). Waits in memory: no storage reads."""
+        task = self.running.get(job_id)
+        if task is None:
+            return None
+        await asyncio.wait({task}, timeout=max(0.0, min(timeout, MAX_WAIT_S)))
+        return task.done()
 
     def check_health(self) -> None:
         if self.loop_task.done():
             raise RuntimeError("the runner's polling loop ended")
 
     async def _poll_loop(self) -> None:
+        listed = -math.inf
         while True:
+            poked, self.poked = self.poked, []
             try:
-                await self._poll()
+                # Poked jobs are claimed by name; the queue is listed every poll_s (jobs poked to
+                # another runner, released, or orphaned) and on a wake that names no job
+                if not poked or time.monotonic() - listed >= self.conf.poll_s:
+                    listed = time.monotonic()
+                    await self._poll()
+                else:
+                    await self._poll(poked)
             except Exception as e:  # noqa: BLE001 - storage hiccups: try again next round
                 logger.warning(f"runner {self.runner_id}: polling failed: {type(e).__name__}: {e}")
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.wake.wait(), timeout=self.conf.poll_s)
             self.wake.clear()
 
-    async def _poll(self) -> None:
-        if len(self.running) >= self.conf.max_jobs:
-            return
-        queued = await _io(self.pool, self.store.queued)
-        self.seen = {j: v for j, v in self.seen.items() if j in set(queued)}
-        self.markers = {j: v for j, v in self.markers.items() if j in set(queued)}
-        for job_id in queued:
+    async def _poll(self, poked: list[str] | None = None) -> None:
+        """Claim what this runner has room for: the `poked` jobs, or else every queued one."""
+        if poked is None:
             if len(self.running) >= self.conf.max_jobs:
+                return
+            queued = await _io(self.pool, self.store.queued)
+            self.seen = {j: v for j, v in self.seen.items() if j in set(queued)}
+            self.markers = {j: v for j, v in self.markers.items() if j in set(queued)}
+            self.poked_jobs = {j: v for j, v in self.poked_jobs.items() if j in set(queued)}
+        else:
+            queued = poked
+        for n, job_id in enumerate(queued):
+            if len(self.running) >= self.conf.max_jobs:
+                if poked is not None:  # claimed when a job here ends (or by the next listing)
+                    self.poked[:0] = poked[n:]
                 return
             changed = self.seen.get(job_id, (None, -math.inf))[1]
             if job_id in self.running or time.monotonic() - changed < self.conf.stale_s / 2:
                 continue
-            run = await _io(self.pool, self._claim, job_id)
+            run = await _io(self.pool, self._claim, job_id, self.poked_jobs.pop(job_id, None))
             if run is not None:
                 self.running[job_id] = asyncio.get_running_loop().create_task(self._run(run))
-                self.running[job_id].add_done_callback(lambda _t, j=job_id: self.running.pop(j, None))
+                self.running[job_id].add_done_callback(lambda _t, j=job_id: self._ended(j))
+
+    def _ended(self, job_id: str) -> None:
+        self.running.pop(job_id, None)
+        if self.poked:  # poked jobs waited for room
+            self.wake.set()
 
     def _stale(self, job_id: str, lease: dict, etag: str | None, seen: dict | None = None) -> bool:
         """Whether the lease has stayed the same for `stale_s` of this runner's own monotonic time.
@@ -116,8 +154,18 @@ class JobRunner:
             return False
         return time.monotonic() - first[1] >= self.conf.stale_s
 
-    def _claim(self, job_id: str) -> _Run | None:
-        """Take the job's lease when it has none, or a stale one; None when another runner holds it."""
+    def _claim(self, job_id: str, job: Job | None = None) -> _Run | None:
+        """Take the job's lease when it has none, or a stale one; None when another runner holds it.
+        `job`: its record, from the ingress that wrote it: the first lease is then written without
+        reading anything (one conditional PUT, not two GETs and a PUT); a lease already there fails
+        that write, and the job is claimed as any other."""
+        if job is not None:
+            now = time.time()
+            first = Lease(runner=self.runner_id, node=self.node_id, heartbeat=now, started=now, attempt=1)
+            try:
+                return _Run(job_id, first, self.store.swap_lease(job_id, first, None), job)
+            except Conflict:
+                pass
         lease, etag = self.store.lease(job_id)
         now = time.time()
         job = self.store.read(job_id) if lease is None else None

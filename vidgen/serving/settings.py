@@ -12,6 +12,8 @@ from vidgen.errors import InputError
 from vidgen.render.spec import MAX_FPS, MAX_ITEMS, MAX_SECONDS, MAX_SIDE
 
 MODEL_NAME = r"^[a-z0-9][a-z0-9_-]{0,62}$"
+MAX_WAIT_S = 30.0  # the longest a status request waits for its job's end (`GET /v1/renders/{id}?wait_s=`)
+RUNNER_MAX_ONGOING = 1024  # a runner's concurrent calls: pokes, and each waiting status request holds one
 
 
 class _Settings(BaseModel):
