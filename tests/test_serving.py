@@ -460,10 +460,10 @@ def test_one_replicas_concurrent_admissions_share_swaps_of_the_ledger_and_keep_t
     calls = []
     real = store.admit_many
 
-    def counted(job_ids, limit):
+    def counted(job_ids, limit, **kwargs):
         calls.append(list(job_ids))
         time.sleep(0.05)  # a round trip to storage, during which more requests arrive
-        return real(job_ids, limit)
+        return real(job_ids, limit, **kwargs)
 
     monkeypatch.setattr(store, "admit_many", counted)
     admissions = _Admissions(store, _executor())
@@ -854,3 +854,47 @@ def test_a_job_poked_with_its_record_is_claimed_with_one_write_and_a_held_one_is
     assert real_lease(job.id)[0].runner == first.runner_id
     assert second._claim(job.id, job) is None and reads == ["lease"]  # held and fresh: not taken
     assert real_lease(job.id)[0].runner == first.runner_id
+
+
+def test_a_status_view_reads_each_new_item_record_with_one_request(tmp_path, monkeypatch):
+    """A job's view asked whether each item record exists (HEAD), then read the ones that did (GET):
+    two requests an item at every status request. One GET answers both: an absent record is pending."""
+    from collections import OrderedDict
+    from types import SimpleNamespace
+
+    from vidgen.serving.ingress import _Ingress
+
+    store = serving.JobStore(str(tmp_path))
+    job = serving.Job(id=new_job_id(), created="2026-11-30T00:00:00Z", created_ts=time.time(), items=["a", "b"])
+    store.create(job)
+    storage.write_json(storage.join(store.output(job.id), "items", "a.json"),
+                       {"id": "a", "status": "error", "mode": "generate", "error": "the model is gone"})
+    ingress = _Ingress.__new__(_Ingress)
+    ingress.store, ingress.pool, ingress.jobs, ingress.records = store, _executor(), OrderedDict(), OrderedDict()
+    ingress.settings = SimpleNamespace(url_expiry_s=600)
+    asked = []
+    real_read = storage.read_json
+    real_exists = storage.exists
+    monkeypatch.setattr(storage, "exists", lambda uri: real_exists(uri) if uri.endswith("/cancel.json")
+                        else pytest.fail(f"asked whether {uri} exists"))
+    monkeypatch.setattr(storage, "read_json", lambda uri: asked.append(storage.basename(uri)) or real_read(uri))
+    view = asyncio.run(ingress._view(job.id, detail=True))
+    assert [(i["id"], i["status"]) for i in view["items"]] == [("a", "error"), ("b", "pending")]
+    assert view["counts"] == {"items": 2, "ok": 0, "failed": 1, "pending": 1}
+    assert sorted(asked) == sorted(["a.json", "b.json", f"{job.id}.json"])  # the job record, each item record: once
+
+
+def test_an_admission_does_not_ask_storage_about_jobs_the_replica_knows_it_created(tmp_path, monkeypatch):
+    """The ledger's entries missing from the queue listing are finished or being created: each one
+    cost a HEAD of its job record at the next admission, about one a job at saturation. The ingress
+    knows which records it wrote; only the queue marker (the race with a creation) is still asked."""
+    store = serving.JobStore(str(tmp_path))
+    done = serving.Job(id=new_job_id(), created="2026-11-30T00:00:00Z", created_ts=time.time())
+    assert store.admit(done.id, limit=1) is None
+    store.create(done)
+    store.finish(done.id)  # ran and ended: its marker is gone, its ledger entry is not yet
+    asked = []
+    real_exists = storage.exists
+    monkeypatch.setattr(storage, "exists", lambda uri: asked.append(uri) or real_exists(uri))
+    assert store.admit_many([new_job_id()], limit=1, known={done.id}) == [None]  # its place is free again
+    assert store.job_uri(done.id) not in asked and store.queue_uri(done.id) in asked

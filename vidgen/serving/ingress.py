@@ -3,6 +3,7 @@ deployment, which validates a request, writes the job and answers status from ob
 
 import asyncio
 import concurrent.futures
+import contextlib
 import datetime as dt
 import hashlib
 import hmac
@@ -11,6 +12,7 @@ import logging
 import re
 import time
 from collections import OrderedDict
+from collections.abc import Container
 from typing import Any
 
 from fastapi import Depends, FastAPI, Header, Path, Query, Request
@@ -255,8 +257,9 @@ class _Admissions:
     ledger's conditional write. 16 concurrent POSTs each swapping the ledger themselves took 0.9 s
     (p50) to 2.7 s (p90) against moto, mostly in retries of conflicting writes."""
 
-    def __init__(self, store: JobStore, pool):
+    def __init__(self, store: JobStore, pool, known: Container[str] = ()):
         self.store, self.pool = store, pool
+        self.known = known  # jobs whose record this replica knows exists (it wrote or read them)
         self.waiting: list[tuple[str, asyncio.Future]] = []
         self.lock = asyncio.Lock()
 
@@ -267,7 +270,8 @@ class _Admissions:
             if not answer.done():  # an earlier swap did not take this request: take everyone waiting now
                 batch, self.waiting = self.waiting, []
                 try:
-                    results = await _io(self.pool, self.store.admit_many, [j for j, _ in batch], limit)
+                    ids = [j for j, _ in batch]
+                    results = await _io(self.pool, self.store.admit_many, ids, limit, known=self.known)
                 except Exception as e:  # noqa: BLE001 - every request of the swap fails with it
                     for _, future in batch:
                         future.set_exception(e)
@@ -286,9 +290,9 @@ class _Ingress:
         self.token_sha256 = token_sha256
         self.runner = runner
         self.pool = _executor()
-        self.admissions = _Admissions(self.store, self.pool)
         self.manifests: dict[str, tuple[float, ModelManifest | None]] = {}
         self.jobs: OrderedDict[str, Job] = OrderedDict()  # job records (written once)
+        self.admissions = _Admissions(self.store, self.pool, known=self.jobs)
         self.records: OrderedDict[tuple[str, str], RenderRecord] = OrderedDict()  # final item records
         self.background: set[asyncio.Task] = set()
         if token_sha256 is None:
@@ -619,7 +623,7 @@ class _Ingress:
         self._remember(job)
         out = self.store.output(job_id)
         uris = {item_id: _record_uri(out, item_id) for item_id in job.items}
-        (lease, _), cancelled, present = await asyncio.gather(
+        (lease, _), cancelled, (present, read) = await asyncio.gather(
             _io(self.pool, self.store.lease, job_id), _io(self.pool, self.store.cancelled, job_id),
             _io(self.pool, self._present, job_id, uris))
         finished = [i for i, u in uris.items() if u in present]
@@ -630,7 +634,8 @@ class _Ingress:
         if not detail:
             counts = (lease.counts if lease else None) or {"items": len(uris), "finished": len(finished)}
             return {**view, "status": status, "counts": counts}
-        fetched = await asyncio.gather(*(self._record(job_id, uris[i], status in TERMINAL) for i in finished))
+        fetched = await asyncio.gather(*(self._record(job_id, uris[i], status in TERMINAL, read.get(uris[i]))
+                                         for i in finished))
         records = dict(zip(finished, fetched, strict=True))
         failed = sum(1 for r in records.values() if r is None or not r.is_ok)
         expiry = self.settings.url_expiry_s
@@ -650,23 +655,29 @@ class _Ingress:
         while len(self.jobs) > 10_000:
             self.jobs.popitem(last=False)
 
-    def _present(self, job_id: str, uris: dict[str, str]) -> set[str]:
-        """Which of a job's item records exist: the final ones held here are known, a few others are
-        asked for one by one, and only a job with more left than that is listed (S3 prices a LIST as
-        12.5 GETs, and moto scans every key of the bucket for one)."""
+    def _present(self, job_id: str, uris: dict[str, str]) -> tuple[set[str], dict[str, Any]]:
+        """Which of a job's item records exist, and the ones read to find out: the final ones held
+        here are known, a few others are read one by one (one GET, where asking whether it exists
+        and then reading it took two requests), and only a job with more left than that is listed
+        (S3 prices a LIST as 12.5 GETs, and moto scans every key of the bucket for one)."""
         known = {u for u in uris.values() if (job_id, u) in self.records}
         left = [u for u in uris.values() if u not in known]
         if len(left) > PROBED_RECORDS:
-            return self.store.record_uris(job_id)
-        return known | {u for u in left if storage.exists(u)}
+            return self.store.record_uris(job_id), {}
+        read = {}
+        for uri in left:
+            with contextlib.suppress(storage.NotFoundError):
+                read[uri] = storage.read_json(uri)
+        return known | read.keys(), read
 
-    async def _record(self, job_id: str, uri: str, final: bool) -> RenderRecord | None:
+    async def _record(self, job_id: str, uri: str, final: bool, data: Any = None) -> RenderRecord | None:
+        """The item record at `uri` (`data`: as `_present` read it a moment ago)."""
         key = (job_id, uri)
         if key in self.records:
             self.records.move_to_end(key)
             return self.records[key]
         try:
-            record = RenderRecord.parse(await _io(self.pool, storage.read_json, uri))
+            record = RenderRecord.parse(data if data is not None else await _io(self.pool, storage.read_json, uri))
         except storage.StorageError:
             return None
         if record is None:  # not a record (a hand edit): shown as pending

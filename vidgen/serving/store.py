@@ -14,7 +14,7 @@ import random
 import re
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from typing import Any, Literal
 
 import botocore.exceptions
@@ -219,14 +219,16 @@ class JobStore:
         between admitting and creating frees its place then)."""
         return self.admit_many([job_id], limit, grace_s)[0]
 
-    def admit_many(self, job_ids: list[str], limit: int, grace_s: float = ADMISSION_GRACE_S) -> list[int | None]:
+    def admit_many(self, job_ids: list[str], limit: int, grace_s: float = ADMISSION_GRACE_S,
+                   known: Container[str] = ()) -> list[int | None]:
         """`admit` for several jobs in one swap of the ledger (the requests one replica has waiting),
-        in order, each answered as `admit` answers: N requests cost one read, list and write, not N."""
+        in order, each answered as `admit` answers: N requests cost one read, list and write, not N.
+        `known`: jobs whose record the caller knows exists (not asked again)."""
         def take(admitted: dict[str, float]):
             queued = set(self.queued())
             now = time.time()
             waiting = [i for i, ts in admitted.items() if i not in queued and now - ts < grace_s]
-            created = {i for i in waiting if storage.exists(self.job_uri(i))}  # finished, or created since the listing:
+            created = {i for i in waiting if i in known or storage.exists(self.job_uri(i))}  # finished, or created since the listing:
             queued |= {i for i in created if storage.exists(self.queue_uri(i))}  # its marker came before its record
             held = {i: ts for i, ts in admitted.items() if i in queued or (i in waiting and i not in created)}
             filled = len(held.keys() | queued)
