@@ -898,3 +898,30 @@ def test_an_admission_does_not_ask_storage_about_jobs_the_replica_knows_it_creat
     monkeypatch.setattr(storage, "exists", lambda uri: asked.append(uri) or real_exists(uri))
     assert store.admit_many([new_job_id()], limit=1, known={done.id}) == [None]  # its place is free again
     assert store.job_uri(done.id) not in asked and store.queue_uri(done.id) in asked
+
+
+def test_creating_a_job_looks_for_its_marker_again_only_when_its_record_took_stale_s(tmp_path, monkeypatch):
+    """A runner drops a queue marker only after seeing it without its record for stale_s. A record
+    written sooner than that after its marker cannot have lost it: the HEAD that looked for the
+    marker again, on every job, is spared. A slower one looks, and puts a dropped marker back."""
+    from vidgen.serving import store as store_module
+
+    store = serving.JobStore(str(tmp_path))
+    asked = []
+    real_exists, real_put = storage.exists, store_module.put_json
+    monkeypatch.setattr(storage, "exists", lambda uri: asked.append(uri) or real_exists(uri))
+    quick = serving.Job(id=new_job_id(), created="2026-11-30T00:00:00Z", created_ts=time.time())
+    store.create(quick, orphan_after_s=30)
+    assert asked == [] and store.queued() == [quick.id]
+
+    slow = serving.Job(id=new_job_id(), created="2026-11-30T00:00:00Z", created_ts=time.time())
+
+    def record_after_a_runner_dropped_the_marker(uri, obj, **kwargs):
+        if uri == store.job_uri(slow.id):
+            time.sleep(0.2)  # slower than this test's stale_s: a runner took the marker for an orphan
+            store.finish(slow.id)
+        return real_put(uri, obj, **kwargs)
+
+    monkeypatch.setattr(store_module, "put_json", record_after_a_runner_dropped_the_marker)
+    store.create(slow, orphan_after_s=0.1)
+    assert store.queue_uri(slow.id) in asked and slow.id in store.queued()  # looked for, and put back

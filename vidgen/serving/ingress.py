@@ -362,7 +362,7 @@ class _Ingress:
                   request_sha256=request_sha, idempotency_key_sha256=key_sha,
                   items=[item.id for item in body.items], batch=batch.model_dump(mode="json"))
         try:
-            await _io(self.pool, self.store.create, job)
+            await _io(self.pool, self.store.create, job, orphan_after_s=self.settings.runner.stale_s)
         except Conflict:  # the key's job was being created by another request
             return await self._replayed_or_busy(key_sha, request_sha)
         self._remember(job)  # its status polls that reach this replica need not read it back

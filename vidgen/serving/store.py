@@ -228,8 +228,9 @@ class JobStore:
             queued = set(self.queued())
             now = time.time()
             waiting = [i for i, ts in admitted.items() if i not in queued and now - ts < grace_s]
-            created = {i for i in waiting if i in known or storage.exists(self.job_uri(i))}  # finished, or created since the listing:
-            queued |= {i for i in created if storage.exists(self.queue_uri(i))}  # its marker came before its record
+            # finished, or created since the listing: its marker came before its record
+            created = {i for i in waiting if i in known or storage.exists(self.job_uri(i))}
+            queued |= {i for i in created if storage.exists(self.queue_uri(i))}
             held = {i: ts for i, ts in admitted.items() if i in queued or (i in waiting and i not in created)}
             filled = len(held.keys() | queued)
             answers, taken = [], False
@@ -272,15 +273,19 @@ class JobStore:
         names = (storage.basename(u) for u in uris)
         return sorted(n[:-5] for n in names if n.endswith(".json") and re.fullmatch(JOB_ID, n[:-5]))
 
-    def create(self, job: Job) -> None:
+    def create(self, job: Job, orphan_after_s: float = 0.0) -> None:
         """The queue marker, then the job record (once). A runner finds jobs from their markers, so
         every record has one; a crash in between leaves a marker without a job, which runners drop
         once it has stayed so for `stale_s` (`drop_orphan_marker`), and an Idempotency-Key retry
-        creates the job again."""
+        creates the job again. `orphan_after_s`: the runners' `stale_s`. They see a marker only once
+        it is written, so a record that landed sooner than that after it cannot have lost its marker,
+        and the marker is not looked for again."""
         marker = {"id": job.id, "created": job.created, "created_ts": job.created_ts}
+        started = time.monotonic()
         put_json(self.queue_uri(job.id), marker)
         put_json(self.job_uri(job.id), job.model_dump(mode="json"), if_absent=True)
-        if not storage.exists(self.queue_uri(job.id)):  # a runner took it for an orphan while the record was slow
+        # a runner may have taken it for an orphan while the record was slow
+        if time.monotonic() - started >= orphan_after_s and not storage.exists(self.queue_uri(job.id)):
             put_json(self.queue_uri(job.id), marker)
 
     def drop_orphan_marker(self, job_id: str) -> bool:
