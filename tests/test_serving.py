@@ -414,11 +414,11 @@ def test_a_job_whose_record_lands_after_a_poll_saw_its_marker_is_claimed_at_the_
     monkeypatch.setattr(runner, "_run", run)
 
     async def poll_before_and_after_the_record():
-        await runner._poll()
+        await runner._poll([], True)
         await asyncio.sleep(0)
         assert started == []  # no record yet: nothing to run, and the marker stays
         store.create(job)
-        await runner._poll()  # the ingress's poke: the very next poll
+        await runner._poll([], True)  # the ingress's poke: the very next poll
         await asyncio.sleep(0)
 
     asyncio.run(poll_before_and_after_the_record())
@@ -802,16 +802,18 @@ def test_a_poked_job_is_claimed_without_listing_the_queue_and_waits_for_room_whe
 
     async def poke_both_then_end_the_first():
         runner.wake = asyncio.Event()
-        await runner._poll([j.id for j in jobs])
+        await runner._poll([j.id for j in jobs], False)
         await asyncio.sleep(0)
         assert list(runner.running) == [jobs[0].id] and runner.poked == [jobs[1].id]  # full: the second waits
         ends[jobs[0].id].set_result(None)
         await asyncio.sleep(0.01)
         assert runner.wake.is_set() and runner.running == {}  # the loop is woken to claim it
         poked, runner.poked = runner.poked, []
-        await runner._poll(poked)
+        await runner._poll(poked, False)
         await asyncio.sleep(0)
         assert list(runner.running) == [jobs[1].id]
+        await runner._poll([jobs[0].id], True)  # poked again while full, at a round that lists the queue
+        assert runner.poked == [jobs[0].id]  # kept for when there is room, not dropped with the listing
         ends[jobs[1].id].set_result(None)
         await asyncio.sleep(0.01)
 
@@ -925,3 +927,52 @@ def test_creating_a_job_looks_for_its_marker_again_only_when_its_record_took_sta
     monkeypatch.setattr(store_module, "put_json", record_after_a_runner_dropped_the_marker)
     store.create(slow, orphan_after_s=0.1)
     assert store.queue_uri(slow.id) in asked and slow.id in store.queued()  # looked for, and put back
+
+
+def _bare_ingress(store, max_ongoing: int = 32, runner=None):
+    """An ingress's status logic without Serve."""
+    from collections import OrderedDict
+    from types import SimpleNamespace
+
+    from vidgen.serving.ingress import _Ingress
+
+    ingress = _Ingress.__new__(_Ingress)
+    ingress.store, ingress.pool, ingress.jobs, ingress.records = store, _executor(), OrderedDict(), OrderedDict()
+    ingress.settings = SimpleNamespace(url_expiry_s=600, ingress=SimpleNamespace(max_ongoing_requests=max_ongoing))
+    ingress.runner, ingress.waiting_requests = runner, 0
+    return ingress
+
+
+def test_a_waiting_status_request_is_not_answered_when_a_run_stops_without_ending_the_job(tmp_path):
+    """A run also stops when its runner releases the lease (a replica stopping) or loses it: the wait
+    used to end there, and the client got `running` long before wait_s. The lease decides."""
+    from types import SimpleNamespace
+
+    store = serving.JobStore(str(tmp_path))
+    job = serving.Job(id=new_job_id(), created="2026-11-30T00:00:00Z", created_ts=time.time())
+    store.create(job)
+    store.swap_lease(job.id, Lease(runner="r1", heartbeat=time.time(), released=True), None)
+    answers = iter([True])  # the run here stopped; then no runner holds the job
+
+    async def wait_ended(job_id, timeout):
+        return next(answers, None)
+
+    runner = SimpleNamespace(wait_ended=SimpleNamespace(remote=wait_ended))
+    ingress = _bare_ingress(store, runner=runner)
+    t0 = time.monotonic()
+    asyncio.run(ingress._wait_for_end(job.id, 1.0))
+    assert time.monotonic() - t0 > 0.9  # waited on: the job had not ended
+    ingress.waiting_requests = 16  # half of max_ongoing_requests already wait: answered at once
+    t0 = time.monotonic()
+    asyncio.run(ingress._wait_for_end(job.id, 1.0))
+    assert time.monotonic() - t0 < 0.2
+
+
+def test_an_error_record_read_beside_the_lease_is_not_kept_as_final(tmp_path):
+    """A view reads item records beside the lease. An error record read so may predate a resumed
+    run that rewrote it ok and ended the job: kept as final, the replica showed the error for good."""
+    store = serving.JobStore(str(tmp_path))
+    ingress = _bare_ingress(store)
+    error = {"id": "a", "status": "error", "mode": "generate", "error": "the encoder died"}
+    record = asyncio.run(ingress._record("j", "items/a.json", True, error))
+    assert record is not None and not record.is_ok and ingress.records == {}

@@ -293,6 +293,7 @@ class _Ingress:
         self.manifests: dict[str, tuple[float, ModelManifest | None]] = {}
         self.jobs: OrderedDict[str, Job] = OrderedDict()  # job records (written once)
         self.admissions = _Admissions(self.store, self.pool, known=self.jobs)
+        self.waiting_requests = 0  # status requests waiting for their job's end (`_wait_for_end`)
         self.records: OrderedDict[tuple[str, str], RenderRecord] = OrderedDict()  # final item records
         self.background: set[asyncio.Task] = set()
         if token_sha256 is None:
@@ -411,25 +412,33 @@ class _Ingress:
 
     async def _wait_for_end(self, job_id: str, wait_s: float) -> None:
         """Return when the job has ended, is unknown, or `wait_s` has passed. The runner that runs
-        it says when its run ends, from memory; a job no runner answers for (still queued, or run by
-        another runner replica than the one this call reached) is watched through its lease, read
-        every WAIT_POLL_S."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + wait_s
-        while (left := deadline - loop.time()) > 0.01:
-            try:
-                held = await asyncio.wait_for(self.runner.wait_ended.remote(job_id, left), timeout=left + 10)
-            except Exception:  # noqa: BLE001 - no runner to ask (being replaced): the lease tells
-                held = None
-            if held:
-                return
-            if held is None:
+        it says when its run stops, from memory; the lease then says whether the job ended (a run
+        also stops when it loses or releases its lease). A job no runner answers for (still queued,
+        or run by another runner replica than the one this call reached) is watched through its
+        lease, read every WAIT_POLL_S. At most half of the replica's max_ongoing_requests wait at
+        once; past that, a request is answered at once, as without `wait_s`."""
+        if self.waiting_requests >= max(1, self.settings.ingress.max_ongoing_requests // 2):
+            return
+        self.waiting_requests += 1
+        try:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + wait_s
+            while (left := deadline - loop.time()) > 0.01:
+                try:
+                    held = await asyncio.wait_for(self.runner.wait_ended.remote(job_id, left), timeout=left + 10)
+                except Exception:  # noqa: BLE001 - no runner to ask (being replaced): the lease tells
+                    held = None
+                if held is False:  # still running at the deadline
+                    return
                 lease, _ = await _io(self.pool, self.store.lease, job_id)
                 if lease is not None and lease.ended:
                     return
                 if lease is None and job_id not in self.jobs and await _io(self.pool, self.store.read, job_id) is None:
                     return  # no such job: answered at once (404)
-                await asyncio.sleep(min(WAIT_POLL_S, max(0.0, deadline - loop.time())))
+                if held is None:
+                    await asyncio.sleep(min(WAIT_POLL_S, max(0.0, deadline - loop.time())))
+        finally:
+            self.waiting_requests -= 1
 
     def _poke(self, job: Job) -> None:
         """Wake a runner now to claim the job, handing it the record (runners also poll): fire and forget."""
@@ -682,7 +691,9 @@ class _Ingress:
             return None
         if record is None:  # not a record (a hand edit): shown as pending
             return None
-        if final or record.is_ok:  # an ok record is final; an error one until the job ends
+        # An ok record is final; an error one once the job has ended, if it was read after the lease
+        # said so (`data` was read beside the lease: a resumed job may have rewritten it since)
+        if record.is_ok or (final and data is None):
             self.records[key] = record
             while len(self.records) > 20_000:
                 self.records.popitem(last=False)

@@ -18,6 +18,8 @@ from vidgen.serving.model_server import Served
 from vidgen.serving.settings import MAX_WAIT_S, ServiceSettings, input_limits
 from vidgen.serving.store import Conflict, Job, JobStore, Lease, _executor, _io, read_json_etag
 
+POKED_RECORDS = 64  # job records a runner keeps from pokes (a request is up to 2 MiB); beyond, claims read them
+
 logger = logging.getLogger("ray.serve")  # Serve adds the request id to each line logged in a request
 
 
@@ -75,7 +77,7 @@ class JobRunner:
         `job`: its record, which the claim then need not read)."""
         if job_id is not None:
             self.poked.append(job_id)
-            if job is not None:
+            if job is not None and len(self.poked_jobs) < POKED_RECORDS:
                 self.poked_jobs[job_id] = job
         self.wake.set()
 
@@ -100,33 +102,29 @@ class JobRunner:
             try:
                 # Poked jobs are claimed by name; the queue is listed every poll_s (jobs poked to
                 # another runner, released, or orphaned) and on a wake that names no job
-                if not poked or time.monotonic() - listed >= self.conf.poll_s:
+                listing = not poked or time.monotonic() - listed >= self.conf.poll_s
+                if listing:
                     listed = time.monotonic()
-                    await self._poll()
-                else:
-                    await self._poll(poked)
+                await self._poll(poked, listing)
             except Exception as e:  # noqa: BLE001 - storage hiccups: try again next round
                 logger.warning(f"runner {self.runner_id}: polling failed: {type(e).__name__}: {e}")
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.wake.wait(), timeout=self.conf.poll_s)
             self.wake.clear()
 
-    async def _poll(self, poked: list[str] | None = None) -> None:
-        """Claim what this runner has room for: the `poked` jobs, or else every queued one."""
-        if poked is None:
-            if len(self.running) >= self.conf.max_jobs:
-                return
+    async def _poll(self, poked: list[str], listing: bool) -> None:
+        """Claim what this runner has room for: the `poked` jobs, and with `listing` every queued one.
+        Poked jobs left for want of room are kept, and claimed when a job here ends."""
+        candidates = list(poked)
+        if listing and len(self.running) < self.conf.max_jobs:
             queued = await _io(self.pool, self.store.queued)
             self.seen = {j: v for j, v in self.seen.items() if j in set(queued)}
             self.markers = {j: v for j, v in self.markers.items() if j in set(queued)}
-            self.poked_jobs = {j: v for j, v in self.poked_jobs.items() if j in set(queued)}
-        else:
-            queued = poked
-        for n, job_id in enumerate(queued):
+            candidates += [j for j in queued if j not in set(poked)]
+        for n, job_id in enumerate(candidates):
             if len(self.running) >= self.conf.max_jobs:
-                if poked is not None:  # claimed when a job here ends (or by the next listing)
-                    self.poked[:0] = poked[n:]
-                return
+                self.poked[:0] = [j for j in candidates[n:] if j in set(poked)]
+                break
             changed = self.seen.get(job_id, (None, -math.inf))[1]
             if job_id in self.running or time.monotonic() - changed < self.conf.stale_s / 2:
                 continue
@@ -134,6 +132,8 @@ class JobRunner:
             if run is not None:
                 self.running[job_id] = asyncio.get_running_loop().create_task(self._run(run))
                 self.running[job_id].add_done_callback(lambda _t, j=job_id: self._ended(j))
+        waiting = set(self.poked)  # the records of jobs claimed elsewhere (or gone) are not kept
+        self.poked_jobs = {j: v for j, v in self.poked_jobs.items() if j in waiting}
 
     def _ended(self, job_id: str) -> None:
         self.running.pop(job_id, None)
