@@ -384,9 +384,8 @@ class _Ingress:
                       wait_s: float = Query(0, ge=0, le=MAX_WAIT_S, description=(
                           "wait up to this many seconds for the job to end before answering (a long "
                           "poll: one request where a client polling every second would send many)"))) -> dict:
-        if wait_s > 0 and re.fullmatch(JOB_ID, job_id):
-            await self._wait_for_end(job_id, wait_s)
-        view = await self._view(job_id, detail=True)
+        ended = await self._wait_for_end(job_id, wait_s) if wait_s > 0 and re.fullmatch(JOB_ID, job_id) else None
+        view = await self._view(job_id, detail=True, ended=ended)
         if view is None:
             raise HTTPException(404, f"no job {job_id!r}")
         return view
@@ -410,15 +409,16 @@ class _Ingress:
     def _accepted(self, job_id: str, status: str) -> dict:
         return {"id": job_id, "status": status, "status_url": f"/v1/renders/{job_id}"}
 
-    async def _wait_for_end(self, job_id: str, wait_s: float) -> None:
-        """Return when the job has ended, is unknown, or `wait_s` has passed. The runner that runs
+    async def _wait_for_end(self, job_id: str, wait_s: float) -> tuple[Lease, str | None] | None:
+        """Return when the job has ended (its final lease and etag, which the view need not read
+        again), is unknown, or `wait_s` has passed (None). The runner that runs
         it says when its run stops, from memory; the lease then says whether the job ended (a run
         also stops when it loses or releases its lease). A job no runner answers for (still queued,
         or run by another runner replica than the one this call reached) is watched through its
         lease, read every WAIT_POLL_S. At most half of the replica's max_ongoing_requests wait at
         once; past that, a request is answered at once, as without `wait_s`."""
         if self.waiting_requests >= max(1, self.settings.ingress.max_ongoing_requests // 2):
-            return
+            return None
         self.waiting_requests += 1
         try:
             loop = asyncio.get_running_loop()
@@ -429,14 +429,15 @@ class _Ingress:
                 except Exception:  # noqa: BLE001 - no runner to ask (being replaced): the lease tells
                     held = None
                 if held is False:  # still running at the deadline
-                    return
-                lease, _ = await _io(self.pool, self.store.lease, job_id)
-                if lease is not None and lease.ended:
-                    return
+                    return None
+                lease, etag = await _io(self.pool, self.store.lease, job_id)
+                if lease is not None and lease.ended:  # final: it never changes again
+                    return lease, etag
                 if lease is None and job_id not in self.jobs and await _io(self.pool, self.store.read, job_id) is None:
-                    return  # no such job: answered at once (404)
+                    return None  # no such job: answered at once (404)
                 if held is None:
                     await asyncio.sleep(min(WAIT_POLL_S, max(0.0, deadline - loop.time())))
+            return None
         finally:
             self.waiting_requests -= 1
 
@@ -623,7 +624,8 @@ class _Ingress:
             return "this service reads no inputs (it has no input roots)"
         return f"not under this service's input roots ({', '.join(self.settings.input_roots)})"
 
-    async def _view(self, job_id: str, detail: bool) -> dict | None:
+    async def _view(self, job_id: str, detail: bool, ended: tuple[Lease, str | None] | None = None) -> dict | None:
+        """The job as the API shows it. `ended`: its final lease, when the caller has just read it."""
         if not re.fullmatch(JOB_ID, job_id):
             return None
         job = self.jobs.get(job_id) or await _io(self.pool, self.store.read, job_id)
@@ -633,7 +635,8 @@ class _Ingress:
         out = self.store.output(job_id)
         uris = {item_id: _record_uri(out, item_id) for item_id in job.items}
         (lease, _), cancelled, (present, read) = await asyncio.gather(
-            _io(self.pool, self.store.lease, job_id), _io(self.pool, self.store.cancelled, job_id),
+            _io(self.pool, self.store.lease, job_id) if ended is None else asyncio.sleep(0, ended),
+            _io(self.pool, self.store.cancelled, job_id),
             _io(self.pool, self._present, job_id, uris))
         finished = [i for i, u in uris.items() if u in present]
         view = {"id": job_id, "name": job.name, "created": job.created, "status_url": f"/v1/renders/{job_id}",

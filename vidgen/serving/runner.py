@@ -115,15 +115,16 @@ class JobRunner:
     async def _poll(self, poked: list[str], listing: bool) -> None:
         """Claim what this runner has room for: the `poked` jobs, and with `listing` every queued one.
         Poked jobs left for want of room are kept, and claimed when a job here ends."""
-        candidates = list(poked)
+        candidates, named = list(poked), set(poked)
         if listing and len(self.running) < self.conf.max_jobs:
             queued = await _io(self.pool, self.store.queued)
-            self.seen = {j: v for j, v in self.seen.items() if j in set(queued)}
-            self.markers = {j: v for j, v in self.markers.items() if j in set(queued)}
-            candidates += [j for j in queued if j not in set(poked)]
+            listed = set(queued)
+            self.seen = {j: v for j, v in self.seen.items() if j in listed}
+            self.markers = {j: v for j, v in self.markers.items() if j in listed}
+            candidates += [j for j in queued if j not in named]
         for n, job_id in enumerate(candidates):
             if len(self.running) >= self.conf.max_jobs:
-                self.poked[:0] = [j for j in candidates[n:] if j in set(poked)]
+                self.poked[:0] = [j for j in candidates[n:] if j in named]
                 break
             changed = self.seen.get(job_id, (None, -math.inf))[1]
             if job_id in self.running or time.monotonic() - changed < self.conf.stale_s / 2:
