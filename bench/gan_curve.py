@@ -62,11 +62,12 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="vidgen-gan-curve-") as work:
         data = synth(work, "shapes", 768, 8, 32, seed=0, val=0.5)
-        (x, y), (xv, _) = clips(data, "train"), clips(data, "val")
+        (x, y), (xv, yv) = clips(data, "train"), clips(data, "val")
     judges, draws = quality.scoring_clips("shapes", len(x), len(xv), 8, 32)
     panel = quality.JudgePanel(*judges, classes=3)
     reals, held_outs = [x, *(r for (r, _), _ in draws)], [xv, *(h for _, (h, _) in draws)]
     asked = [y, *(ry for (_, ry), _ in draws)]  # one sample per real clip, with its label
+    held_out_labels = [yv, *(hy for _, (_, hy) in draws)]
     torch.manual_seed(args.seed)
     model = models.build("gan", "tiny", num_classes=3, label_names=["circle", "square", "triangle"], **overrides)
     optimizers = {p: torch.optim.AdamW(m.parameters(), **model.optimizer_settings(p)) for p, m in model.parts().items()}
@@ -89,8 +90,8 @@ def main() -> None:
             model.eval()
             with torch.no_grad():
                 samples = [model.sample(len(a), 8, a.tolist(), seed=123 + k) for k, a in enumerate(asked)]
-                ratios = panel.frechet_ratios(samples, reals, held_outs)
-                accuracy = panel.label_accuracy(torch.cat(samples), torch.cat(asked))
+                scores = panel.score(samples, reals, held_outs, asked, held_out_labels)
+                ratios, accuracy = scores.ratios, scores.on_samples
             print(f"{step:5d} {time.perf_counter() - started:6.0f}  {accuracy:14.2f}  "
                   f"{quality.geometric_mean(ratios):12.2f}x ({min(ratios):.1f}-{max(ratios):.1f})", flush=True)
     if args.out:

@@ -179,6 +179,43 @@ def test_conditional_scores_ask_one_sample_per_train_clip_so_both_frechet_distan
     assert scores.frechet_ratio == pytest.approx(1.0, abs=1e-4)
 
 
+def test_scoring_a_generator_runs_each_judge_once_over_each_clip(monkeypatch):
+    """The label accuracies read the features the Frechet distances were measured on: each judge
+    used to run again over every sample and held-out clip for them, 40% of the demo's scoring."""
+    import numpy as np
+
+    from vidgen import quality
+    from vidgen.data.synth import synth_clip
+    from vidgen.data.tensors import frames_to_video
+
+    def clips(n: int, seed: int):
+        rows = [synth_clip("shapes", seed, i, 4, 32, 0.0) for i in range(n)]
+        return frames_to_video(np.stack([r.frames for r in rows])), torch.tensor([r.label for r in rows])
+
+    train, held_out, judged = clips(48, seed=0), clips(48, seed=1), clips(48, seed=2)
+    draws = [(clips(48, seed=3), clips(48, seed=4))]
+    reals = [train, *(real for real, _ in draws)]
+    flipped = [torch.flip(real[0], dims=[-2]) for real in reals]  # the samples: real clips upside down
+    passes = []
+    features = quality.ClipClassifier.features
+    def counted(self, video):  # the passes of scoring (training the judges runs with gradients)
+        passes.extend([] if torch.is_grad_enabled() else [len(video)])
+        return features(self, video)
+
+    monkeypatch.setattr(quality.ClipClassifier, "features", counted)
+    scores = quality.score_conditional(lambda labels, seed: flipped[seed - 123], train, held_out, classes=3,
+                                       judge_clips=judged, more_draws=draws, judges=2)
+    # per judge and draw: the held-out clips, the samples, the real clips; nothing more
+    assert len(passes) == 2 * 2 * 3, passes
+    monkeypatch.setattr(quality.ClipClassifier, "features", features)
+    torch.manual_seed(0)
+    panel = quality.JudgePanel(*judged, classes=3, judges=2)
+    asked, held = torch.cat([r[1] for r in reals]), [held_out, *(h for _, h in draws)]
+    assert scores.label_accuracy == pytest.approx(panel.label_accuracy(torch.cat(flipped), asked), abs=1e-6)
+    assert scores.judge_on_real == pytest.approx(
+        panel.label_accuracy(torch.cat([h[0] for h in held]), torch.cat([h[1] for h in held])), abs=1e-6)
+
+
 def test_a_judge_panel_gives_one_ratio_per_judge_and_their_geometric_mean():
     """One judge's Frechet ratio is one draw of its seed (blurred real clips read 11-89x over ten
     judges): the panel trains each judge from its own seed, and the score is their geometric mean."""

@@ -43,7 +43,7 @@ GAN_SHARE = 0.7           # of the training time left after the fixed costs
 # bench/startup.py on a running Ray (its first-step figure less Python and Ray's start): 17-25 s to
 # the first step and 8 s from the last to exit, on the two 2-core machines measured
 FIT_OVERHEAD_S = 35
-AFTER_TRAINING_S = 90  # export, measure (its 8 judges and 6 draws of clips: ~45 s), render, gallery
+AFTER_TRAINING_S = 90  # export and measure (8 judges, 6 draws of clips: 45-51 s on 2 AMD cores), render, gallery
 
 
 class RunFigures(BaseModel):

@@ -5,6 +5,7 @@
     frechet_distance(clf.features(a), clf.features(b))           # FID-style, in the judge's feature space
     panel = JudgePanel(judge_videos, judge_labels, classes=3)    # JUDGES judges from different seeds
     panel.frechet_ratios(samples, real_train, held_out)          # one ratio per judge; geometric_mean
+    panel.score(samples, real_train, held_out, asked, held_out_labels)  # the ratios and both accuracies
     Figure("label accuracy", 0.93, "chance", 1 / 3, target=0.9).line()
 
 Used by `vidgen demo` and `bench/quality.py`. Plain torch; videos are (B, C, T, H, W) in [-1, 1].
@@ -145,14 +146,43 @@ class JudgePanel:
         held-out. Each argument is a video batch or a list of them, one per draw (samples[k] and
         reference[k] are both scored against held_out[k]): then each distance is the mean over the
         draws, so that neither rests on one draw of clips."""
+        return [ratio for _, ratio, _, _ in self._judged(samples, reference, held_out)]
+
+    @torch.no_grad()
+    def score(self, samples, reference, held_out, sample_labels, held_out_labels) -> PanelScores:
+        """`frechet_ratios`, and the label accuracy of the samples and of the held-out clips (as
+        `label_accuracy` on each set's draws put together), from one pass of each judge over each
+        clip: the accuracies read the features the distances were measured on. The labels come as
+        the videos do, one tensor per draw."""
+        ratios, on_samples, on_held_out = [], [], []
+        for judge, ratio, fake, real in self._judged(samples, reference, held_out):
+            ratios.append(ratio)
+            on_samples.append(_accuracy_of_features(judge, fake, _draws(sample_labels)))
+            on_held_out.append(_accuracy_of_features(judge, real, _draws(held_out_labels)))
+        return PanelScores(ratios, float(np.mean(on_samples)), float(np.mean(on_held_out)))
+
+    def _judged(self, samples, reference, held_out):
+        """Per judge: (judge, Frechet ratio, the samples' features per draw, the held-out clips')."""
         samples, reference, held_out = _draws(samples), _draws(reference), _draws(held_out)
-        ratios = []
         for judge in self.judges:
             real = [judge.features(h) for h in held_out]
-            fake = np.mean([frechet_distance(judge.features(x), r) for x, r in zip(samples, real, strict=True)])
-            base = np.mean([frechet_distance(judge.features(x), r) for x, r in zip(reference, real, strict=True)])
-            ratios.append(float(fake / base))
-        return ratios
+            fake = [judge.features(x) for x in samples]
+            fake_fd = np.mean([frechet_distance(f, r) for f, r in zip(fake, real, strict=True)])
+            base_fd = np.mean([frechet_distance(judge.features(x), r) for x, r in zip(reference, real, strict=True)])
+            yield judge, float(fake_fd / base_fd), fake, real
+
+
+@dataclass
+class PanelScores:
+    ratios: list[float]   # one Frechet ratio per judge
+    on_samples: float     # the judges' mean label accuracy on the samples
+    on_held_out: float    # and on the real held-out clips
+
+
+def _accuracy_of_features(judge: ClipClassifier, features: list[Tensor], labels: list[Tensor]) -> float:
+    """`label_accuracy` of the clips whose features (one tensor per draw) are given."""
+    logits = judge.head(torch.cat(features))
+    return float((logits.argmax(1) == torch.cat(labels).to(logits.device)).float().mean())
 
 
 def _draws(videos) -> list[Tensor]:
@@ -203,11 +233,10 @@ def score_conditional(sample, train: tuple[Tensor, Tensor], held_out: tuple[Tens
     for k, ((_, y), _) in enumerate(draws):
         samples.append(sample(y.tolist(), seed + k))
         asked.append(y.to(samples[-1].device))
-    ratios = panel.frechet_ratios(samples, [x for (x, _), _ in draws], [h for _, (h, _) in draws])
-    real_x, real_y = torch.cat([h for _, (h, _) in draws]), torch.cat([hy for _, (_, hy) in draws])
-    return ConditionalScores(panel.label_accuracy(torch.cat(samples), torch.cat(asked)),
-                             panel.label_accuracy(real_x, real_y), geometric_mean(ratios),
-                             (min(ratios), max(ratios)))
+    scores = panel.score(samples, [x for (x, _), _ in draws], [h for _, (h, _) in draws], asked,
+                         [hy for _, (_, hy) in draws])
+    ratios = scores.ratios
+    return ConditionalScores(scores.on_samples, scores.on_held_out, geometric_mean(ratios), (min(ratios), max(ratios)))
 
 
 @dataclass
