@@ -182,8 +182,6 @@ def test_conditional_scores_ask_one_sample_per_train_clip_so_both_frechet_distan
 def test_scoring_a_generator_runs_each_judge_once_over_each_clip(monkeypatch):
     """The label accuracies read the features the Frechet distances were measured on: each judge
     used to run again over every sample and held-out clip for them, 40% of the demo's scoring."""
-    import numpy as np
-
     from vidgen import quality
     from vidgen.data.synth import synth_clip
     from vidgen.data.tensors import frames_to_video
@@ -206,9 +204,8 @@ def test_scoring_a_generator_runs_each_judge_once_over_each_clip(monkeypatch):
     scores = quality.score_conditional(lambda labels, seed: flipped[seed - 123], train, held_out, classes=3,
                                        judge_clips=judged, more_draws=draws, judges=2)
     # per judge and draw: the held-out clips, the samples, the real clips; nothing more
-    assert len(passes) == 2 * 2 * 3, passes
+    assert passes == [48] * (2 * 2 * 3), passes
     monkeypatch.setattr(quality.ClipClassifier, "features", features)
-    torch.manual_seed(0)
     panel = quality.JudgePanel(*judged, classes=3, judges=2)
     asked, held = torch.cat([r[1] for r in reals]), [held_out, *(h for _, h in draws)]
     assert scores.label_accuracy == pytest.approx(panel.label_accuracy(torch.cat(flipped), asked), abs=1e-6)

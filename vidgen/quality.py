@@ -13,7 +13,9 @@ Used by `vidgen demo` and `bench/quality.py`. Plain torch; videos are (B, C, T, 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -146,7 +148,7 @@ class JudgePanel:
         held-out. Each argument is a video batch or a list of them, one per draw (samples[k] and
         reference[k] are both scored against held_out[k]): then each distance is the mean over the
         draws, so that neither rests on one draw of clips."""
-        return [ratio for _, ratio, _, _ in self._judged(samples, reference, held_out)]
+        return [judged.ratio for judged in self._judge_each(samples, reference, held_out)]
 
     @torch.no_grad()
     def score(self, samples, reference, held_out, sample_labels, held_out_labels) -> PanelScores:
@@ -155,34 +157,47 @@ class JudgePanel:
         clip: the accuracies read the features the distances were measured on. The labels come as
         the videos do, one tensor per draw."""
         ratios, on_samples, on_held_out = [], [], []
-        for judge, ratio, fake, real in self._judged(samples, reference, held_out):
-            ratios.append(ratio)
-            on_samples.append(_accuracy_of_features(judge, fake, _draws(sample_labels)))
-            on_held_out.append(_accuracy_of_features(judge, real, _draws(held_out_labels)))
+        for judged in self._judge_each(samples, reference, held_out):
+            ratios.append(judged.ratio)
+            on_samples.append(_accuracy_of_features(judged.judge, judged.sample_features, _draws(sample_labels)))
+            on_held_out.append(_accuracy_of_features(judged.judge, judged.held_out_features, _draws(held_out_labels)))
         return PanelScores(ratios, float(np.mean(on_samples)), float(np.mean(on_held_out)))
 
-    def _judged(self, samples, reference, held_out):
-        """Per judge: (judge, Frechet ratio, the samples' features per draw, the held-out clips')."""
+    def _judge_each(self, samples, reference, held_out) -> Iterator[_Judged]:
         samples, reference, held_out = _draws(samples), _draws(reference), _draws(held_out)
         for judge in self.judges:
-            real = [judge.features(h) for h in held_out]
+            held = [judge.features(h) for h in held_out]
             fake = [judge.features(x) for x in samples]
-            fake_fd = np.mean([frechet_distance(f, r) for f, r in zip(fake, real, strict=True)])
-            base_fd = np.mean([frechet_distance(judge.features(x), r) for x, r in zip(reference, real, strict=True)])
-            yield judge, float(fake_fd / base_fd), fake, real
+            fake_fd = np.mean([frechet_distance(f, h) for f, h in zip(fake, held, strict=True)])
+            base_fd = np.mean([frechet_distance(judge.features(x), h) for x, h in zip(reference, held, strict=True)])
+            yield _Judged(judge, float(fake_fd / base_fd), fake, held)
+
+
+class _Judged(NamedTuple):
+    """One judge's Frechet ratio, and the features (one tensor per draw) it was measured on."""
+
+    judge: ClipClassifier
+    ratio: float
+    sample_features: list[Tensor]
+    held_out_features: list[Tensor]
 
 
 @dataclass
 class PanelScores:
-    ratios: list[float]   # one Frechet ratio per judge
-    on_samples: float     # the judges' mean label accuracy on the samples
-    on_held_out: float    # and on the real held-out clips
+    """A panel's verdict on samples: what `score_conditional` reports, per judge for the ratios."""
+
+    ratios: list[float]     # one Frechet ratio per judge (`geometric_mean` combines them)
+    label_accuracy: float   # the judges' mean share of samples assigned to the asked class
+    judge_on_real: float    # the same on the real held-out clips (the judges' own ceiling)
 
 
 def _accuracy_of_features(judge: ClipClassifier, features: list[Tensor], labels: list[Tensor]) -> float:
     """`label_accuracy` of the clips whose features (one tensor per draw) are given."""
-    logits = judge.head(torch.cat(features))
-    return float((logits.argmax(1) == torch.cat(labels).to(logits.device)).float().mean())
+    features, labels = torch.cat(features), torch.cat(labels)
+    if len(features) != len(labels):
+        raise ValueError(f"{len(labels)} labels for {len(features)} clips")
+    logits = judge.head(features)
+    return float((logits.argmax(1) == labels.to(logits.device)).float().mean())
 
 
 def _draws(videos) -> list[Tensor]:
@@ -236,7 +251,8 @@ def score_conditional(sample, train: tuple[Tensor, Tensor], held_out: tuple[Tens
     scores = panel.score(samples, [x for (x, _), _ in draws], [h for _, (h, _) in draws], asked,
                          [hy for _, (_, hy) in draws])
     ratios = scores.ratios
-    return ConditionalScores(scores.on_samples, scores.on_held_out, geometric_mean(ratios), (min(ratios), max(ratios)))
+    return ConditionalScores(scores.label_accuracy, scores.judge_on_real, geometric_mean(ratios),
+                             (min(ratios), max(ratios)))
 
 
 @dataclass
