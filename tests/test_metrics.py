@@ -211,6 +211,8 @@ def test_scoring_a_generator_runs_each_judge_once_over_each_clip(monkeypatch):
     assert scores.label_accuracy == pytest.approx(panel.label_accuracy(torch.cat(flipped), asked), abs=1e-6)
     assert scores.judge_on_real == pytest.approx(
         panel.label_accuracy(torch.cat([h[0] for h in held]), torch.cat([h[1] for h in held])), abs=1e-6)
+    with pytest.raises(ValueError, match="47 labels for 48 clips"):  # never broadcast against the clips
+        panel.score(flipped[0], train[0], held_out[0], train[1][:47], held_out[1])
 
 
 def test_a_judge_panel_gives_one_ratio_per_judge_and_their_geometric_mean():
