@@ -91,9 +91,9 @@ def main() -> None:
             with torch.no_grad():
                 samples = [model.sample(len(a), 8, a.tolist(), seed=123 + k) for k, a in enumerate(asked)]
                 scores = panel.score(samples, reals, held_outs, asked, held_out_labels)
-                ratios, accuracy = scores.ratios, scores.label_accuracy
-            print(f"{step:5d} {time.perf_counter() - started:6.0f}  {accuracy:14.2f}  "
-                  f"{quality.geometric_mean(ratios):12.2f}x ({min(ratios):.1f}-{max(ratios):.1f})", flush=True)
+            low, high = scores.frechet_range
+            print(f"{step:5d} {time.perf_counter() - started:6.0f}  {scores.label_accuracy:14.2f}  "
+                  f"{scores.frechet_ratio:12.2f}x ({low:.1f}-{high:.1f})", flush=True)
     if args.out:
         from PIL import Image
 

@@ -196,6 +196,7 @@ def test_scoring_a_generator_runs_each_judge_once_over_each_clip(monkeypatch):
     flipped = [torch.flip(real[0], dims=[-2]) for real in reals]  # the samples: real clips upside down
     passes = []
     features = quality.ClipClassifier.features
+
     def counted(self, video):  # the passes of scoring (training the judges runs with gradients)
         passes.extend([] if torch.is_grad_enabled() else [len(video)])
         return features(self, video)

@@ -5,7 +5,7 @@
     frechet_distance(clf.features(a), clf.features(b))           # FID-style, in the judge's feature space
     panel = JudgePanel(judge_videos, judge_labels, classes=3)    # JUDGES judges from different seeds
     panel.frechet_ratios(samples, real_train, held_out)          # one ratio per judge; geometric_mean
-    panel.score(samples, real_train, held_out, asked, held_out_labels)  # the ratios and both accuracies
+    panel.score(samples, real_train, held_out, asked, held_out_labels)  # ConditionalScores, in one pass
     Figure("label accuracy", 0.93, "chance", 1 / 3, target=0.9).line()
 
 Used by `vidgen demo` and `bench/quality.py`. Plain torch; videos are (B, C, T, H, W) in [-1, 1].
@@ -151,8 +151,8 @@ class JudgePanel:
         return [judged.ratio for judged in self._judge_each(samples, reference, held_out)]
 
     @torch.no_grad()
-    def score(self, samples, reference, held_out, sample_labels, held_out_labels) -> PanelScores:
-        """`frechet_ratios`, and the label accuracy of the samples and of the held-out clips (as
+    def score(self, samples, reference, held_out, sample_labels, held_out_labels) -> ConditionalScores:
+        """`frechet_ratios` combined, and the label accuracy of the samples and of the held-out clips (as
         `label_accuracy` on each set's draws put together), from one pass of each judge over each
         clip: the accuracies read the features the distances were measured on. The labels come as
         the videos do, one tensor per draw."""
@@ -161,7 +161,8 @@ class JudgePanel:
             ratios.append(judged.ratio)
             on_samples.append(_accuracy_of_features(judged.judge, judged.sample_features, _draws(sample_labels)))
             on_held_out.append(_accuracy_of_features(judged.judge, judged.held_out_features, _draws(held_out_labels)))
-        return PanelScores(ratios, float(np.mean(on_samples)), float(np.mean(on_held_out)))
+        return ConditionalScores(float(np.mean(on_samples)), float(np.mean(on_held_out)), geometric_mean(ratios),
+                                 (min(ratios), max(ratios)))
 
     def _judge_each(self, samples, reference, held_out) -> Iterator[_Judged]:
         samples, reference, held_out = _draws(samples), _draws(reference), _draws(held_out)
@@ -180,15 +181,6 @@ class _Judged(NamedTuple):
     ratio: float
     sample_features: list[Tensor]
     held_out_features: list[Tensor]
-
-
-@dataclass
-class PanelScores:
-    """A panel's verdict on samples: what `score_conditional` reports, per judge for the ratios."""
-
-    ratios: list[float]     # one Frechet ratio per judge (`geometric_mean` combines them)
-    label_accuracy: float   # the judges' mean share of samples assigned to the asked class
-    judge_on_real: float    # the same on the real held-out clips (the judges' own ceiling)
 
 
 def _accuracy_of_features(judge: ClipClassifier, features: list[Tensor], labels: list[Tensor]) -> float:
@@ -248,11 +240,8 @@ def score_conditional(sample, train: tuple[Tensor, Tensor], held_out: tuple[Tens
     for k, ((_, y), _) in enumerate(draws):
         samples.append(sample(y.tolist(), seed + k))
         asked.append(y.to(samples[-1].device))
-    scores = panel.score(samples, [x for (x, _), _ in draws], [h for _, (h, _) in draws], asked,
-                         [hy for _, (_, hy) in draws])
-    ratios = scores.ratios
-    return ConditionalScores(scores.label_accuracy, scores.judge_on_real, geometric_mean(ratios),
-                             (min(ratios), max(ratios)))
+    return panel.score(samples, [x for (x, _), _ in draws], [h for _, (h, _) in draws], asked,
+                       [hy for _, (_, hy) in draws])
 
 
 @dataclass
