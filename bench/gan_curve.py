@@ -26,24 +26,15 @@ constant-rate run: 12.8x), seed 1 at 102.6x with its sprites stuck at the frame'
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 
 import numpy as np
 import torch
 
-from quality import GAN_RECIPE, clips, synth  # bench/quality.py: its gan run's data and batch
+from quality import GAN_RECIPE, clips, synth, value  # bench/quality.py: its gan run's data and batch
 from vidgen import models, quality
 from vidgen.models.contract import optimizer_step
-
-
-def value(text: str):
-    """A --set value: JSON (0.99, true, 3) or else the text itself (translation,color)."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
 
 
 def main() -> None:

@@ -3,6 +3,7 @@
     python bench/quality.py                          # every family, about 45 minutes on 2 cores
     python bench/quality.py --only gan restore       # some of them
     python bench/quality.py --only convlstm --scale 0.3    # budgets x0.3: a quick look, not the figures
+    python bench/quality.py --only gan --set gan.ema_decay=0.99 --out-json /tmp/q.json  # a recipe change
 
 Each family is trained as a user would train it: `vidgen.train.trainer.train` (Ray Train, 2 workers,
 DeepSpeed ZeRO-2, a local Ray on 127.0.0.1 shared by all families) on a generated dataset, for a
@@ -103,6 +104,26 @@ def train_and_export(work: str, name: str, family: str, data: str, minutes: floa
                     "steps_per_s": round(result.steps / max(result.seconds, 1e-9), 2)}
 
 
+def value(text: str):
+    """A --set value: JSON (0.99, true, 3) or else the text itself (translation,color)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def model_overrides(settings: list[str]) -> dict[str, dict]:
+    """--set FAMILY.KEY=VALUE ... -> {family: {key: value}} for every bench (empty where none)."""
+    out: dict[str, dict] = {name: {} for name in BENCHES}
+    for setting in settings:
+        name, _, rest = setting.partition(".")
+        key, eq, text = rest.partition("=")
+        if name not in out or not key or not eq:
+            raise SystemExit(f"--set {setting!r}: expected FAMILY.KEY=VALUE with FAMILY one of {sorted(out)}")
+        out[name][key] = value(text)
+    return out
+
+
 def budget(minutes: float, args) -> float:
     """The trainer's `max_minutes` for a whole-command budget: less the start-up this bench measured."""
     return max(0.2, minutes * args.scale - args.startup_minutes)
@@ -121,7 +142,7 @@ def bench_gan(work: str, args) -> dict:
     # 384 train and 384 held-out clips: with 96 held-out clips (as before) the real-vs-real Frechet
     # distance, the ratio's denominator, ranged 0.6-2.4 by the draw of clips alone
     data = synth(work, "shapes", 768, 8, 32, seed=0, val=0.5)
-    gan, run = train_and_export(work, "gan", "gan", data, budget(6, args), {}, **GAN_RECIPE)
+    gan, run = train_and_export(work, "gan", "gan", data, budget(6, args), args.model["gan"], **GAN_RECIPE)
     frames = open_dataset(data).clip_shape[0]
     train, val = clips(data, "train"), clips(data, "val")
     judges, draws = quality.scoring_clips("shapes", len(train[0]), len(val[0]), frames, 32)
@@ -135,7 +156,8 @@ def bench_gan(work: str, args) -> dict:
 
 def bench_restore(work: str, args) -> dict:
     data = synth(work, "shapes", 192, 8, 64, seed=1)
-    model, run = train_and_export(work, "restore", "restore", data, budget(3, args), {}, **RESTORE_RECIPE)
+    model, run = train_and_export(work, "restore", "restore", data, budget(3, args), args.model["restore"],
+                                  **RESTORE_RECIPE)
     clean, _ = clips(data, "val")
     degraded = torch.cat([model.degrade(clean[i:i + 1], seed=10_000 + i) for i in range(len(clean))])
     restored = torch.cat([model.restore(degraded[i:i + 4]) for i in range(0, len(clean), 4)])
@@ -171,7 +193,8 @@ def bench_denoise(work: str, args) -> dict:
     data = os.path.join(work, "data", "mixed64")
     mixed = [synth_clip(kind, 2, i, 16, 64, 0.15) for i in range(320) for kind in [("shapes", "digits")[i % 2]]]
     write_dataset(data, mixed, kind="synth:shapes+digits", labels=None, sources=["synth:shapes+digits:seed=2"])
-    model, run = train_and_export(work, "denoise", "restore", data, budget(15, args), DENOISE_MODEL, **RESTORE_RECIPE)
+    model, run = train_and_export(work, "denoise", "restore", data, budget(15, args),
+                                  DENOISE_MODEL | args.model["denoise"], **RESTORE_RECIPE)
     clean, _ = clips(data, "val")
     # The noisy clips as a video holds them (8 bits), for the filters and the model alike; each
     # output rounded to 8 bits as well, and each figure the PSNR over all the scored clips at once
@@ -198,7 +221,8 @@ def bench_convlstm(work: str, args) -> dict:
     from vidgen.models.convlstm import life_grid
 
     data = synth(work, "life", 600, 4, 64, seed=4)
-    model, run = train_and_export(work, "convlstm", "convlstm", data, budget(5, args), {}, micro_batch=8)
+    model, run = train_and_export(work, "convlstm", "convlstm", data, budget(5, args), args.model["convlstm"],
+                                  micro_batch=8)
     video, _ = clips(data, "val")
     cell = open_dataset(data).manifest.life["cell"]
     k = model.config.context_frames
@@ -214,7 +238,7 @@ def bench_vae(work: str, args) -> dict:
     data = synth(work, "shapes", 384, 8, 32, seed=0, val=0.25)
     x, y = clips(data, "train")
     xv, _ = clips(data, "val")
-    model, run = train_and_export(work, "vae", "vae", data, budget(3, args), {}, micro_batch=8)
+    model, run = train_and_export(work, "vae", "vae", data, budget(3, args), args.model["vae"], micro_batch=8)
     recon = torch.cat([model.reconstruct(xv[i:i + 8]) for i in range(0, len(xv), 8)])
     mean_frame = xv.mean(2, keepdim=True).expand_as(xv)
     judges, draws = quality.scoring_clips("shapes", len(x), len(xv), x.shape[2], x.shape[-1])
@@ -253,7 +277,7 @@ def bench_style(work: str, args) -> dict:
     for name, weights in (("temporal", {"temporal_weight": 10.0, "style_weight": 15.0}),
                           ("per-frame", {"temporal_weight": 0.0})):
         model, run = train_and_export(work, f"style-{name}", "style", data, budget(2, args),
-                                      weights, micro_batch=4, style_image=style)
+                                      weights | args.model["style"], micro_batch=4, style_image=style)
         styled = torch.cat([model.stylize(video[i:i + 4]) for i in range(0, len(video), 4)])
         with torch.no_grad():
             terms = model.losses(video, styled)
@@ -281,13 +305,17 @@ def main() -> None:
     ap.add_argument("--scale", type=float, default=1.0, help="multiply every budget (a quick look below 1)")
     ap.add_argument("--startup-minutes", type=float, default=0.6,
                     help="the part of each budget a run spends before its first step and after its last")
+    ap.add_argument("--set", action="append", default=[], metavar="FAMILY.KEY=VALUE",
+                    help="a model config override for one family's run, e.g. gan.ema_decay=0.99 (repeatable)")
     ap.add_argument("--out-json", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                         "quality.json"))
     args = ap.parse_args()
+    args.model = model_overrides(args.set)
     from vidgen.runtime import init_ray
 
     init_ray()
-    report: dict = {"settings": {"scale": args.scale, "startup_minutes": args.startup_minutes}, "families": {}}
+    report: dict = {"settings": {"scale": args.scale, "startup_minutes": args.startup_minutes,
+                                 "set": args.set}, "families": {}}
     if os.path.exists(args.out_json) and args.only:  # keep the other families' last figures
         report["families"] = kept_families(args.out_json)
     def describe(name: str, result: dict) -> str:

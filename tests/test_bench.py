@@ -66,3 +66,20 @@ def test_a_filter_is_tuned_by_its_distance_to_clean_clips_even_where_one_comes_b
     assert all(math.isfinite(v) for v in scores.values()), scores
     assert best == "hqdn3d=8:6:12:9", scores  # not the no-op
     assert scores["null"] == pytest.approx(metrics.psnr(noisy.clamp(-1, 1), clean, reduction="pooled").item(), abs=0.1)
+
+
+def test_quality_bench_overrides_reach_only_the_family_they_name(monkeypatch):
+    """`bench/quality.py --set gan.ema_decay=0.99` A/B-tests a recipe through the real trainer: the
+    value is parsed as JSON (or kept as text), reaches the gan run only, and a setting that names no
+    bench stops the run with a one-line error naming it."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import quality as quality_bench
+
+    overrides = quality_bench.model_overrides(["gan.ema_decay=0.99", "gan.diffaugment=translation,brightness",
+                                               "restore.levels=2"])
+    assert overrides["gan"] == {"ema_decay": 0.99, "diffaugment": "translation,brightness"}
+    assert overrides["restore"] == {"levels": 2}
+    assert overrides["vae"] == {} and set(overrides) == set(quality_bench.BENCHES)
+    for bad in ("gans.ema_decay=0.99", "gan.ema_decay", "ema_decay=0.99"):
+        with pytest.raises(SystemExit, match=f"--set '{bad}': expected FAMILY.KEY=VALUE"):
+            quality_bench.model_overrides([bad])
