@@ -113,13 +113,14 @@ def value(text: str):
 
 
 def model_overrides(settings: list[str]) -> dict[str, dict]:
-    """--set FAMILY.KEY=VALUE ... -> {family: {key: value}} for every bench (empty where none)."""
+    """--set BENCH.KEY=VALUE ... -> {bench: {key: value}} for every bench (empty where none): a model
+    config override for that bench's run (the style bench's per-frame baseline keeps temporal_weight 0)."""
     out: dict[str, dict] = {name: {} for name in BENCHES}
     for setting in settings:
         name, _, rest = setting.partition(".")
         key, eq, text = rest.partition("=")
         if name not in out or not key or not eq:
-            raise SystemExit(f"--set {setting!r}: expected FAMILY.KEY=VALUE with FAMILY one of {sorted(out)}")
+            raise SystemExit(f"--set {setting!r}: expected BENCH.KEY=VALUE with BENCH one of {sorted(out)}")
         out[name][key] = value(text)
     return out
 
@@ -274,10 +275,10 @@ def bench_style(work: str, args) -> dict:
     # compared at equal style loss; the run checks that they are within 25%. Flicker also falls when
     # the output loses the moving content, so the temporal run's content loss may not be more than
     # 25% above the per-frame run's either. Both losses are over all the val clips flicker is.
-    for name, weights in (("temporal", {"temporal_weight": 10.0, "style_weight": 15.0}),
-                          ("per-frame", {"temporal_weight": 0.0})):
+    for name, weights, baseline in (("temporal", {"temporal_weight": 10.0, "style_weight": 15.0}, {}),
+                                    ("per-frame", {"temporal_weight": 0.0}, {"temporal_weight": 0.0})):
         model, run = train_and_export(work, f"style-{name}", "style", data, budget(2, args),
-                                      weights | args.model["style"], micro_batch=4, style_image=style)
+                                      weights | args.model["style"] | baseline, micro_batch=4, style_image=style)
         styled = torch.cat([model.stylize(video[i:i + 4]) for i in range(0, len(video), 4)])
         with torch.no_grad():
             terms = model.losses(video, styled)
@@ -305,8 +306,9 @@ def main() -> None:
     ap.add_argument("--scale", type=float, default=1.0, help="multiply every budget (a quick look below 1)")
     ap.add_argument("--startup-minutes", type=float, default=0.6,
                     help="the part of each budget a run spends before its first step and after its last")
-    ap.add_argument("--set", action="append", default=[], metavar="FAMILY.KEY=VALUE",
-                    help="a model config override for one family's run, e.g. gan.ema_decay=0.99 (repeatable)")
+    ap.add_argument("--set", action="append", default=[], metavar="BENCH.KEY=VALUE",
+                    help="a model config override for one bench's run, e.g. gan.ema_decay=0.99 (repeatable; "
+                         "the family's result and README row name it)")
     ap.add_argument("--out-json", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                         "quality.json"))
     args = ap.parse_args()
@@ -314,8 +316,7 @@ def main() -> None:
     from vidgen.runtime import init_ray
 
     init_ray()
-    report: dict = {"settings": {"scale": args.scale, "startup_minutes": args.startup_minutes,
-                                 "set": args.set}, "families": {}}
+    report: dict = {"settings": {"scale": args.scale, "startup_minutes": args.startup_minutes}, "families": {}}
     if os.path.exists(args.out_json) and args.only:  # keep the other families' last figures
         report["families"] = kept_families(args.out_json)
     def describe(name: str, result: dict) -> str:
@@ -323,7 +324,10 @@ def main() -> None:
         return f"{name}: {run.get('wall_minutes')} min, {run.get('steps')} steps, {run.get('steps_per_s')} steps/s"
 
     with tempfile.TemporaryDirectory(prefix="vidgen-quality-") as work:
-        run_families(args.only or BENCHES, lambda name: BENCHES[name](work, args), report, args.out_json, describe)
+        def run(name: str) -> dict:  # a family run with --set overrides says so in its result (and table row)
+            return BENCHES[name](work, args) | ({"set": args.model[name]} if args.model[name] else {})
+
+        run_families(args.only or BENCHES, run, report, args.out_json, describe)
     print("\nquality after training through vidgen train (2 workers, ZeRO-2) on held-out clips")
     for name, result in report["families"].items():
         run = result.get("run") or {}

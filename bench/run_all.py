@@ -88,7 +88,9 @@ def _quality(r: dict) -> list[tuple[str, str]]:
         cells = [f"{f['figure'].split(': ', 1)[-1]} {f['value']:.3f}{f['unit']} vs {f['baseline']} "
                  f"{f['baseline_value']:.3f}{f['unit']} ({'meets target' if f['met'] else 'MISSES target' if f['met'] is False else 'report'})"
                  for f in family["figures"]]
-        rows.append((f"quality: {name}, trained through vidgen train (2 workers, ZeRO-2), held-out clips",
+        changed = ", ".join(f"{k}={v}" for k, v in family.get("set", {}).items())
+        setting = f", with {changed} (quality.py --set)" if changed else ""
+        rows.append((f"quality: {name}, trained through vidgen train (2 workers, ZeRO-2){setting}, held-out clips",
                      head + "; ".join(cells), family.get("_machine")))
     return rows
 

@@ -70,8 +70,9 @@ def test_a_filter_is_tuned_by_its_distance_to_clean_clips_even_where_one_comes_b
 
 def test_quality_bench_overrides_reach_only_the_family_they_name(monkeypatch):
     """`bench/quality.py --set gan.ema_decay=0.99` A/B-tests a recipe through the real trainer: the
-    value is parsed as JSON (or kept as text), reaches the gan run only, and a setting that names no
-    bench stops the run with a one-line error naming it."""
+    value is parsed as JSON (or kept as text), reaches the gan run only, a setting that names no
+    bench stops the run with a one-line error naming it, and the README row of a run with overrides
+    names them."""
     monkeypatch.syspath_prepend(str(BENCH))
     import quality as quality_bench
 
@@ -81,5 +82,12 @@ def test_quality_bench_overrides_reach_only_the_family_they_name(monkeypatch):
     assert overrides["restore"] == {"levels": 2}
     assert overrides["vae"] == {} and set(overrides) == set(quality_bench.BENCHES)
     for bad in ("gans.ema_decay=0.99", "gan.ema_decay", "ema_decay=0.99"):
-        with pytest.raises(SystemExit, match=f"--set '{bad}': expected FAMILY.KEY=VALUE"):
+        with pytest.raises(SystemExit, match=f"--set '{bad}': expected BENCH.KEY=VALUE"):
             quality_bench.model_overrides([bad])
+    import run_all
+
+    figure = {"figure": "gan: x", "value": 1.0, "baseline": "chance", "baseline_value": 0.5, "unit": "", "met": None}
+    rows = run_all._quality({"families": {"gan": {"figures": [figure], "set": overrides["gan"]},
+                                          "vae": {"figures": [figure]}}})
+    assert "with ema_decay=0.99, diffaugment=translation,brightness (quality.py --set)" in rows[0][0]
+    assert "--set" not in rows[1][0]

@@ -155,7 +155,7 @@ PRESETS = {
     # so the map from noise to colour cannot rotate and the EMA keeps it saturated) drew objects as
     # colourful as the real ones, but lumpy circles and notched squares: 100.6 / 22.9 / 9.1 and 22.0 /
     # 12.2 / 12.1, label accuracy 0.92 (bench/gan_curve.py).
-    # Tried 2026-12-03 and left out (bench/gan_curve.py, seed 0, checks at 1,200 / 1,600 / 2,000 /
+    # Tried 2026-12-03 and left out (bench/gan_curve.py, seed 0, Frechet ratio at 1,200 / 1,600 / 2,000 /
     # 2,400 steps; this recipe 28.2 / 14.3 / 19.0 / 12.0): R1 (gamma 0.1) on top of spectral norm 28.5 /
     # 25.0 / 20.9 / 15.5, label accuracy 0.83 at 1,600; SAGAN's lr_g 1e-4 16.8 / 16.0 / 16.7 / 19.2, smaller
     # objects and notched squares; the sprite moved premultiplied (`premultiplied`, the correct way to
@@ -163,8 +163,8 @@ PRESETS = {
     # (this recipe 39.7 / 43.4 / 42.3 / 14.5) 19.0 / 17.8 / 29.8 / 77.9, collapsed onto triangles painted
     # into the background; the dark rim stays either way, so it is not the resampling's. ema_decay 0.99 read
     # 11.6 against 15.1 (seed 0) and 29.0 against 33.4 (seed 1) over the last three checks, and through
-    # `vidgen train` (bench/quality.py --set gan.ema_decay=0.99, one run each, same session) 11.4x
-    # against 12.0x: within the noise of one run, so the preset keeps 0.999.
+    # `vidgen train` (bench/quality.py --set gan.ema_decay=0.99, same session) 11.4x against this recipe's
+    # 12.0x and 12.3x in two runs: within the noise of one run, so the preset keeps 0.999.
     "tiny": dict(frame_size=32, num_frames=8, content_dim=32, motion_dim=16, noise_dim=8, class_dim=16,
                  g_width=16, g_max_width=64, d_width=16, d_max_width=64, image_frames=2, ema_decay=0.999,
                  g_norm="pixel", rgb_modulation=True, sprite=True, spectral_norm=True, aux_weight=1.0,
