@@ -275,10 +275,11 @@ def bench_style(work: str, args) -> dict:
     # compared at equal style loss; the run checks that they are within 25%. Flicker also falls when
     # the output loses the moving content, so the temporal run's content loss may not be more than
     # 25% above the per-frame run's either. Both losses are over all the val clips flicker is.
-    for name, weights, baseline in (("temporal", {"temporal_weight": 10.0, "style_weight": 15.0}, {}),
-                                    ("per-frame", {"temporal_weight": 0.0}, {"temporal_weight": 0.0})):
+    # Weights: the bench's, which --set may change; fixed: what makes the run the per-frame baseline.
+    for name, weights, fixed in (("temporal", {"temporal_weight": 10.0, "style_weight": 15.0}, {}),
+                                 ("per-frame", {}, {"temporal_weight": 0.0})):
         model, run = train_and_export(work, f"style-{name}", "style", data, budget(2, args),
-                                      weights | args.model["style"] | baseline, micro_batch=4, style_image=style)
+                                      weights | args.model["style"] | fixed, micro_batch=4, style_image=style)
         styled = torch.cat([model.stylize(video[i:i + 4]) for i in range(0, len(video), 4)])
         with torch.no_grad():
             terms = model.losses(video, styled)

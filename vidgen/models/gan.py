@@ -331,19 +331,17 @@ class Generator(nn.Module):
         if static is None:
             return self.frames(codes.flatten(0, 1)).unflatten(0, (n, t)).transpose(1, 2)
         background = static[:, :C].unsqueeze(1)                        # (n, 1, C, H, W)
+        premultiplied = self.sprite and self.premultiplied             # the moved colour is already x alpha
         if self.sprite:
             sprite = static[:, C:]
-            if self.premultiplied:
+            if premultiplied:
                 sprite = torch.cat([sprite[:, :C] * sprite[:, C:], sprite[:, C:]], 1)
             out = self._shifted(sprite, torch.tanh(self.shift(codes)))  # (n, t, C + 1, H, W)
-            if self.premultiplied:
-                mask = out[:, :, C:]
-                return (out[:, :, :C] + (1 - mask) * background).transpose(1, 2)
         else:
             out = self.frames(codes.flatten(0, 1)).unflatten(0, (n, t))  # (n, t, C + 1, H, W)
             out = torch.cat([out[:, :, :C], (out[:, :, C:] + 1) / 2], 2)  # mask: tanh -> [0, 1]
         mask = out[:, :, C:]
-        frames = mask * out[:, :, :C] + (1 - mask) * background
+        frames = (out[:, :, :C] if premultiplied else mask * out[:, :, :C]) + (1 - mask) * background
         return frames.transpose(1, 2)
 
     @staticmethod
