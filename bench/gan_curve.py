@@ -76,7 +76,7 @@ def main() -> None:
         return max(0.0, (args.steps - step) / max(1, args.steps - args.decay_from))
 
     schedules = [torch.optim.lr_scheduler.LambdaLR(o, factor) for o in optimizers.values()]
-    print(f"gan tiny {overrides or ''} seed {args.seed}; {quality.JUDGES} judges")
+    print(f"gan tiny {overrides or ''} seed {args.seed}, batch {batch}; {quality.JUDGES} judges")
     print(" step      s  label accuracy  Frechet ratio (judges' range)")
     started = time.perf_counter()
     for step in range(1, args.steps + 1):

@@ -210,23 +210,34 @@ def test_a_premultiplied_sprite_moved_by_half_a_pixel_blends_its_edge_with_the_b
         assert frame[:, 3, 6].tolist() == pytest.approx([0.0] * 3, abs=1e-5)  # outside: the background
 
 
-def test_a_flat_sprite_has_one_colour_a_clip_and_a_drawn_alpha():
+def test_a_flat_sprite_has_one_colour_a_clip_and_a_drawn_alpha(tmp_path):
     """flat_sprite: the frame generator draws the alpha only; each clip's sprite is one colour,
-    read from its codes, so two clips differ in colour while each is flat."""
+    read from its codes, so two clips differ in colour while each is flat. It renders with the
+    tiny preset's options (and premultiplied), and saves and loads like any GAN."""
     from vidgen.models.gan import Generator, GANConfig
 
     cfg = GANConfig(frame_size=8, g_width=4, g_max_width=8, content_dim=4, motion_dim=4, noise_dim=2, sprite=True,
-                    flat_sprite=True)
+                    flat_sprite=True, rgb_modulation=True)
+    torch.manual_seed(0)
     g = Generator(cfg)
     assert g.frames.to_rgb.out_channels == 1
-    torch.manual_seed(0)
     static = g.static(torch.randn(2, cfg.content_dim), None)    # (2, 2C + 1, H, W)
     colour, alpha = static[:, 3:6], static[:, 6]
     assert torch.allclose(colour, colour[:, :, :1, :1].expand_as(colour))  # flat in each clip
     assert (colour[0, :, 0, 0] - colour[1, :, 0, 0]).abs().max() > 1e-3    # its own in each clip
     assert alpha.std() > 0 and alpha.min() >= 0 and alpha.max() <= 1       # drawn, in [0, 1]
+    for premultiplied in (False, True):
+        g = Generator(dataclasses.replace(cfg, premultiplied=premultiplied))
+        assert g(torch.randn(2, cfg.content_dim), torch.randn(2, 5, cfg.noise_dim)).shape == (2, 3, 5, 8, 8)
     with pytest.raises(ValueError, match="flat_sprite"):
         GANConfig(flat_sprite=True)
+
+    model = models.build("gan", "tiny", num_classes=2, label_names=["a", "b"], flat_sprite=True)
+    train(model, {"video": moving_square(), "label": torch.tensor([0, 1])}, steps=1)  # move off the init
+    models.save(model, str(tmp_path / "m"))
+    loaded = models.load(str(tmp_path / "m"))
+    assert loaded.config.flat_sprite
+    assert torch.equal(model.sample(2, 4, [0, 1], seed=3), loaded.sample(2, 4, [0, 1], seed=3))
 
 
 def test_rgb_modulation_starts_as_the_identity_and_gives_each_code_its_own_colours():

@@ -48,7 +48,7 @@ class GANConfig(Presets):
     g_width: int = 32           # channels of the generator's last stage; doubles towards 4x4
     g_max_width: int = 512
     g_norm: str = "group"       # generator normalisation: "group" (GroupNorm) or "pixel" (ProGAN's PixelNorm)
-    rgb_modulation: bool = False  # each frame generator's output colours scaled and shifted per sample by its
+    rgb_modulation: bool = False  # each frame generator's outputs (colours, alpha) scaled and shifted per sample by its
                                 # code (StyleGAN's modulated toRGB, reduced to a per-channel affine): a direct
                                 # path from the noise to a clip's colours, against collapse onto one palette
     two_stream: bool = False    # VGAN's two streams (Vondrick et al. 2016): a static background per clip from
@@ -109,78 +109,12 @@ class GANConfig(Presets):
 
 
 PRESETS = {
-    # CPU: 32x32, G 0.21M and D 0.32M parameters, with the stabilisers that moved label accuracy in
-    # 2-5 CPU minutes (bench/quality.py, and a sweep of 14 variants at 2,400 steps): one sprite per clip
-    # moved over a static background (a judge recognised 1.00 of the samples in 4 of 4 seeds; VGAN's
-    # per-frame foreground: 0.6-0.77), PixelNorm in G, spectral norm and an auxiliary classifier in D,
-    # DiffAugment translation + colour (colour alone took 0.75-0.89 to 1.00), TTUR, 4-frame windows.
-    # Then against one palette per class (every sample of a class had the same background, whatever
-    # its noise): modulated colours, and ema_decay 0.999 instead of 0.99 (with after_step's warm-up, an average
-    # of the last ~n / 9 steps at step n instead of the last ~100), which stopped the
-    # Frechet ratio swinging between 3 and 37 from one 400-step check to the next (2.6 at 2,000 and
-    # 2,400 steps in-process); and colour augmentation without saturation, which hid from D how
-    # saturated real clips are (Frechet ratio 2.2 / 1.0 / 1.1 at 1,600 / 2,000 / 2,400 steps, scored
-    # then with 150 samples against 96 held-out clips; 2.5 / 2.3 at 2,000 / 2,400 with one sample per
-    # train clip against 288; bench/gan_curve.py, 2026-11-30). That was a kind draw of clips: on
-    # bench/quality.py's set the same recipe reads 9.8 / 15.3 in-process and 20.8 / 16.4 through
-    # `vidgen train` at 2,000 / 2,400 steps, 8-10 at 3,200-4,800; its objects stay pale. Then MSGAN's
-    # mode-seeking term (0.2): 8.9 at 2,400 steps in-process and 8.9
-    # through `vidgen train` in bench/quality.py's 6 minutes, against 15.3 for each without it
-    # (2026-11-30). A stronger term does worse (0.5: 18.3, 1.0: 16.7 in-process), and so do D without
-    # its brightness augmentation (20.4) or mode seeking with contrast alone (16.3). Tried and left out
-    # (bench/gan_curve.py, the mean of the checks at 1,600 / 2,000 / 2,400 steps, seeds 0 and 1; this
-    # recipe 13.0 and 11.0): D's minibatch std 10.0 and 14.3 (seeds 0 and 1); a flat-coloured sprite
-    # (one colour per clip from its code) 7.4 and 21.0, whose objects took the data's colours but whose
-    # background painted textures; a flat background as well 53.7 (seed 0), flat colours but shapes that
-    # lost their corners; a flat sprite over a background drawn 8x8 and upsampled 23.0 (seed 0), its
-    # alpha drawing stripes; a flat sprite with D's minibatch std 11.0 (seed 0), textured objects;
-    # the sprite moved by whole pixels (nearest forward, bilinear gradient) collapsed at 2,400 steps;
-    # colours left linear (StyleGAN2's toRGB, clamped when sampled) 13.1 (seed 0), still pale; the AC
-    # weight at 0.25 24.5 at 2,400 steps with label accuracy 0.65; G's convs padded by replication 14.8
-    # and 14.5 (seeds 0 and 1), which took away the rim that zero padding draws round the background;
-    # G's colours and alphas 1.1 tanh clamped, so a full channel and a hard edge are reached, 17.1 (seed
-    # 0), still pale; the moved sprite's alpha hardened ((a - 0.5) 3 + 0.5, clamped) 15.1 (seed 0).
-    # What the ratio punishes (bench/frechet_sensitivity.py, real clips altered): blur of sigma 1 px 23x,
-    # objects 0.8 times their size 25x, one object colour for all 14x, still frames 6x; textured
-    # backgrounds, pixel noise and shuffled frames about 1x. This recipe's objects have the real ones' size
-    # (91 px against 88) but one near-white colour (per-channel std 0.05 against 0.34) and soft edges:
-    # colour first, then edges. The paleness is the EMA's: at 2,400 steps (bench/gan_curve.py, seed 0) the
-    # brightest tenth of the pixels has a std across channels of 0.13 in the EMA's samples and 0.38 in the
-    # trained generator's (real clips 0.33), whose Frechet ratio is 46x against the EMA's 12.8x: its
-    # colours move from one step to the next, and their average is pale. Taking the colour layers
-    # (rgb_modulation, to_rgb) from the trained generator leaves it pale (0.15-0.16, 12.2-12.7x). Note that
-    # the EMA's warm-up, decay (1 + n) / (10 + n), stays below 0.999 until step 8,990: over this preset's
-    # 2,000-6,000 steps it averages the last n / 9 steps or so, whatever ema_decay is above ~0.997
-    # (ema_decay 0.997 gave the same samples to the bit).
-    # Since 2026-12-01 the ratio is a panel's (vidgen.quality.JudgePanel: the geometric mean of 8 judges
-    # trained on clips the scoring does not use; over one draw of clips here, over 6 since, which put the
-    # demo's model at 9.0x where one draw had read 37x): this recipe 9.0 / 8.6 / 17.5 at 1,600 / 2,000 /
-    # 2,400 steps (seed 0) and 11.0 / 7.6 / 8.9 (seed 1), label accuracy 0.94 and 0.98. A flat sprite
-    # colour read from three content dimensions through a learned tanh(a z + b) per channel (a fixed axis,
-    # so the map from noise to colour cannot rotate and the EMA keeps it saturated) drew objects as
-    # colourful as the real ones, but lumpy circles and notched squares: 100.6 / 22.9 / 9.1 and 22.0 /
-    # 12.2 / 12.1, label accuracy 0.92 (bench/gan_curve.py).
-    # Tried 2026-12-03 and left out (bench/gan_curve.py, seed 0, Frechet ratio at 1,200 / 1,600 / 2,000 /
-    # 2,400 steps; this recipe 28.2 / 14.3 / 19.0 / 12.0): R1 (gamma 0.1) on top of spectral norm 28.5 /
-    # 25.0 / 20.9 / 15.5, label accuracy 0.83 at 1,600; SAGAN's lr_g 1e-4 16.8 / 16.0 / 16.7 / 19.2, smaller
-    # objects and notched squares; the sprite moved premultiplied (`premultiplied`, the correct way to
-    # resample RGBA) 26.2 / 15.0 / 11.7 / 11.8 with label accuracy 0.82 already at 800 steps, but with seed 1
-    # (this recipe 39.7 / 43.4 / 42.3 / 14.5) 19.0 / 17.8 / 29.8 / 77.9, collapsed onto triangles painted
-    # into the background; the dark rim stays either way, so it is not the resampling's. ema_decay 0.99 read
-    # 11.6 against 15.1 (seed 0) and 29.0 against 33.4 (seed 1) over the last three checks, and through
-    # `vidgen train` (bench/quality.py --set gan.ema_decay=0.99, same session) 11.4x against this recipe's
-    # 12.0x and 12.3x in two runs: within the noise of one run, so the preset keeps 0.999.
-    # Tried later that day and left out (bench/gan_curve.py, seed 0 unless said; equal time, not equal steps):
-    # batch 32 (`--batch 32`, 1,600 steps in the time of 2,400) 12.3 at the end against 12.0; G and D twice
-    # as wide (g_width, d_width 32; 1,900 steps) 19.3 / 18.2 / 15.1 at 1,140 / 1,520 / 1,900, rounder circles
-    # and upright triangles, still pale; with `flat_sprite` as well, objects in the data's colours (yellow,
-    # cyan, pink) at last, but a curve that swings: 15.8 / 61.2 / 6.9, and with seed 1 42.7 / 30.6 / 10.7
-    # (label accuracy 0.86, squares drawn as combs). Through `vidgen train` (bench/quality.py --set; 6
-    # minutes): flat_sprite with both wider 10.3x (accuracy 0.96, 1,187 steps at 3.45/s), flat_sprite at
-    # this width 34.1x (accuracy 0.88, 2,251 steps); this recipe 12.0x and 12.3x. Changes made at sampling
-    # time to this recipe's model (seed 0, 1,600 steps, 14.3x): shifts rounded to whole pixels 13.5, alpha
-    # thresholded at 0.5 14.0, both 13.4, colours twice as far from each pixel's grey 15.2, content noise
-    # truncated to 0.8 15.7: the soft edges cost little, and saturating a pale colour does not give it hues.
+    # CPU: 32x32, G 0.21M and D 0.32M parameters. One sprite per clip moved over a static background,
+    # PixelNorm and modulated colours in G; spectral norm and an auxiliary classifier in D; DiffAugment
+    # translation, brightness and contrast; TTUR; 4-frame windows; EMA 0.999; MSGAN mode seeking 0.2.
+    # bench/quality.py: label accuracy 0.99, Frechet ratio 12x (target 3x): its objects are paler than
+    # the data's. What each setting moved, and the ~40 variants tried and left out, with their figures:
+    # docs/gan-recipe.md.
     "tiny": dict(frame_size=32, num_frames=8, content_dim=32, motion_dim=16, noise_dim=8, class_dim=16,
                  g_width=16, g_max_width=64, d_width=16, d_max_width=64, image_frames=2, ema_decay=0.999,
                  g_norm="pixel", rgb_modulation=True, sprite=True, spectral_norm=True, aux_weight=1.0,
@@ -324,9 +258,11 @@ class Generator(nn.Module):
         static_dim = cfg.content_dim + (cfg.class_dim if cfg.num_classes else 0)
         self.sprite = cfg.sprite
         self.premultiplied = cfg.premultiplied
+        self.colour = None  # flat_sprite: the sprite's one colour a clip, from its codes
         if cfg.sprite:  # the RGBA sprite comes from the clip's codes; each frame's code gives its shift
             self.frames = FrameGenerator(cfg, static_dim, 1 if cfg.flat_sprite else cfg.channels + 1)
-            self.colour = nn.Linear(static_dim, cfg.channels) if cfg.flat_sprite else None
+            if cfg.flat_sprite:
+                self.colour = nn.Linear(static_dim, cfg.channels)
             self.shift = nn.Linear(code_dim, 2)
             nn.init.zeros_(self.shift.weight)
             nn.init.zeros_(self.shift.bias)
@@ -385,7 +321,7 @@ class Generator(nn.Module):
             return background
         sprite = self.frames(code)
         if self.colour is not None:  # one colour a clip, over the drawn alpha
-            colour = torch.tanh(self.colour(code))[:, :, None, None].expand(-1, -1, *sprite.shape[2:])
+            colour = torch.tanh(self.colour(code))[:, :, None, None].expand(-1, -1, *sprite.shape[2:])  # (n, C, H, W)
             sprite = torch.cat([colour, sprite], 1)
         return torch.cat([background, sprite[:, :self.channels], (sprite[:, self.channels:] + 1) / 2], 1)
 
