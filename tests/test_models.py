@@ -240,6 +240,33 @@ def test_a_flat_sprite_has_one_colour_a_clip_and_a_drawn_alpha(tmp_path):
     assert_same_outputs(model, loaded)
 
 
+def test_a_flat_background_is_one_colour_a_clip(tmp_path):
+    """flat_background: no background generator; each clip's background is one colour read from
+    its codes, so two clips differ while each is flat. It renders, and saves and loads."""
+    from vidgen.models.gan import Generator, GANConfig
+
+    cfg = GANConfig(frame_size=16, g_width=4, g_max_width=8, content_dim=4, motion_dim=4, noise_dim=2, sprite=True,
+                    flat_sprite=True, flat_background=True)
+    torch.manual_seed(0)
+    g = Generator(cfg)
+    assert g.background is None and g.background_colour is not None
+    content = torch.randn(2, cfg.content_dim)
+    background = g.static(content, None)[:, :3]                 # (2, C, H, W)
+    assert background.shape[-2:] == (16, 16)
+    assert torch.allclose(background, background[:, :, :1, :1].expand_as(background))  # flat in each clip
+    assert (background[0, :, 0, 0] - background[1, :, 0, 0]).abs().max() > 1e-3        # its own in each clip
+    assert g(content, torch.randn(2, 3, cfg.noise_dim)).shape == (2, 3, 3, 16, 16)
+    with pytest.raises(ValueError, match="flat_background"):
+        GANConfig(flat_background=True)
+
+    model = models.build("gan", "tiny", num_classes=2, label_names=["a", "b"], flat_sprite=True, flat_background=True)
+    train(model, {"video": moving_square(), "label": torch.tensor([0, 1])}, steps=1)  # move off the init
+    models.save(model, str(tmp_path / "m"))
+    loaded = models.load(str(tmp_path / "m"))
+    assert loaded.config.flat_background
+    assert_same_outputs(model, loaded)
+
+
 def test_rgb_modulation_starts_as_the_identity_and_gives_each_code_its_own_colours():
     from vidgen.models.gan import FrameGenerator, GANConfig
 
