@@ -242,7 +242,8 @@ def test_a_flat_sprite_has_one_colour_a_clip_and_a_drawn_alpha(tmp_path):
 
 def test_a_flat_background_is_one_colour_a_clip(tmp_path):
     """flat_background: no background generator; each clip's background is one colour read from
-    its codes, so two clips differ while each is flat. It renders, and saves and loads."""
+    its codes, so two clips differ while each is flat. It renders with a flat or drawn sprite colour
+    and premultiplied, and saves and loads."""
     from vidgen.models.gan import Generator, GANConfig
 
     cfg = GANConfig(frame_size=16, g_width=4, g_max_width=8, content_dim=4, motion_dim=4, noise_dim=2, sprite=True,
@@ -256,6 +257,10 @@ def test_a_flat_background_is_one_colour_a_clip(tmp_path):
     assert torch.allclose(background, background[:, :, :1, :1].expand_as(background))  # flat in each clip
     assert (background[0, :, 0, 0] - background[1, :, 0, 0]).abs().max() > 1e-3        # its own in each clip
     assert g(content, torch.randn(2, 3, cfg.noise_dim)).shape == (2, 3, 3, 16, 16)
+    for variant in (dict(premultiplied=True), dict(flat_sprite=False)):  # with the other sprite options
+        other = Generator(dataclasses.replace(cfg, **variant))
+        assert other.background is None
+        assert other(content, torch.randn(2, 3, cfg.noise_dim)).shape == (2, 3, 3, 16, 16)
     with pytest.raises(ValueError, match="flat_background"):
         GANConfig(flat_background=True)
 
