@@ -540,7 +540,7 @@ def test_a_process_renders_its_next_batch_of_the_same_weights_on_the_model_worke
 
     def render(name: str, also: str | None = None) -> None:
         items = [{"id": f"gen-{i}", "mode": "generate", "seed": i} for i in range(3)]
-        if also:  # a first model's items: its worker is done before the batch's last model starts
+        if also:  # a first model's item, before this model's
             items = [{"id": "first-model", "mode": "generate", "seed": 9, "model": also}, *items]
         spec = {"name": name, "output": storage.join(s3_root, name), "model": model,
                 "defaults": {"fps": FPS, "seconds": 1, "size": [SIDE, SIDE], "preset": "ultrafast"}, "items": items}
@@ -549,7 +549,11 @@ def test_a_process_renders_its_next_batch_of_the_same_weights_on_the_model_worke
 
     export(1)
     earlier = _model_workers()
-    render("first", also=assets["gan"])  # two models; the one whose items are last is kept
+    # Two models, one at a time so that `model`'s worker is the batch's last: the worker kept is the
+    # one that finishes last, and with both live at once that would be whichever infers faster.
+    monkeypatch.setattr(batch, "MAX_LIVE_MODELS", 1)
+    render("first", also=assets["gan"])
+    monkeypatch.undo()
     made = _model_workers() - earlier
     [kept] = [w._actor_id.hex() for key, (w, _) in batch.WARM.kept.items() if key[2] == model]
     assert len(made) == 2 and kept in made
