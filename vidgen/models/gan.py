@@ -324,17 +324,20 @@ class Generator(nn.Module):
             return None
         code = content if class_codes is None else torch.cat([content, class_codes], -1)
         if self.background_colour is not None:  # one plain colour a clip
-            side = self.frame_size
-            background = torch.tanh(self.background_colour(code))[:, :, None, None].expand(-1, -1, side, side)
+            background = self._flat(self.background_colour, code)
         else:
             background = self.background(code)
         if not self.sprite:
             return background
         sprite = self.frames(code)
         if self.colour is not None:  # one colour a clip, over the drawn alpha
-            colour = torch.tanh(self.colour(code))[:, :, None, None].expand(-1, -1, *sprite.shape[2:])  # (n, C, H, W)
-            sprite = torch.cat([colour, sprite], 1)
+            sprite = torch.cat([self._flat(self.colour, code), sprite], 1)
         return torch.cat([background, sprite[:, :self.channels], (sprite[:, self.channels:] + 1) / 2], 1)
+
+    def _flat(self, head: nn.Linear, code: Tensor) -> Tensor:
+        """One colour a clip, read from its code (linear, then tanh), over the whole frame: (n, C, H, W)."""
+        side = self.frame_size
+        return torch.tanh(head(code))[:, :, None, None].expand(-1, -1, side, side)
 
     def forward(self, content: Tensor, motion_noise: Tensor, labels: Tensor | None = None) -> Tensor:
         """content (B, Dc), motion_noise (B, T, Dn), labels (B,) long -> video (B, C, T, H, W)."""
